@@ -13,7 +13,9 @@ Two architectures:
                weighted L1 of the crosscoder paper, its coefficient warmed up by the trainer
     batchtopk  keep the k * batch largest decoder-norm-weighted activations across the whole batch;
                a running estimate of the smallest kept score becomes the threshold used after
-               training, so encoding one token does not depend on its batch
+               training, so encoding one token does not depend on its batch. The ranking uses the
+               plain decoder norms: the shared latents' reduced penalty is an L1 notion, and
+               ranking by it would keep them from ever being selected
 
 Either can add the AuxK loss (dead latents learn to reconstruct the residual) and designated shared
 latents: the first n_shared latents have one decoder vector for all sources and a reduced sparsity
@@ -54,7 +56,11 @@ class CrossCoderConfig:
     n_shared: int = 0  # designated shared latents (ids 0 .. n_shared-1), one decoder for all
     shared_penalty: float = 0.15  # their sparsity penalty relative to the other latents
     threshold_momentum: float = 0.99  # batchtopk: EMA of the smallest kept score
-    decoder_init_norm: float = 0.1
+    decoder_init_norm: float = 1.0  # in normalised units, where a token's norm is about sqrt(d_model)
+    # Start every source's decoder vector of a latent in the same random direction: checkpoints of
+    # one run, or a base model and its fine-tune, share a residual basis, and independent starts
+    # leave the shared latents' decoders far apart long after the reconstruction has converged.
+    same_init_across_sources: bool = True
     source_labels: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -114,8 +120,11 @@ class CrossCoder(nn.Module):
     def reset_parameters(self) -> None:
         """Decoder rows in random directions with a small norm; encoder = decoder transposed."""
         with torch.no_grad():
+            self.W_dec.normal_()
+            if self.config.same_init_across_sources:
+                self.W_dec.copy_(self.W_dec[:, :1].expand_as(self.W_dec))
+            self.W_dec_shared.normal_()
             for weight in (self.W_dec, self.W_dec_shared):
-                weight.normal_()
                 weight.mul_(self.config.decoder_init_norm / weight.norm(dim=-1, keepdim=True))
             self.W_enc.copy_(self.decoder().permute(1, 2, 0))
             self.b_enc.zero_()
@@ -133,7 +142,7 @@ class CrossCoder(nn.Module):
         return (self.decoder() if decoder is None else decoder).norm(dim=-1)
 
     def penalty_weights(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-latent sparsity weight: the sum of its decoder norms, reduced for shared latents."""
+        """Per-latent L1 weight: the sum of its decoder norms, reduced for shared latents."""
         weights = norms.sum(dim=1)
         if self.config.n_shared:
             scale = torch.ones_like(weights)
@@ -157,7 +166,7 @@ class CrossCoder(nn.Module):
         weights = self.penalty_weights(norms)
         acts = F.relu(self.pre_activations(x))
         if self.config.arch == "batchtopk":
-            latents = self._batch_top_k(acts, weights)
+            latents = self._batch_top_k(acts, norms.sum(dim=1))
         else:
             latents = acts
         reconstruction = self.reconstruct(latents, decoder)
@@ -168,21 +177,31 @@ class CrossCoder(nn.Module):
             self._track_firing(latents)
         return ForwardOutput(latents, reconstruction, sparsity, aux)
 
-    def _batch_top_k(self, acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        scores = acts * weights
+    def _batch_top_k(self, acts: torch.Tensor, norm_sums: torch.Tensor) -> torch.Tensor:
+        scores = acts * norm_sums
         keep = min(self.config.k * acts.shape[0], scores.numel())
         top = scores.flatten().topk(keep, sorted=False)
         mask = torch.zeros_like(scores).flatten().scatter_(0, top.indices, 1.0).view_as(scores)
         if self.training:
-            with torch.no_grad():
-                smallest = top.values[top.values > 0].min() if (top.values > 0).any() else None
-                if smallest is not None:
-                    if self.threshold < 0:
-                        self.threshold.fill_(smallest)
-                    else:
-                        m = self.config.threshold_momentum
-                        self.threshold.mul_(m).add_((1 - m) * smallest)
+            self._update_threshold(top.values)
         return acts * mask
+
+    @torch.no_grad()
+    def _update_threshold(self, kept_scores: torch.Tensor) -> None:
+        """EMA of the smallest positive kept score; under torchrun, of its mean over processes."""
+        positive = kept_scores[kept_scores > 0]
+        # [smallest, 1] or [0, 0]: summed over processes, this gives the mean over those with one.
+        found = torch.stack([positive.min(), torch.ones(())]) if positive.numel() else (
+            torch.zeros(2, device=kept_scores.device))
+        found = _sum_over_processes(found.to(kept_scores.device))
+        if found[1] == 0:
+            return
+        smallest = found[0] / found[1]
+        if self.threshold < 0:
+            self.threshold.fill_(smallest)
+        else:
+            m = self.config.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * smallest)
 
     def _aux_loss(self, x, reconstruction, acts, decoder) -> torch.Tensor:
         """AuxK: the top aux_k dead latents of each token reconstruct the residual x - x_hat."""
@@ -195,13 +214,21 @@ class CrossCoder(nn.Module):
         top = dead_acts.topk(k, dim=1)
         sparse = torch.zeros_like(dead_acts).scatter_(1, top.indices, top.values)
         predicted = torch.einsum("bh,hsd->bsd", sparse, decoder)
-        return (residual - predicted).pow(2).sum(dim=(1, 2)).mean()
+        # Normalised as in Gao et al. (error relative to the residual's own size), then put back in
+        # the main loss's units (the batch's total variance): unnormalised, the term shrinks with
+        # the residual as training improves and stops reviving dead latents.
+        relative = (residual - predicted).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+        total_variance = (x - x.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean().detach()
+        return relative * total_variance
 
     @torch.no_grad()
     def _track_firing(self, latents: torch.Tensor) -> None:
-        fired = (latents > 0).any(dim=0)
-        self.tokens_since_fired.add_(latents.shape[0])
-        self.tokens_since_fired[fired] = 0
+        fired = (latents > 0).any(dim=0).to(torch.long)
+        tokens = torch.tensor(latents.shape[0], device=latents.device)
+        # Under torchrun a latent fired if it fired in any process's share of the batch.
+        counts = _sum_over_processes(torch.cat([fired, tokens[None]]))
+        self.tokens_since_fired.add_(counts[-1])
+        self.tokens_since_fired[counts[:-1] > 0] = 0
 
     @torch.no_grad()
     def init_decoder_bias(self, x: torch.Tensor, method: str = "geometric_median") -> None:
@@ -228,7 +255,7 @@ class CrossCoder(nn.Module):
         if self.config.arch == "batchtopk":
             if self.threshold < 0:
                 raise RuntimeError("this BatchTopK crosscoder has not learned its threshold yet")
-            scores = acts * self.penalty_weights(self.decoder_norms())
+            scores = acts * self.decoder_norms().sum(dim=1)
             acts = acts * (scores > self.threshold)
         return acts
 
@@ -256,6 +283,15 @@ class CrossCoder(nn.Module):
         model = cls(config)
         model.load_state_dict(load_file(directory / WEIGHTS_FILE))
         return model.eval()
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) under torchrun, so every process keeps the same training buffers."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def geometric_median(x: torch.Tensor, iterations: int = 50, eps: float = 1e-6) -> torch.Tensor:

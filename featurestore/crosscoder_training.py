@@ -143,7 +143,8 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
     on_log receives every logged metrics row (e.g. for wandb); on_step the count of steps done.
     Under torchrun every process trains on its share of each batch and DistributedDataParallel
     averages the gradients, so (for vanilla) the result is that of one process on whole batches;
-    BatchTopK selects its top k x batch within each share. Only rank 0 saves states and metrics.
+    BatchTopK selects its top k x batch within each share, and its threshold and dead-latent counts
+    are combined over all shares. Only rank 0 saves states and metrics.
     """
     from tqdm import tqdm
 
@@ -164,7 +165,9 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
     if distributed.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(model)
+        # The model all-reduces its own buffers (threshold, firing counts) each step, so DDP
+        # need not overwrite them with rank 0's copy.
+        step_model = DistributedDataParallel(model, broadcast_buffers=False)
     base_k = model.config.k
     bar = tqdm(total=config.steps, initial=start, desc="crosscoder", unit="step",
                file=sys.stderr, disable=None if progress and distributed.is_main else True)

@@ -67,9 +67,14 @@ class PlantedDictionary:
         return (x + NOISE * rng.standard_normal(x.shape)).astype(np.float32)
 
 
-def planted_dictionary(rng: np.random.Generator) -> PlantedDictionary:
+def planted_dictionary(rng: np.random.Generator, same_shared_directions: bool = False
+                       ) -> PlantedDictionary:
+    """same_shared_directions: a shared feature points the same way in A and B, as in a base model
+    and its fine-tuned version, which share a residual basis."""
     kinds = np.array(["shared"] * N_SHARED + ["A-only"] * N_A_ONLY + ["B-only"] * N_B_ONLY)
     directions = rng.standard_normal((N_FEATURES, len(LABELS), D_MODEL))
+    if same_shared_directions:
+        directions[kinds == "shared", 1] = directions[kinds == "shared", 0]
     directions /= np.linalg.norm(directions, axis=2, keepdims=True)
     directions[kinds == "A-only", 1] = 0.0
     directions[kinds == "B-only", 0] = 0.0
@@ -83,13 +88,11 @@ class Planted:
     held_out: torch.Tensor  # [HELD_OUT_TOKENS, n_sources, d_model], original units
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> Planted:
+def build_planted(root: Path, same_shared_directions: bool = False) -> Planted:
     rng = np.random.default_rng(0)
-    truth = planted_dictionary(rng)
+    truth = planted_dictionary(rng, same_shared_directions)
     train = truth.sample(TRAIN_TOKENS, rng)
     held_out = truth.sample(HELD_OUT_TOKENS, rng)
-    root = tmp_path_factory.mktemp("planted")
     n = TRAIN_TOKENS
     tokens = TokenColumns(np.arange(n) // 16, (np.arange(n) % 16).astype(np.int32),
                           np.zeros(n, dtype=np.int64), np.array(["train"] * n, dtype=object))
@@ -103,10 +106,16 @@ def planted(tmp_path_factory) -> Planted:
     return Planted(truth, AlignedActivations(sources, seed=0), torch.from_numpy(held_out))
 
 
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Planted:
+    return build_planted(tmp_path_factory.mktemp("planted"))
+
+
 def untrained(arch: str, data: AlignedActivations, **config) -> CrossCoder:
     torch.manual_seed(0)
-    return CrossCoder(CrossCoderConfig(n_sources=len(LABELS), d_model=D_MODEL, d_hidden=D_HIDDEN,
-                                       arch=arch, source_labels=LABELS, **config),
+    config = {"d_hidden": D_HIDDEN, **config}
+    return CrossCoder(CrossCoderConfig(n_sources=len(LABELS), d_model=D_MODEL, arch=arch,
+                                       source_labels=LABELS, **config),
                       data.norm_scales)
 
 
@@ -213,3 +222,22 @@ def test_the_learned_threshold_gives_about_k_active_latents_on_held_out_tokens(p
     normalized = x * batchtopk.norm_scales[:, None]
     relu_l0 = (batchtopk.pre_activations(normalized) > 0).sum(dim=1).float().mean().item()
     assert relu_l0 > 2 * K, relu_l0
+
+
+@pytest.mark.slow
+def test_batchtopk_selects_designated_shared_latents(tmp_path):
+    # Designated shared latents have one decoder vector for both sources, so they can carry the
+    # shared features of a base / fine-tuned pair. BatchTopK must rank them like any other latent:
+    # ranked by their reduced L1 weight instead, they were never selected (measured: none fired).
+    # The dictionary has exactly one latent per true feature, N_SHARED of them designated, so the
+    # shared features can only be represented well if the designated latents fire.
+    planted = build_planted(tmp_path / "data", same_shared_directions=True)
+    model = trained("batchtopk", planted, tmp_path / "state", k=K, aux_k=4 * K,
+                    dead_after_tokens=1024, n_shared=N_SHARED, d_hidden=N_FEATURES)
+    codes = model.encode(planted.held_out)
+    firing = (codes[:, :N_SHARED] > 0).float().mean(dim=0)
+    # Each true shared feature fires on 5% of tokens.
+    assert int((firing > FIRING_PROBABILITY / 2).sum()) >= N_SHARED // 2, firing
+    x = planted.held_out
+    explained = 1 - (x - model.decode(codes)).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    assert explained >= 0.8, explained
