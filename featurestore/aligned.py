@@ -9,6 +9,7 @@ epoch's permutation is held (8 bytes per token), never the activations.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,12 @@ class AlignedActivations:
             self._epoch = epoch
         return self._order
 
+    def with_seed(self, seed: int) -> AlignedActivations:
+        """The same rows in another seeded order (no re-validation)."""
+        other = copy.copy(self)
+        other.seed, other._epoch, other._order = seed, -1, np.empty(0, dtype=np.int64)
+        return other
+
     def indices_for_step(self, step: int, batch_size: int) -> np.ndarray:
         """Row numbers of the batch at `step` in the seeded global shuffle (may span epochs)."""
         start = step * batch_size
@@ -112,3 +119,37 @@ class AlignedActivations:
         end = self.n_tokens if max_tokens is None else min(self.n_tokens, max_tokens)
         for start in range(0, end, batch_size):
             yield self.batch(np.arange(start, min(start + batch_size, end)))
+
+
+class PooledActivations(AlignedActivations):
+    """Several checkpoints' activations on the same tokens, pooled into one source.
+
+    Row r is token r % n of checkpoint r // n (n tokens per checkpoint), normalised by its own
+    checkpoint's norm scale, so every checkpoint contributes equally and in comparable units. The
+    shuffle covers all checkpoints' rows at once, as for any single source.
+    """
+
+    def __init__(self, sources: list[Source], seed: int = 0, label: str = "pooled"):
+        super().__init__(sources, seed)  # validates that the checkpoints hold the same tokens
+        self.label = label
+        self.tokens_per_checkpoint = self.n_tokens
+        self.n_tokens = self.tokens_per_checkpoint * len(sources)
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.label]
+
+    @property
+    def norm_scales(self) -> torch.Tensor:
+        return torch.ones(1)  # rows are already normalised, each by its own checkpoint's scale
+
+    def batch(self, index: np.ndarray, normalized: bool = True) -> torch.Tensor:
+        """Normalised activations of the given pooled rows: [len(index), 1, d_model]."""
+        if not normalized:
+            raise ValueError("pooled rows exist only normalised (checkpoints differ in scale)")
+        checkpoint, row = np.divmod(index, self.tokens_per_checkpoint)
+        out = np.empty((len(index), 1, self.d_model), dtype=np.float32)
+        for c in np.unique(checkpoint):
+            where = np.flatnonzero(checkpoint == c)
+            out[where, 0] = self.sources[c].activations.rows(row[where], normalized=True)
+        return torch.from_numpy(out)

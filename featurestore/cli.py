@@ -320,6 +320,233 @@ def train_crosscoder_command(ctx, name, sources, arch, k, aux_k, aux_coeff, dict
                f"L0 {metrics.get('l0_loss', float('nan')):.1f}")
 
 
+# --- shared feature bases and their dynamics ------------------------------------------------------
+
+@cli.command("shared-feature-fit")
+@click.option("--run", required=True, help="Run whose checkpoints to pool.")
+@click.option("--stage", required=True, help="Stage to fit, e.g. layer_2_post_mlp.")
+@click.option("--checkpoints", default="all", show_default=True, metavar="all|STEP,...",
+              help="Checkpoints to pool (at least 3, one run; LAST = the last).")
+@click.option("--name", required=True, help="Name of the basis to create (or replace).")
+@click.option("--kind", type=click.Choice(["pooled", "crosscoder"]), default="pooled",
+              show_default=True, help="pooled: one SAE on all checkpoints; crosscoder: one "
+                                      "decoder slice per checkpoint.")
+@click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
+              show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
+              help="BatchTopK: active features per token.")
+@click.option("--dict-size", type=click.IntRange(min=1), help="Features [default: 16 x d_model].")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--lr", type=float, help="Peak learning rate [default: 1e-3].")
+@click.option("--l1-coeff", type=float, help="Vanilla: final sparsity coefficient [default: 1].")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fit N bases with seeds SEED.. and record how many features they share.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-explained-variance", type=float, default=0.8, show_default=True,
+              help="Fail unless every checkpoint reaches this.")
+@click.option("--max-active-fraction", type=float, default=0.05, show_default=True,
+              help="Fail if the mean share of active features per token is above this.")
+@click.option("--max-dead-fraction", type=float, default=0.5, show_default=True,
+              help="Fail if more features than this never fire.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k, dict_size,
+                               steps, batch_size, lr, l1_coeff, seeds, seed,
+                               min_explained_variance, max_active_fraction, max_dead_fraction,
+                               as_json, quiet):
+    """Fit one shared feature basis for a stage on activations pooled from many checkpoints.
+
+    Every feature gets one id at every checkpoint. The fit-quality report (explained variance
+    per checkpoint, L0, active and dead fraction) is stored with the basis; a fit that misses a
+    bound fails, says which and by how much, and registers nothing.
+
+    \b
+    Examples:
+      featurestore shared-feature-fit --run demo --stage layer_2_post_mlp --name demo-l2
+      featurestore shared-feature-fit --run demo --stage final_norm --name demo-fn \\
+          --checkpoints 0,100,400,LAST --kind crosscoder --seeds 3
+    """
+    from featurestore.ingest.shared_feature_fit import shared_feature_fit
+
+    _threads(ctx)
+    result = shared_feature_fit(
+        run, stage, name, checkpoints=checkpoints, kind=kind, arch=arch, k=k,
+        dict_size=dict_size, steps=steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff,
+        seeds=seeds, seed=seed, min_explained_variance=min_explained_variance,
+        max_active_fraction=max_active_fraction, max_dead_fraction=max_dead_fraction,
+        warehouse=_warehouse(ctx), progress=not quiet)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    quality = result.fit_quality
+    explained = quality["explained_variance"].values()
+    stability = "" if result.stability is None else f", stability {result.stability:.2f}"
+    click.echo(f"basis {result.name!r}: {result.kind} {result.arch}, {result.d_hidden} features "
+               f"over {len(result.steps_fitted)} checkpoints of {result.run} at {result.stage}; "
+               f"explained variance {min(explained):.3f}-{max(explained):.3f}, "
+               f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}{stability} "
+               f"({result.seconds:.1f}s)")
+
+
+@cli.command("feature-trajectory-sweep")
+@click.option("--basis", required=True, help="A shared basis (from shared-feature-fit).")
+@click.option("--checkpoints", default="all", show_default=True, metavar="all|STEP,...",
+              help="Checkpoints of the basis to encode.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes encoding checkpoints in parallel.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, quiet):
+    """Encode every checkpoint in a shared basis and write the trajectory tables.
+
+    Writes trajectories, feature_directions, feature_activations, feature_examples,
+    checkpoint_summary and split_profiles, in one commit.
+
+    \b
+    Examples:
+      featurestore feature-trajectory-sweep --basis demo-l2
+      featurestore feature-trajectory-sweep --basis demo-l2 --workers 2 --json
+    """
+    from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
+
+    _threads(ctx)
+    result = feature_trajectory_sweep(basis, checkpoints=checkpoints, workers=workers,
+                                      warehouse=_warehouse(ctx), progress=not quiet)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"swept {basis!r}: {len(result.steps)} checkpoints x "
+               f"{result.tokens_per_checkpoint:,} tokens in {result.seconds:.1f}s "
+               f"({result.tokens_per_second:,.0f} tokens/s); {result.activation_rows:,} "
+               f"activation rows written at {result.rows_per_second_written:,.0f} rows/s")
+
+@cli.command("feature-birth-analyze")
+@click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
+@click.option("--metric", type=click.Choice(["activation_rate", "mean_activation", "energy",
+                                             "decoder_norm"]),
+              default="activation_rate", show_default=True,
+              help="Trajectory column that marks a feature present (decoder_norm: crosscoder-"
+                   "kind bases only).")
+@click.option("--threshold", type=float,
+              help="T: present when metric >= T [default: activation_rate 0.01, energy "
+                   "0.1/features, else 10% of the metric's 99th percentile].")
+@click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
+              help="K: checkpoints in a row the metric must stay >= T (< T for a death).")
+@click.option("--stable-eps", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="E: stable when within E x |final value| of the final value from then on.")
+@click.option("--stable-cos", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
+              help="C: stable also needs direction cosine with the final direction >= C.")
+@click.option("--permutations", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Shuffled checkpoint orders in the null control.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutations.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def feature_birth_analyze_command(ctx, basis, metric, threshold, persistence, stable_eps,
+                                  stable_cos, permutations, seed, as_json):
+    """Find when each feature of a shared basis is born, stabilises and dies.
+
+    Over the checkpoints in step order: a birth is the first checkpoint from which the metric
+    stays >= T for K checkpoints (features already >= T at the first checkpoint are
+    present_at_init, not births); stabilisation is the first checkpoint from which the metric
+    stays within E of its final value with direction cosine >= C; death is the first from which
+    it stays < T for K checkpoints. The same rule on shuffled checkpoint orders gives the
+    false-birth rate. Stored in `births` (per feature) and `birth_summary` (per step window);
+    re-running with the same parameters replaces them. The rule is the SQL macro
+    feature_births(basis, metric, T, K, E, C).
+
+    \b
+    Examples:
+      featurestore feature-birth-analyze --basis demo-l2
+      featurestore feature-birth-analyze --basis demo-l2 --metric energy --persistence 3 --json
+      featurestore sql "SELECT * FROM birth_summary WHERE basis = 'demo-l2'"
+    """
+    from featurestore.ingest.birth_analysis import analyze_births
+
+    result = analyze_births(basis, metric=metric, threshold=threshold, persistence=persistence,
+                            stable_eps=stable_eps, stable_cos=stable_cos,
+                            permutations=permutations, seed=seed, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"basis {basis!r}, {metric} >= {result.threshold:.4g} for {persistence} "
+               f"checkpoints: {result.births} of {result.n_features} features born, "
+               f"{result.present_at_init} present at init, {result.deaths} died "
+               f"(stored in births, birth_summary)")
+    click.echo(f"null ({permutations} shuffled orders): {result.null_births_mean:.1f} births, "
+               f"false-birth rate {result.null_false_birth_rate:.3f} "
+               f"vs birth rate {result.birth_rate:.3f}")
+    click.echo(format_table(
+        ["window", "births", "null mean"],
+        [[f"({w['window_start']}, {w['window_end']}]", str(w["births"]),
+          f"{w['null_births_mean']:.2f}"] for w in result.windows]))
+    if result.first_born:
+        click.echo(f"first {len(result.first_born)} born:")
+        click.echo(format_table(
+            ["feature", "birth", "stabilized", "death", "drift"],
+            [[str(f["feature_id"]), *(_cell(f[c]) for c in ("birth_step", "stabilization_step",
+                                                          "death_step", "drift"))]
+             for f in result.first_born]))
+
+
+@cli.command("feature-compare")
+@click.option("--basis", required=True, help="Shared basis whose trajectories to compare.")
+@click.option("--source", type=click.IntRange(min=0), required=True,
+              help="Checkpoint step to compare from.")
+@click.option("--target", type=click.IntRange(min=0), required=True,
+              help="Checkpoint step to compare to.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Features to print.")
+@click.option("--rank-by", type=click.Choice(["rate_change", "log_ratio", "mean_change",
+                                              "energy_change"]),
+              default="rate_change", show_default=True,
+              help="Change to rank by (largest absolute change first).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
+    """Compare every feature of a shared basis between two checkpoints.
+
+    Per feature: activation rate at both steps, its change and smoothed log ratio, the change of
+    mean activation and energy, the cosine of the refitted directions and the rate change per
+    token split, with a rank by each change. Stored in `diffs` (re-running replaces the pair);
+    the same rows come from the SQL macro feature_compare(basis, source, target).
+
+    \b
+    Examples:
+      featurestore feature-compare --basis demo-l2 --source 0 --target 1800
+      featurestore feature-compare --basis demo-l2 --source 100 --target 400 --rank-by log_ratio
+      featurestore sql "SELECT * FROM diffs WHERE rank_by_energy_change <= 5"
+    """
+    from featurestore.ingest.feature_compare import RANK_BY, compare_features
+
+    result = compare_features(basis, source, target, warehouse=_warehouse(ctx), top=top,
+                              rank_by=rank_by)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"basis {basis!r}: {result.n_features} features compared from step {source} to "
+               f"step {target} (stored in diffs); top {len(result.top)} by {rank_by}:")
+    click.echo(format_table(
+        ["rank", "feature", "rate source", "rate target", "rate change", "log ratio",
+         "mean change", "energy change", "cosine", "largest split change"],
+        [[str(row[RANK_BY[rank_by]]), str(row["feature_id"]),
+          *(_cell(row[c]) for c in ("source_activation_rate", "target_activation_rate",
+                                    "activation_rate_change", "log_rate_ratio",
+                                    "mean_activation_change", "energy_change",
+                                    "direction_cosine")),
+          _largest_split_change(row["split_rate_changes"])]
+         for row in result.top]))
+
+
+def _largest_split_change(changes: dict[str, float]) -> str:
+    if not changes:
+        return ""
+    split = max(changes, key=lambda s: abs(changes[s]))
+    return f"{split} {changes[split]:+.3g}"
+
+
 @cli.command("demo")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps of the base run.")
 @click.option("--finetune-steps", type=click.IntRange(min=1), default=500, show_default=True)

@@ -205,8 +205,32 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
             on_step(done)
     bar.close()
     model.config = dataclasses.replace(model.config, k=base_k)
+    if model.config.arch == "batchtopk":
+        calibrate_threshold(model, data, config)
     model.eval()
     return TrainResult(config.steps, config.steps * config.batch_size, metrics)
+
+
+@torch.no_grad()
+def calibrate_threshold(model: CrossCoder, data: AlignedActivations, config: TrainerConfig,
+                        batches: int = 8) -> None:
+    """Set the BatchTopK inference threshold from the final weights.
+
+    The running estimate lags behind the weights (its EMA spans ~100 steps while the decoder norms
+    still move), so after training it is replaced by the mean, over a few whole batches, of the
+    smallest score batch top-k keeps. Every process computes it on the same whole batches, so
+    they agree without communicating.
+    """
+    smallest = []
+    for step in range(batches):
+        x = data.batch(data.indices_for_step(config.steps + step, config.batch_size))
+        acts = torch.relu(model.pre_activations(x))
+        scores = (acts * model.decoder_norms().sum(dim=1)).flatten()
+        kept = scores.topk(min(model.config.k * len(x), scores.numel()), sorted=False).values
+        if (kept > 0).any():
+            smallest.append(kept[kept > 0].min())
+    if smallest:
+        model.threshold.fill_(torch.stack(smallest).mean())
 
 
 # --- training states: safetensors + JSON ------------------------------------------------------

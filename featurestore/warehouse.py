@@ -3,7 +3,8 @@
 On disk (see warehouse/README.md for the full layout)::
 
     <root>/featurestore.duckdb          catalog: manifest of live Parquet files, views, macros
-    <root>/tables/<table>/part-*.parquet   one live file per table
+    <root>/tables/<table>/part-*.parquet   one live file per table, or per partition of a
+                                           partitioned table (feature_activations)
     <root>/runs/, <root>/activations/      checkpoints and activation sets the tables point to
     <root>/tmp/                            files being written; never read by queries
     <root>/.lock                           held by the one job writing
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featurestore.errors import (
@@ -49,10 +51,15 @@ from featurestore.errors import (
 )
 from featurestore.settings import resolve_warehouse
 
-SCHEMA_VERSION = 1
-KNOWN_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 2
+KNOWN_SCHEMA_VERSIONS = frozenset({2})
 CATALOG_FILE = "featurestore.duckdb"
 MANIFEST = "_manifest"
+PARTITIONS = "_partitions"
+# Partitioned tables are large: rows sorted by the table's sort_by columns in row groups this
+# size, so a filter on the first sort column reads only the row groups whose min/max cover it.
+PARTITION_ROW_GROUP = 65_536
+PARTITION_KEY_METADATA = b"featurestore.partition"
 RETIRED = "_retired"
 # A replaced Parquet file stays on disk this long, so connections opened before the replacing
 # commit keep working; the first writer after that deletes it.
@@ -82,6 +89,10 @@ class TableSpec:
     columns: tuple[Column, ...]
     key: tuple[str, ...]  # the PRIMARY KEY: a write replaces existing rows with the same key
     arrow_schema: pa.Schema
+    # Large tables declare `-- partition_by: a, b` (one file per value of those columns, which a
+    # write replaces whole) and `-- sort_by: c, d` (the order of rows inside each file).
+    partition_by: tuple[str, ...] = ()
+    sort_by: tuple[str, ...] = ()
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
@@ -126,10 +137,27 @@ def table_specs() -> dict[str, TableSpec]:
                 [pa.field(f.name, pa.string()) if _is_json(c) else f
                  for f, c in zip(schema, columns)]
             )
-            specs[name] = TableSpec(name, comment[0][0] or "", columns, tuple(key[0][0]), schema)
+            specs[name] = TableSpec(name, comment[0][0] or "", columns,
+                                    tuple(key[0][0]) if key else (), schema,
+                                    _declared(ddl, "partition_by"), _declared(ddl, "sort_by"))
         return specs
     finally:
         scratch.close()
+
+
+def _declared(ddl: str, directive: str) -> tuple[str, ...]:
+    """Column names from a `-- directive: a, b` line of a DDL file."""
+    for line in ddl.splitlines():
+        if line.startswith(f"-- {directive}:"):
+            return tuple(c.strip() for c in line.split(":", 1)[1].split(","))
+    return ()
+
+
+def partition_key(table: TableSpec, values: dict | tuple) -> str:
+    """The manifest's name for one partition: its column values as JSON, e.g. ["demo-l2", 100]."""
+    if isinstance(values, dict):
+        values = tuple(values[c] for c in table.partition_by)
+    return json.dumps([v.item() if hasattr(v, "item") else v for v in values])
 
 
 def _is_json(column: Column) -> bool:
@@ -147,26 +175,24 @@ def spec(table: str) -> TableSpec:
 # Building the catalog: views over the live files, then sql/views and sql/macros
 
 
-def _table_view_sql(table: TableSpec, path: str | None) -> str:
+def _table_view_sql(table: TableSpec, paths: list[str]) -> str:
     # Explicit casts keep the view's types fixed by the DDL whatever the file holds.
-    if path is None:
+    if not paths:
         select = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in table.columns)
         return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} WHERE false"
     select = ", ".join(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)
-    return (
-        f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} "
-        f"FROM read_parquet({_sql_string(path)})"
-    )
+    files = ", ".join(_sql_string(p) for p in paths)
+    return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} FROM read_parquet([{files}])"
 
 
 def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def build_catalog(con: duckdb.DuckDBPyConnection, live_files: dict[str, str]) -> None:
-    """Create every table view (over its live file, or empty), with comments, views and macros."""
+def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest) -> None:
+    """Create every table view (over its live files, or empty), with comments, views and macros."""
     for table in table_specs().values():
-        con.execute(_table_view_sql(table, live_files.get(table.name)))
+        con.execute(_table_view_sql(table, live.paths(table.name)))
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
@@ -174,6 +200,25 @@ def build_catalog(con: duckdb.DuckDBPyConnection, live_files: dict[str, str]) ->
         con.execute(text)
     for _, text in sql_text("views"):
         con.execute(text)
+
+
+@dataclass
+class Manifest:
+    """What the catalog says is live: one file per table, and one per partition of a partitioned
+    table, plus the retired files kept for readers of older snapshots."""
+
+    files: dict[str, str]  # table -> live file (unpartitioned tables)
+    partitions: dict[str, dict[str, str]]  # table -> partition key -> live file
+    retired: set[str]
+
+    def paths(self, table: str) -> list[str]:
+        if table in self.partitions:
+            return [self.partitions[table][k] for k in sorted(self.partitions[table])]
+        return [self.files[table]] if table in self.files else []
+
+    def all_paths(self) -> set[str]:
+        return {*self.files.values(), *(p for parts in self.partitions.values()
+                                         for p in parts.values()), *self.retired}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +260,11 @@ class Warehouse:
     # -- reading --------------------------------------------------------------------------------
 
     def live_files(self) -> dict[str, str]:
-        """The manifest: table -> live Parquet file (relative to the root)."""
-        return self._read_catalog()[0]
+        """The manifest: table -> live Parquet file (relative to the root), unpartitioned tables."""
+        return self.manifest().files
 
-    def _read_catalog(self) -> tuple[dict[str, str], set[str]]:
-        """(live file per table, retired files still kept for older readers)."""
+    def manifest(self) -> Manifest:
+        """Every live file, partitions included, and the retired files still kept."""
         if not self.exists():
             raise NotFoundError(
                 f"no warehouse at {self.root} (no {CATALOG_FILE}). Run a job to create one, e.g. "
@@ -232,10 +277,14 @@ class Warehouse:
             self._attach_catalog(con, read_only=True)
             rows = con.execute(f"SELECT table_name, path FROM catalog.{MANIFEST}").fetchall()
             retired = con.execute(f"SELECT path FROM catalog.{RETIRED}").fetchall()
+            partitions: dict[str, dict[str, str]] = {}
+            for table, key, path in con.execute(
+                    f"SELECT table_name, partition, path FROM catalog.{PARTITIONS}").fetchall():
+                partitions.setdefault(table, {})[key] = path
             con.execute("DETACH catalog")
         finally:
             con.close()
-        return dict(rows), {path for (path,) in retired}
+        return Manifest(dict(rows), partitions, {path for (path,) in retired})
 
     def _attach_catalog(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
         mode = " (READ_ONLY)" if read_only else ""
@@ -255,7 +304,7 @@ class Warehouse:
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with every table, view, macro and UDF of the warehouse."""
-        live = self.live_files()
+        live = self.manifest()
         con = duckdb.connect(":memory:")
         _open_connections.add(con)
         # Relative paths in the views resolve against the root, wherever the process runs.
@@ -309,21 +358,30 @@ class Warehouse:
         self.tmp_dir.mkdir(parents=True)
         if not self.exists() or not self.tables_dir.exists():
             return
-        live, retired = self._read_catalog()
-        known = {self.path(p) for p in [*live.values(), *retired]}
+        known = {self.path(p) for p in self.manifest().all_paths()}
         for file in self.tables_dir.glob("*/part-*.parquet"):
             if file not in known:
                 file.unlink()
 
-    def rebuild_catalog(self) -> dict[str, str]:
-        """Recreate featurestore.duckdb from the Parquet files alone (the newest file per table)."""
+    def rebuild_catalog(self) -> dict[str, list[str]]:
+        """Recreate featurestore.duckdb from the Parquet files alone: the newest file per table,
+        or per partition (named in each partition file's metadata) of a partitioned table.
+
+        A partition dropped less than RETIRED_GRACE ago still has its file, and comes back.
+        """
         with self.writer("catalog rebuild"):
-            live = {}
-            for table in table_specs():
-                files = sorted((self.tables_dir / table).glob("part-*.parquet"))
-                if files:
-                    live[table] = str(files[-1].relative_to(self.root))
-            if "schema_version" not in live:
+            live = Manifest({}, {}, set())
+            for table in table_specs().values():
+                files = sorted((self.tables_dir / table.name).glob("part-*.parquet"))
+                if files and table.partition_by:
+                    newest = {}
+                    for file in files:  # time-ordered names: later files win
+                        key = pq.read_schema(file).metadata[PARTITION_KEY_METADATA].decode()
+                        newest[key] = str(file.relative_to(self.root))
+                    live.partitions[table.name] = newest
+                elif files:
+                    live.files[table.name] = str(files[-1].relative_to(self.root))
+            if "schema_version" not in live.files:
                 raise SchemaVersionError(
                     f"cannot rebuild the catalog of {self.root}: tables/schema_version/ holds no "
                     "Parquet file, so the warehouse layout is unknown. Is this a featurestore "
@@ -333,12 +391,19 @@ class Warehouse:
             con = duckdb.connect(str(fresh))
             try:
                 _create_manifest(con)
-                for table, path in live.items():
+                for table, path in live.files.items():
                     rows = pq.read_metadata(self.path(path)).num_rows
                     con.execute(
                         f"INSERT INTO {MANIFEST} VALUES (?, ?, ?, 'catalog rebuild', ?)",
                         [table, path, rows, utc_now()],
                     )
+                for table, parts in live.partitions.items():
+                    for key, path in parts.items():
+                        rows = pq.read_metadata(self.path(path)).num_rows
+                        con.execute(
+                            f"INSERT INTO {PARTITIONS} VALUES (?, ?, ?, ?, 'catalog rebuild', ?)",
+                            [table, key, path, rows, utc_now()],
+                        )
                 con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
                 build_catalog(con, live)
                 check_schema_version(con, self.root)
@@ -347,7 +412,7 @@ class Warehouse:
                 con.close()
             os.replace(fresh, self.catalog_path)
             _fsync_dir(self.root)
-            return live
+            return {table: live.paths(table) for table in [*live.files, *live.partitions]}
 
 
 def _create_manifest(con: duckdb.DuckDBPyConnection) -> None:
@@ -359,6 +424,11 @@ def _create_manifest(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {RETIRED} (path VARCHAR PRIMARY KEY, retired_at "
         "TIMESTAMPTZ NOT NULL)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {PARTITIONS} (table_name VARCHAR NOT NULL, partition VARCHAR "
+        "NOT NULL, path VARCHAR NOT NULL, n_rows BIGINT NOT NULL, job VARCHAR NOT NULL, "
+        "committed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (table_name, partition))"
     )
 
 
@@ -393,6 +463,8 @@ class Writer:
         self.job = job
         self._rows: dict[str, list[pa.Table]] = {}
         self._replace: dict[str, list[dict]] = {}  # table -> filters whose old rows are dropped
+        # Partitioned tables: table -> partition key -> (file in tmp/ holding it, rows)
+        self._partitions: dict[str, dict[str, tuple[Path, int]]] = {}
         self._dirs: dict[Path, Path | None] = {}  # final path -> staged temp path (None: remove)
         self._created: list[Path] = []  # files/dirs to delete if the commit does not happen
         self._expired: list[str] = []  # retired files past their grace, deleted after commit
@@ -404,9 +476,14 @@ class Writer:
 
         `replace_where` ({column: value}) also drops every existing row that matches it: a job
         that owns a whole slice of a table (all checkpoints of a run) replaces the slice.
+        Rows of a partitioned table replace whole partitions instead, and are written to tmp/
+        right away, so a job can put a large table one partition at a time in bounded memory.
         """
         table_spec = spec(table)
         if replace_where:
+            if table_spec.partition_by and not set(replace_where) <= set(table_spec.partition_by):
+                raise ValueError(f"{table}: replace_where may only name its partition columns "
+                                 f"{table_spec.partition_by}")
             self._replace.setdefault(table, []).append(replace_where)
         if isinstance(rows, list):
             rows = pa.Table.from_pylist(rows, schema=table_spec.arrow_schema)
@@ -418,7 +495,36 @@ class Writer:
                     f"{self.job}: column {table}.{column.name} may not be NULL "
                     f"({rows[column.name].null_count} NULL values given)"
                 )
-        self._rows.setdefault(table, []).append(rows)
+        if table_spec.partition_by:
+            self._put_partitions(table_spec, rows)
+        else:
+            self._rows.setdefault(table, []).append(rows)
+
+    def _put_partitions(self, table: TableSpec, rows: pa.Table) -> None:
+        groups = rows.group_by(list(table.partition_by)).aggregate([]).to_pylist()
+        for values in groups:
+            mask = None
+            for column, value in values.items():
+                match = pc.equal(rows[column], value)
+                mask = match if mask is None else pc.and_(mask, match)
+            part = rows.filter(mask)
+            temp = self.warehouse.tmp_dir / f"{table.name}-{uuid.uuid4().hex}.parquet"
+            write_partition_file(table, values, part, temp)
+            self.adopt_partition(table.name, values, temp)
+
+    def adopt_partition(self, table: str, values: dict, temp: Path) -> None:
+        """Commit a partition file written to tmp/ by write_partition_file (e.g. by a worker
+        process); it replaces the partition's live file."""
+        table_spec = spec(table)
+        key = partition_key(table_spec, values)
+        parts = self._partitions.setdefault(table, {})
+        if key in parts:
+            raise FeaturestoreError(f"{self.job}: partition {table} {key} was written twice")
+        stored = pq.read_schema(temp)
+        if stored.metadata.get(PARTITION_KEY_METADATA, b"").decode() != key:
+            raise FeaturestoreError(f"{self.job}: {temp} does not hold partition {table} {key}")
+        self._created.append(temp)
+        parts[key] = (temp, pq.read_metadata(temp).num_rows)
 
     def stage_dir(self, relative: str) -> Path:
         """A fresh temp directory to fill; at commit it becomes <root>/<relative>."""
@@ -442,14 +548,25 @@ class Writer:
                 "featurestore_version": package_version(),
                 "created_at": utc_now(),
             }])
-        live = {} if first_write else wh.live_files()
+        live = Manifest({}, {}, set()) if first_write else wh.manifest()
 
-        # 1. New table files, merged with the rows they do not replace.
+        # 1. New table files, merged with the rows they do not replace; partition files moved
+        # next to them under new names.
         new_files: dict[str, tuple[str, int]] = {}
         for table, parts in self._rows.items():
-            merged = _merge(live.get(table) and wh.path(live[table]), pa.concat_tables(parts),
-                            spec(table), self._replace.get(table, []))
+            merged = _merge(live.files.get(table) and wh.path(live.files[table]),
+                            pa.concat_tables(parts), spec(table), self._replace.get(table, []))
             new_files[table] = (self._write_parquet(table, merged), merged.num_rows)
+        new_partitions: dict[tuple[str, str], tuple[str, int]] = {}
+        for table, parts in self._partitions.items():
+            for key, (temp, n_rows) in parts.items():
+                new_partitions[table, key] = (self._move_into_tables(table, temp), n_rows)
+        dropped_partitions = [
+            (table, key) for table, filters in self._replace.items() if spec(table).partition_by
+            for key in live.partitions.get(table, {})
+            if (table, key) not in new_partitions
+            and any(_partition_matches(spec(table), key, where) for where in filters)
+        ]
 
         # 2. Staged directories into place; the old contents wait in tmp/ until the catalog
         # commit, so a failure before it can put them back.
@@ -476,13 +593,28 @@ class Writer:
                 _create_manifest(con)
                 now = utc_now()
                 for table, (path, n_rows) in new_files.items():
-                    if table in live:
-                        con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)", [live[table], now])
+                    if table in live.files:
+                        con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)",
+                                    [live.files[table], now])
                     con.execute(
                         f"INSERT OR REPLACE INTO {MANIFEST} VALUES (?, ?, ?, ?, ?)",
                         [table, path, n_rows, self.job, now],
                     )
-                    live[table] = path
+                    live.files[table] = path
+                for table, key in dropped_partitions:
+                    con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)",
+                                [live.partitions[table].pop(key), now])
+                    con.execute(f"DELETE FROM {PARTITIONS} WHERE table_name = ? AND partition = ?",
+                                [table, key])
+                for (table, key), (path, n_rows) in new_partitions.items():
+                    parts = live.partitions.setdefault(table, {})
+                    if key in parts:
+                        con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)", [parts[key], now])
+                    con.execute(
+                        f"INSERT OR REPLACE INTO {PARTITIONS} VALUES (?, ?, ?, ?, ?, ?)",
+                        [table, key, path, n_rows, self.job, now],
+                    )
+                    parts[key] = path
                 self._expired = [p for (p,) in con.execute(
                     f"DELETE FROM {RETIRED} WHERE retired_at < ? RETURNING path",
                     [now - RETIRED_GRACE]).fetchall()]
@@ -506,13 +638,15 @@ class Writer:
 
     def _write_parquet(self, table: str, rows: pa.Table) -> str:
         """Write to tmp/, fsync, rename into tables/<table>/ under a new, time-ordered name."""
+        temp = self.warehouse.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
+        pq.write_table(rows, temp, compression="zstd")
+        _fsync_file(temp)
+        return self._move_into_tables(table, temp)
+
+    def _move_into_tables(self, table: str, temp: Path) -> str:
         wh = self.warehouse
         folder = wh.tables_dir / table
         folder.mkdir(parents=True, exist_ok=True)
-        temp = wh.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
-        pq.write_table(rows, temp, compression="zstd")
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
         final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         os.rename(temp, final)
         self._created.append(final)
@@ -530,6 +664,28 @@ class Writer:
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
                 path.unlink()
+
+
+def write_partition_file(table: TableSpec, values: dict, rows: pa.Table, path: Path) -> None:
+    """One partition of a partitioned table as a Parquet file, sorted by the table's sort_by
+    columns, with the partition named in its metadata (so the catalog can be rebuilt from it)."""
+    rows = rows.select(table.arrow_schema.names).cast(table.arrow_schema)
+    if table.sort_by:
+        rows = rows.sort_by([(c, "ascending") for c in table.sort_by])
+    metadata = {PARTITION_KEY_METADATA: partition_key(table, values).encode()}
+    rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata})
+    pq.write_table(rows, path, compression="zstd", row_group_size=PARTITION_ROW_GROUP)
+    _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _partition_matches(table: TableSpec, key: str, where: dict) -> bool:
+    values = dict(zip(table.partition_by, json.loads(key)))
+    return all(values[column] == value for column, value in where.items())
 
 
 def _merge(existing: Path | None, new: pa.Table, table: TableSpec,

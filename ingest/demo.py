@@ -2,17 +2,21 @@
 
 Trains the demo run, fine-tunes demo-ft from its last checkpoint, collects the two first-class
 stages for every checkpoint of both runs on one shared token set, trains a BatchTopK crosscoder
-on the base / fine-tuned pair at layer_2_post_mlp, and summarises the warehouse, model diff
-included.
+on the base / fine-tuned pair at layer_2_post_mlp, fits a shared feature basis per stage on the
+demo run's checkpoints (sweep, births, first-vs-last compare), and summarises the warehouse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
+from featurestore.ingest.feature_compare import compare_features
+from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
+from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.warehouse import connect
 
 BASE_RUN = "demo"
@@ -21,6 +25,8 @@ STAGES = ("layer_2_post_mlp", "final_norm")
 DIFF_BASIS = "demo-diff"
 DIFF_STAGE = "layer_2_post_mlp"
 DIFF_STEPS = 1000
+SHARED_BASES = {"layer_2_post_mlp": "demo-l2", "final_norm": "demo-fn"}  # in the issue's order
+SHARED_FIT_STEPS = 800
 
 SUMMARY_QUERIES = {
     "runs": "SELECT run, kind, parent_run, parent_step, n_checkpoints, last_step, "
@@ -40,6 +46,24 @@ SUMMARY_QUERIES = {
         "round(frequency, 4) AS frequency, round(nu_error[1], 3) AS nu_error_base "
         f"FROM model_diff WHERE basis = '{DIFF_BASIS}' AND class LIKE '%-exclusive' "
         "ORDER BY frequency DESC LIMIT 8"),
+    "shared bases: fit quality per checkpoint (first, middle, last)": (
+        "SELECT basis, step, round(explained_variance, 3) AS explained_variance, "
+        "round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction FROM checkpoint_summary "
+        "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) IN (1, 8) "
+        "OR step = max(step) OVER (PARTITION BY basis) ORDER BY basis, step"),
+    "births (activation rate >= 0.01 for 2 checkpoints) against the shuffled-order null": (
+        "SELECT basis, sum(births) AS births, any_value(n_present_at_init) AS present_at_init, "
+        "round(any_value(birth_rate), 4) AS birth_rate, "
+        "round(any_value(null_false_birth_rate), 4) AS null_false_birth_rate "
+        "FROM birth_summary GROUP BY basis ORDER BY basis"),
+    "top born features (most active at the last checkpoint)": (
+        "SELECT b.basis, b.feature_id, b.birth_step, b.stabilization_step, "
+        "round(t.activation_rate, 3) AS final_rate, "
+        "map_keys(t.split_activation_rates)[list_position(map_values(t.split_activation_rates), "
+        "list_max(map_values(t.split_activation_rates)))] AS top_split "
+        "FROM births b JOIN trajectories t USING (basis, feature_id) "
+        "WHERE b.birth_step IS NOT NULL AND t.step = (SELECT max(step) FROM trajectories "
+        "WHERE basis = b.basis) ORDER BY t.activation_rate DESC LIMIT 8"),
     "activation sets": "SELECT run, stage, count(*) AS sets, min(step) AS first_step, "
                        "max(step) AS last_step, any_value(n_tokens) AS tokens, "
                        "any_value(d_model) AS d_model, "
@@ -52,20 +76,20 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
              tokens: int = 32_768, warehouse: str | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> str:
     """Run the whole pipeline; returns the text summary."""
-    log(f"[1/5] training {BASE_RUN!r}")
+    log(f"[1/6] training {BASE_RUN!r}")
     trained = train_model(BASE_RUN, steps=steps, warehouse=warehouse, progress=progress)
     log(f"      {trained.steps} steps, {len(trained.checkpoint_steps)} checkpoints, "
         f"{trained.seconds:.1f}s")
-    log(f"[2/5] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
+    log(f"[2/6] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
     tuned = finetune(FINETUNED_RUN, f"{BASE_RUN}@LAST", steps=finetune_steps,
                      warehouse=warehouse, progress=progress)
     log(f"      {tuned.steps} steps, {tuned.seconds:.1f}s")
     for number, run in ((3, BASE_RUN), (4, FINETUNED_RUN)):
-        log(f"[{number}/5] collecting {', '.join(STAGES)} for {run!r}")
+        log(f"[{number}/6] collecting {', '.join(STAGES)} for {run!r}")
         result = collect(run, list(STAGES), tokens=tokens, warehouse=warehouse,
                          progress=progress)
         log(f"      {len(result.sets)} sets, {result.tokens_per_second:,.0f} tokens/s")
-    log(f"[5/5] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
+    log(f"[5/6] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
         f"at {DIFF_STAGE}")
     diff = train_crosscoder_job(
         DIFF_BASIS,
@@ -74,6 +98,21 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
         steps=DIFF_STEPS, warehouse=warehouse, progress=progress)
     log(f"      {diff.steps} steps, {diff.seconds:.1f}s, explained variance "
         f"{diff.final_metrics['explained_variance']:.3f}")
+    for stage, name in SHARED_BASES.items():
+        log(f"[6/6] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
+        fit = shared_feature_fit(BASE_RUN, stage, name, steps=SHARED_FIT_STEPS,
+                                 warehouse=warehouse, progress=progress)
+        explained = fit.fit_quality["explained_variance"].values()
+        log(f"      fit: explained variance {min(explained):.3f}-{max(explained):.3f}, "
+            f"L0 {fit.fit_quality['l0']:.1f}, {fit.seconds:.1f}s")
+        sweep = feature_trajectory_sweep(name, warehouse=warehouse, progress=progress)
+        log(f"      sweep: {sweep.tokens_per_second:,.0f} tokens/s, "
+            f"{sweep.activation_rows:,} activation rows")
+        births = analyze_births(name, warehouse=warehouse)
+        log(f"      births: {births.births} (null {births.null_births_mean:.1f}), "
+            f"{births.present_at_init} present at init")
+        compare_features(name, trained.checkpoint_steps[0], trained.checkpoint_steps[-1],
+                         warehouse=warehouse)
     return summary(warehouse)
 
 

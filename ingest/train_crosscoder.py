@@ -213,10 +213,14 @@ def feature_statistics(model, data) -> dict[str, np.ndarray]:
     return {"frequency": count / seen, "mean": mean, "max": peak}
 
 
-def feature_rows(name, model, stats, scaling) -> list[dict]:
+def feature_rows(name, model, stats, scaling=None) -> list[dict]:
+    """`features` rows; the latent-scaling columns stay NULL without `scaling` (shared bases)."""
     norms = model.decoder_norms().detach().double().numpy()  # [h, sources]
     decoder = model.decoder().detach().double().numpy()
-    scaled = scaling.rows(list(model.config.source_labels))
+    unscaled = dict.fromkeys(["reference_source", "beta_recon", "beta_error", "nu_recon",
+                              "nu_error"])
+    scaled = (scaling.rows(list(model.config.source_labels)) if scaling is not None
+              else [unscaled] * model.config.d_hidden)
     rows = []
     for i in range(model.config.d_hidden):
         relative = cosine = None

@@ -1,0 +1,99 @@
+"""A shared feature basis: one dictionary that gives every feature one id at every checkpoint.
+
+Two kinds, both trained by the crosscoder trainer on activations of one stage at several
+checkpoints of one run (featurestore.ingest.shared_feature_fit):
+
+    pooled      one encoder/decoder for all checkpoints: an SAE on the checkpoints' pooled
+                activations. A checkpoint is encoded on its own; feature i's activation there is
+                its latent value.
+    crosscoder  one encoder/decoder slice per checkpoint and one latent code for all of them. The
+                code is joint, so the value at checkpoint c is the latent times the norm of its
+                decoder slice for c: the size of what the feature writes into that checkpoint.
+                The decoder norm itself is the presence signal.
+
+Everything here is in normalised units (each checkpoint's activations times its norm scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from featurestore.crosscoder import CrossCoder
+
+
+@dataclass(frozen=True)
+class BasisCheckpoint:
+    step: int
+    activation_set: str  # activation_sets.name
+    norm_scale: float
+
+
+@dataclass
+class SharedBasis:
+    name: str
+    kind: str  # pooled | crosscoder
+    run: str
+    stage: str
+    model: CrossCoder
+    checkpoints: list[BasisCheckpoint]
+
+    @property
+    def d_hidden(self) -> int:
+        return self.model.config.d_hidden
+
+    @torch.no_grad()
+    def encode(self, rows: list[torch.Tensor], c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature values [n, h], reconstruction [n, d]) of checkpoint c.
+
+        rows: the normalised activations of the same n tokens, one tensor [n, d] per checkpoint
+        for the crosscoder kind (its code is joint), or just checkpoint c's for the pooled kind.
+        """
+        if self.kind == "pooled":
+            latents = self.model.encode(rows[0][:, None, :], normalized=True)
+            return latents, self.model.decode(latents, normalized=True)[:, 0]
+        x = torch.stack(rows, dim=1)
+        latents = self.model.encode(x, normalized=True)
+        norms = self.model.decoder_norms()[:, c]
+        return latents * norms, self.model.decode(latents, normalized=True)[:, c]
+
+    def decoder_directions(self, c: int) -> np.ndarray:
+        """[h, d]: each feature's decoder vector for checkpoint c."""
+        decoder = self.model.decoder().detach()
+        return decoder[:, 0 if self.kind == "pooled" else c].double().numpy()
+
+
+def explained_variance(x: np.ndarray, x_hat: np.ndarray) -> float:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, as the crosscoder metrics define it."""
+    return float(1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum())
+
+
+def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
+    """The registered shared basis `name` and its checkpoints' activation sets (in step order)."""
+    from featurestore.errors import FeaturestoreError, NotFoundError
+    from featurestore.registry import get_activation_set_row, open_activation_set
+
+    cursor = con.execute("SELECT kind, run, stage, path, sources FROM bases WHERE name = ?", [name])
+    row = cursor.fetchall()
+    if not row:
+        shared = [n for (n,) in con.execute(
+            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
+        raise NotFoundError(f"--basis: no basis named {name!r}; shared bases: "
+                            f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
+    kind, run, stage, path, sources = row[0]
+    if run is None:
+        raise FeaturestoreError(
+            f"--basis {name} was trained by train-crosscoder on a pair of sources, not fitted on "
+            "a run's checkpoints; trajectories need a shared-feature-fit basis")
+    model = CrossCoder.load(warehouse.path(path))
+    checkpoints = [BasisCheckpoint(s["step"], s["activation_set"], s["norm_scale"])
+                   for s in sorted(sources, key=lambda s: s["step"])]
+    sets = []
+    for checkpoint in checkpoints:
+        row = get_activation_set_row(con, checkpoint.activation_set)
+        acts = open_activation_set(warehouse, row)
+        acts.norm_scale = checkpoint.norm_scale  # the scale the basis was trained with
+        sets.append(acts)
+    return SharedBasis(name, kind, run, stage, model, checkpoints), sets

@@ -1,0 +1,275 @@
+"""`featurestore feature-birth-analyze`: when each feature of a shared basis is born, stabilises and
+dies, against a null control, stored in `births` and `birth_summary`.
+
+The rule is the `feature_births` SQL macro (sql/macros/feature_births.sql), so a stored row and an
+analyst's `SELECT * FROM feature_births(...)` cannot disagree. Births are read off the ORDER of the
+checkpoints (they are log-spaced; spacing plays no part). The null control is the same macro given
+seeded permutations of that order: each feature's metric values are reassigned to shuffled
+checkpoints, and the births the rule still finds there are false births. Their mean count over the
+permutations, divided by the number of features, is the false-birth rate. One permutation is
+applied to all features at once (a small list handed to SQL), so the counts of one permutation move
+together: the spread between permutations (birth_summary.null_births_sd) is large, and more
+--permutations steady the mean. The null is weak for small K: a feature present at half of the
+checkpoints has K = 2 of them adjacent in most shuffles.
+
+Default thresholds, when --threshold is not given:
+    activation_rate   0.01: active on at least 1% of tokens.
+    energy            0.1 / number of features: a tenth of an even share of the reconstruction.
+    mean_activation,  10% of the 99th percentile of the metric over all of the basis's
+    decoder_norm      (feature, checkpoint) rows: both are in the basis's own units.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import duckdb
+import numpy as np
+
+from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.warehouse import Warehouse
+
+METRICS = ("activation_rate", "mean_activation", "energy", "decoder_norm")
+DEFAULT_ACTIVATION_RATE = 0.01
+# energy: this fraction of an even share (1 / number of features) of the reconstruction.
+DEFAULT_ENERGY_SHARE = 0.1
+# mean_activation, decoder_norm: this fraction of the metric's 99th percentile over the basis.
+DEFAULT_RELATIVE_THRESHOLD = 0.1
+DEFAULT_STABLE_EPS = 0.1
+DEFAULT_STABLE_COS = 0.9
+# Born features listed in the result (earliest births first).
+SHOWN_FEATURES = 10
+
+
+@dataclass
+class BirthAnalysisResult:
+    basis: str
+    metric: str
+    threshold: float  # the threshold used (resolved from the default when none was given)
+    persistence: int
+    stable_eps: float
+    stable_cos: float
+    n_features: int
+    n_checkpoints: int
+    births: int
+    present_at_init: int
+    deaths: int
+    birth_rate: float  # births / n_features
+    null_births_mean: float  # mean births per permutation of the checkpoint order
+    null_false_birth_rate: float  # null_births_mean / n_features
+    permutations: int
+    seed: int
+    windows: list[dict]  # birth_summary rows: window_start, window_end, births, null_births_*
+    first_born: list[dict]  # the earliest born features with their steps and drift
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def analyze_births(basis: str, metric: str = "activation_rate", threshold: float | None = None,
+                   persistence: int = 2, stable_eps: float = DEFAULT_STABLE_EPS,
+                   stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
+                   warehouse: str | None = None) -> BirthAnalysisResult:
+    """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order
+    null; store them in `births` and `birth_summary`, replacing rows of the same parameters."""
+    started = time.monotonic()
+    _check_parameters(metric, threshold, persistence, stable_eps, stable_cos, permutations)
+
+    wh = Warehouse(warehouse)
+    with wh.writer(f"feature-birth-analyze {basis}") as writer:
+        # Checked and computed on one connection: one snapshot, under the writer lock.
+        con = wh.connect()
+        try:
+            n_features, n_checkpoints = _check_trajectories(con, basis, metric, persistence)
+            if threshold is None:
+                threshold = _default_threshold(con, basis, metric, n_features)
+            rng = np.random.default_rng(seed)
+            orders = [rng.permutation(n_checkpoints).tolist() for _ in range(permutations)]
+            params = {"basis": basis, "metric": metric, "threshold": threshold,
+                      "persistence": persistence, "stable_eps": stable_eps,
+                      "stable_cos": stable_cos}
+            # Real order (ordering 0) and every permutation in one call of the one rule.
+            con.execute(
+                "CREATE TEMP TABLE all_births AS SELECT * FROM feature_births($basis, $metric, "
+                "$threshold, $persistence, $stable_eps, $stable_cos, permutations := $orders)",
+                {**params, "orders": orders})
+            births = con.sql(_BIRTHS_SQL, params=params).to_arrow_table()
+            summary = con.sql(_SUMMARY_SQL, params={**params, "permutations": permutations,
+                                                    "seed": seed}).to_arrow_table()
+        finally:
+            con.close()
+        writer.put("births", births, replace_where=params)
+        writer.put("birth_summary", summary, replace_where=params)
+
+    born = [row for row in births.to_pylist() if row["birth_step"] is not None]
+    born.sort(key=lambda row: (row["birth_step"], row["feature_id"]))
+    windows = summary.select(["window_start", "window_end", "births", "null_births_mean",
+                              "null_births_sd"]).to_pylist()
+    return BirthAnalysisResult(
+        basis=basis, metric=metric, threshold=threshold, persistence=persistence,
+        stable_eps=stable_eps, stable_cos=stable_cos,
+        n_features=n_features, n_checkpoints=n_checkpoints, births=len(born),
+        present_at_init=sum(births["present_at_init"].to_pylist()),
+        deaths=births.num_rows - births["death_step"].null_count,
+        birth_rate=len(born) / n_features,
+        null_births_mean=math.fsum(w["null_births_mean"] for w in windows),
+        null_false_birth_rate=summary["null_false_birth_rate"][0].as_py(),
+        permutations=permutations, seed=seed, windows=windows,
+        first_born=[{k: row[k] for k in ("feature_id", "birth_step", "stabilization_step",
+                                         "death_step", "drift")}
+                    for row in born[:SHOWN_FEATURES]],
+        seconds=time.monotonic() - started,
+    )
+
+
+# The real order's rows, with the parameters that key them.
+_BIRTHS_SQL = """
+SELECT $basis AS basis, feature_id, $metric AS metric, $threshold AS threshold,
+       $persistence AS persistence, $stable_eps AS stable_eps, $stable_cos AS stable_cos,
+       birth_step, stabilization_step, death_step, drift, present_at_init
+FROM all_births
+WHERE ordering = 0
+ORDER BY feature_id
+"""
+
+# One row per pair of consecutive checkpoints: births in (window_start, window_end] in the real
+# order and in each permutation. Every (window, ordering) pair is counted, zeros included, so the
+# null's mean and spread are over all permutations. No birth can fall on the first checkpoint (a
+# feature present there is present_at_init), so the windows cover every birth.
+_SUMMARY_SQL = """
+WITH windows AS (
+    SELECT * FROM (
+        SELECT lag(step) OVER (ORDER BY step) AS window_start, step AS window_end
+        FROM (SELECT DISTINCT step FROM trajectories WHERE basis = $basis)
+    )
+    WHERE window_start IS NOT NULL
+),
+counts AS (
+    SELECT w.window_start, w.window_end, o.ordering, count(b.feature_id) AS births
+    FROM windows AS w
+    CROSS JOIN (SELECT DISTINCT ordering FROM all_births) AS o
+    LEFT JOIN all_births AS b ON b.ordering = o.ordering AND b.birth_step = w.window_end
+    GROUP BY ALL
+),
+per_window AS (
+    SELECT window_start, window_end,
+           sum(births) FILTER (WHERE ordering = 0)::INTEGER AS births,
+           avg(births) FILTER (WHERE ordering > 0) AS null_births_mean,
+           -- in a fixed order: a float aggregate split between threads can differ in the last
+           -- digit from run to run
+           stddev_samp(births ORDER BY ordering) FILTER (WHERE ordering > 0) AS null_births_sd
+    FROM counts
+    GROUP BY ALL
+),
+totals AS (
+    SELECT count(*) FILTER (WHERE ordering = 0)::INTEGER AS n_features,
+           count_if(present_at_init AND ordering = 0)::INTEGER AS n_present_at_init,
+           count(birth_step) FILTER (WHERE ordering = 0) AS real_births,
+           count(birth_step) FILTER (WHERE ordering > 0) / $permutations AS null_births
+    FROM all_births
+)
+SELECT $basis AS basis, $metric AS metric, $threshold AS threshold,
+       $persistence AS persistence, $stable_eps AS stable_eps, $stable_cos AS stable_cos,
+       window_start, window_end, births, null_births_mean, null_births_sd,
+       n_features, n_present_at_init,
+       real_births / n_features AS birth_rate,
+       null_births / n_features AS null_false_birth_rate,
+       $permutations AS permutations, $seed AS seed
+FROM per_window, totals
+ORDER BY window_end
+"""
+
+
+def _check_parameters(metric: str, threshold: float | None, persistence: int, stable_eps: float,
+                      stable_cos: float, permutations: int) -> None:
+    if metric not in METRICS:
+        raise NotFoundError(
+            f"--metric {metric!r} is not a trajectory metric; use one of: {', '.join(METRICS)}."
+        )
+    if threshold is not None:
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise FeaturestoreError(
+                f"--threshold {threshold}: give a number > 0 (every metric is >= 0, so a "
+                "threshold <= 0 makes every feature present from the first checkpoint)."
+            )
+        if metric == "activation_rate" and threshold > 1:
+            raise FeaturestoreError(
+                f"--threshold {threshold}: activation_rate is a share of tokens, at most 1; give "
+                f"a threshold in (0, 1] (default {DEFAULT_ACTIVATION_RATE})."
+            )
+    if persistence < 1:
+        raise FeaturestoreError(
+            f"--persistence {persistence}: give a number of checkpoints >= 1 (1: no persistence "
+            "required)."
+        )
+    if not math.isfinite(stable_eps) or stable_eps < 0:
+        raise FeaturestoreError(
+            f"--stable-eps {stable_eps}: give a relative tolerance >= 0, e.g. 0.1 (within 10% of "
+            "the final value)."
+        )
+    if not -1 <= stable_cos <= 1:
+        raise FeaturestoreError(f"--stable-cos {stable_cos}: a cosine lies in [-1, 1].")
+    if permutations < 1:
+        raise FeaturestoreError(
+            f"--permutations {permutations}: the null needs at least 1 shuffled order (default 20)."
+        )
+
+
+def _check_trajectories(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
+                        persistence: int) -> tuple[int, int]:
+    """(features, checkpoints) of the basis's trajectories, after checking the rule can run."""
+    bases = [name for (name,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
+    if basis not in bases:
+        raise NotFoundError(
+            f"--basis {basis!r}: no such basis; bases are: {', '.join(bases) or '(none yet)'}. "
+            "Fit a shared basis with `featurestore shared-feature-fit` first."
+        )
+    n_rows, n_features, n_checkpoints, missing_decoder = con.execute(
+        "SELECT count(*), count(DISTINCT feature_id), count(DISTINCT step), "
+        "count_if(decoder_norm IS NULL) FROM trajectories WHERE basis = ?", [basis]
+    ).fetchone()
+    if n_rows == 0:
+        raise NotFoundError(
+            f"--basis {basis!r} has no trajectories: run `featurestore feature-trajectory-sweep` "
+            "on it first."
+        )
+    if metric == "decoder_norm" and missing_decoder:
+        raise FeaturestoreError(
+            f"--metric decoder_norm: basis {basis!r} has no decoder norms ({missing_decoder} "
+            "trajectory rows are NULL); only crosscoder-kind bases have one decoder per "
+            "checkpoint. Use --metric activation_rate, mean_activation or energy."
+        )
+    if n_checkpoints < persistence + 1:
+        raise FeaturestoreError(
+            f"--persistence {persistence} needs at least {persistence + 1} checkpoints (a first "
+            f"one to be absent at, then {persistence} to persist over); basis {basis!r} has "
+            f"{n_checkpoints}. Lower --persistence."
+        )
+    if n_rows != n_features * n_checkpoints:
+        # Positions in the order would shift for the features with gaps.
+        raise FeaturestoreError(
+            f"basis {basis!r}: trajectories have {n_rows} rows, not one per feature and "
+            f"checkpoint ({n_features} x {n_checkpoints}); re-run "
+            "`featurestore feature-trajectory-sweep` on it."
+        )
+    return n_features, n_checkpoints
+
+
+def _default_threshold(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
+                       n_features: int) -> float:
+    if metric == "activation_rate":
+        return DEFAULT_ACTIVATION_RATE
+    if metric == "energy":
+        return DEFAULT_ENERGY_SHARE / n_features
+    (p99,) = con.execute(
+        f"SELECT quantile_cont({metric}, 0.99) FROM trajectories WHERE basis = ?", [basis]
+    ).fetchone()
+    if not p99 or p99 <= 0:
+        raise FeaturestoreError(
+            f"--metric {metric}: basis {basis!r} has {metric} 0 almost everywhere, so no default "
+            "threshold can be derived; give --threshold."
+        )
+    return DEFAULT_RELATIVE_THRESHOLD * p99

@@ -1,0 +1,290 @@
+"""`featurestore shared-feature-fit`: one shared feature basis for one stage of one run.
+
+Pools the stage's activations from the listed checkpoints (equal tokens per checkpoint, each
+checkpoint normalised by its own norm scale), trains a dictionary on them with the crosscoder
+trainer, checks that the fit is good enough to support claims about features, and registers it:
+the weights under warehouse/bases/<name>/, rows in `bases` (with the fit-quality report),
+`features`, `decoder_directions` and `training_metrics`. A fit that fails a quality bound is
+reported, bound by bound, and registers nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.settings import check_name
+from featurestore.warehouse import Warehouse, utc_now
+
+MIN_CHECKPOINTS = 3
+EVAL_TOKENS_PER_CHECKPOINT = 16_384
+EVAL_BATCH = 4096
+MATCH_COSINE = 0.9  # features of two seeds' bases count as the same above this decoder cosine
+
+
+@dataclass(frozen=True)
+class FitBounds:
+    """What a basis must reach before anything is claimed from it."""
+
+    min_explained_variance: float = 0.8  # at every checkpoint
+    max_active_fraction: float = 0.05  # mean share of features active per token
+    max_dead_fraction: float = 0.5  # share of features never active on the evaluation tokens
+
+    def failures(self, report: dict) -> list[str]:
+        failed = []
+        worst = min(report["explained_variance"].items(), key=lambda kv: kv[1])
+        if worst[1] < self.min_explained_variance:
+            failed.append(
+                f"explained variance {worst[1]:.3f} at step {worst[0]} is below "
+                f"--min-explained-variance {self.min_explained_variance} "
+                f"(short by {self.min_explained_variance - worst[1]:.3f})")
+        if report["active_fraction"] > self.max_active_fraction:
+            failed.append(
+                f"mean active fraction {report['active_fraction']:.4f} is above "
+                f"--max-active-fraction {self.max_active_fraction} "
+                f"(over by {report['active_fraction'] - self.max_active_fraction:.4f})")
+        if report["dead_fraction"] > self.max_dead_fraction:
+            failed.append(
+                f"dead fraction {report['dead_fraction']:.3f} is above --max-dead-fraction "
+                f"{self.max_dead_fraction} (over by "
+                f"{report['dead_fraction'] - self.max_dead_fraction:.3f})")
+        return failed
+
+
+@dataclass
+class SharedFitResult:
+    name: str
+    run: str
+    stage: str
+    kind: str
+    arch: str
+    steps_fitted: list[int]
+    d_hidden: int
+    fit_quality: dict
+    stability: float | None
+    seconds: float
+    seeds: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shared_feature_fit(
+    run: str,
+    stage: str,
+    name: str,
+    checkpoints: str = "all",
+    kind: str = "pooled",
+    arch: str = "batchtopk",
+    k: int = 32,
+    dict_size: int | None = None,
+    steps: int = 2000,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    l1_coeff: float | None = None,
+    seeds: int = 1,
+    seed: int = 0,
+    min_explained_variance: float = FitBounds.min_explained_variance,
+    max_active_fraction: float = FitBounds.max_active_fraction,
+    max_dead_fraction: float = FitBounds.max_dead_fraction,
+    warehouse: str | None = None,
+    progress: bool = True,
+) -> SharedFitResult:
+    import torch
+
+    from featurestore.aligned import AlignedActivations, PooledActivations
+    from featurestore.crosscoder import CrossCoder, CrossCoderConfig
+    from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
+
+    check_name(name, "basis name")
+    if kind not in ("pooled", "crosscoder"):
+        raise FeaturestoreError(f"--kind must be pooled or crosscoder, got {kind!r}")
+    if seeds < 1:
+        raise FeaturestoreError(f"--seeds must be at least 1, got {seeds}")
+    bounds = FitBounds(min_explained_variance, max_active_fraction, max_dead_fraction)
+    started = time.perf_counter()
+    wh = Warehouse(warehouse)
+    with wh.writer(f"shared-feature-fit {name}") as writer:
+        con = wh.connect()
+        try:
+            chosen = resolve_checkpoints(wh, con, run, stage, checkpoints)
+        finally:
+            con.close()
+        sources = [source for source, _ in chosen]
+        data_class = PooledActivations if kind == "pooled" else AlignedActivations
+        data = data_class(sources, seed=seed)
+        defaults = TrainerConfig()
+        trainer = TrainerConfig(
+            steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
+            l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
+            log_every=max(1, min(50, steps)), save_every=steps + 1, seed=seed)
+        try:
+            config = CrossCoderConfig(
+                n_sources=len(data.labels), d_model=data.d_model,
+                d_hidden=dict_size or 16 * data.d_model, arch=arch, k=k,
+                aux_k=2 * k if arch == "batchtopk" else 0, source_labels=tuple(data.labels))
+        except ValueError as error:
+            raise FeaturestoreError(f"shared-feature-fit: {error}") from None
+
+        models, results = [], []
+        for offset in range(seeds):
+            torch.manual_seed(seed + offset)
+            model = CrossCoder(config, data.norm_scales)
+            seeded = dataclasses.replace(trainer, seed=seed + offset)
+            results.append(train_crosscoder(model, data.with_seed(seed + offset), seeded,
+                                            wh.tmp_dir / f"fit-{name}-{offset}",
+                                            progress=progress))
+            models.append(model)
+        model, result = models[0], results[0]
+
+        from featurestore.shared_basis import BasisCheckpoint, SharedBasis
+
+        basis = SharedBasis(name, kind, run, stage, model,
+                            [BasisCheckpoint(row["step"], row["name"], row["norm_scale"])
+                             for _, row in chosen])
+        report, stats = fit_report(basis, sources)
+        report["bounds"] = asdict(bounds)
+        failed = bounds.failures(report)
+        if failed:
+            raise FeaturestoreError(
+                f"shared-feature-fit {name}: the fit is too poor to support claims, so nothing "
+                "was registered:\n  - " + "\n  - ".join(failed) + "\nTrain longer (--steps), "
+                "change the dictionary (--dict-size, --k), or relax the bound if you accept it.")
+        stability = seed_stability(models) if seeds > 1 else None
+
+        from featurestore.ingest.train_crosscoder import direction_rows, feature_rows
+
+        relative = f"bases/{name}"
+        model.save(writer.stage_dir(relative))
+        writer.put("bases", [{
+            "name": name, "kind": kind, "arch": arch, "n_sources": config.n_sources,
+            "d_model": data.d_model, "d_hidden": config.d_hidden,
+            "k": k if arch == "batchtopk" else None,
+            "sources": [{"label": f"step_{row['step']}", "activation_set": row["name"],
+                         "run": run, "step": row["step"], "stage": stage,
+                         "norm_scale": float(row["norm_scale"])} for _, row in chosen],
+            "config": json.dumps(config.to_dict()),
+            "trainer_config": json.dumps(trainer.to_dict()),
+            "path": relative, "steps": result.steps, "tokens": result.tokens,
+            "final_metrics": json.dumps(result.final), "run": run, "stage": stage,
+            "fit_quality": json.dumps(report), "stability": stability, "created_at": utc_now(),
+        }])
+        writer.put("features", feature_rows(name, model, stats), replace_where={"basis": name})
+        writer.put("decoder_directions", direction_rows(name, model),
+                   replace_where={"basis": name})
+        writer.put("training_metrics", [
+            {"basis": name, "step": row["step"], "tokens": row["tokens"], "metric": key,
+             "value": value}
+            for row in result.metrics for key, value in row.items() if key not in ("step", "tokens")
+        ], replace_where={"basis": name})
+        # A basis of this name may have been swept before: its analyses described other weights.
+        for table in ("trajectories", "feature_directions", "feature_examples",
+                      "checkpoint_summary", "split_profiles", "feature_activations"):
+            writer.put(table, [], replace_where={"basis": name})
+    return SharedFitResult(name, run, stage, kind, arch, [row["step"] for _, row in chosen],
+                           config.d_hidden, report, stability, time.perf_counter() - started,
+                           list(range(seed, seed + seeds)))
+
+
+def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]:
+    """(Source, activation_sets row) per checkpoint, in step order, after every check the
+    issue names: one run, no duplicates, at least three, the stage collected at each."""
+    from featurestore.aligned import Source
+    from featurestore.registry import get_checkpoints, open_activation_set, parse_steps
+
+    steps = []
+    for part in spec.split(",") if spec.strip().lower() != "all" else []:
+        other, sep, step = part.strip().rpartition("@")
+        if sep and other != run:
+            raise FeaturestoreError(
+                f"--checkpoints: {part.strip()!r} belongs to run {other!r}, not --run {run}; a "
+                "shared basis pools checkpoints of one run")
+        steps.append(step if sep else part.strip())
+    step_list = parse_steps(",".join(steps)) if steps else None
+    checkpoints = get_checkpoints(wh, con, run, step_list)
+    if len(checkpoints) < MIN_CHECKPOINTS:
+        raise FeaturestoreError(
+            f"--checkpoints: a shared basis needs at least {MIN_CHECKPOINTS} checkpoints, got "
+            f"{len(checkpoints)} ({', '.join(str(c.step) for c in checkpoints)})")
+    cursor = con.execute("SELECT * FROM activation_sets WHERE run = ? AND stage = ?", [run, stage])
+    names = [d[0] for d in cursor.description]
+    rows = {r["step"]: r for r in (dict(zip(names, values)) for values in cursor.fetchall())}
+    missing = [c.step for c in checkpoints if c.step not in rows]
+    if missing:
+        if not rows:
+            stages = [s for (s,) in con.execute(
+                "SELECT DISTINCT stage FROM activation_sets WHERE run = ? ORDER BY 1",
+                [run]).fetchall()]
+            raise NotFoundError(
+                f"--stage {stage}: run {run!r} has no activation sets at this stage (collected "
+                f"stages: {', '.join(stages) or 'none'}). Collect it with `featurestore collect "
+                f"--run {run} --stage {stage}`")
+        raise NotFoundError(
+            f"--stage {stage} is missing for run {run!r} at step "
+            f"{', '.join(map(str, missing))}. Collect it with `featurestore collect --run {run} "
+            f"--stage {stage} --checkpoints {','.join(map(str, missing))}` (on the same tokens), "
+            "or leave those steps out of --checkpoints")
+    return [(Source(f"step_{c.step}", open_activation_set(wh, rows[c.step])), rows[c.step])
+            for c in checkpoints]
+
+
+def fit_report(basis, sources) -> tuple[dict, dict]:
+    """Explained variance per checkpoint, L0, active and dead fraction, on up to
+    EVAL_TOKENS_PER_CHECKPOINT tokens of each checkpoint; plus the feature statistics (frequency,
+    mean and max activation over all of them) for the `features` table."""
+    import torch
+
+    h = basis.d_hidden
+    n = min(len(sources[0].activations), EVAL_TOKENS_PER_CHECKPOINT)
+    count, total, peak, seen, active = np.zeros(h), np.zeros(h), np.zeros(h), 0, 0.0
+    explained = {}
+    for c, checkpoint in enumerate(basis.checkpoints):
+        x_all, x_hat_all = [], []
+        for start in range(0, n, EVAL_BATCH):
+            index = np.arange(start, min(start + EVAL_BATCH, n))
+            wanted = range(len(sources)) if basis.kind == "crosscoder" else [c]
+            rows = [torch.from_numpy(sources[s].activations.rows(index, normalized=True))
+                    for s in wanted]
+            values, x_hat = basis.encode(rows, c)
+            f = values.double().numpy()
+            count += (f > 0).sum(axis=0)
+            total += f.sum(axis=0)
+            peak = np.maximum(peak, f.max(axis=0))
+            active += (f > 0).sum()
+            seen += len(index)
+            x_all.append(rows[c if basis.kind == "crosscoder" else 0].double().numpy())
+            x_hat_all.append(x_hat.double().numpy())
+        from featurestore.shared_basis import explained_variance
+
+        explained[str(checkpoint.step)] = explained_variance(np.concatenate(x_all),
+                                                             np.concatenate(x_hat_all))
+    l0 = active / seen
+    report = {"explained_variance": explained, "l0": float(l0), "active_fraction": float(l0 / h),
+              "dead_fraction": float((count == 0).mean()), "eval_tokens_per_checkpoint": n}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+    return report, {"frequency": count / seen, "mean": mean, "max": peak}
+
+
+def seed_stability(models) -> float:
+    """Mean over the other seeds of the share of the first seed's features matched (Hungarian
+    assignment on decoder cosine) at cosine >= MATCH_COSINE."""
+    from scipy.optimize import linear_sum_assignment
+
+    def unit_decoder(model) -> np.ndarray:
+        decoder = model.decoder().detach().double().numpy().reshape(model.config.d_hidden, -1)
+        return decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
+
+    reference = unit_decoder(models[0])
+    shares = []
+    for other in models[1:]:
+        cosine = reference @ unit_decoder(other).T
+        rows, cols = linear_sum_assignment(cosine, maximize=True)
+        shares.append(float((cosine[rows, cols] >= MATCH_COSINE).mean()))
+    return float(math.fsum(shares) / len(shares))

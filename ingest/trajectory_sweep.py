@@ -1,0 +1,311 @@
+"""`featurestore feature-trajectory-sweep`: encode every checkpoint in a shared basis.
+
+One streaming pass per checkpoint over its activation set (batches of SWEEP_BATCH tokens; memory
+bounded by the batch and the basis) gathers everything the tables need:
+
+    trajectories         per feature: activation rate, mean / mean-active / max activation,
+                         energy (share of the reconstructed variance), per-split rates, and the
+                         drift of its direction (cosine to the previous and to the last checkpoint)
+    feature_directions   per feature: its direction refitted on this checkpoint's codes, by least
+                         squares x ~ f W + b over all tokens (from the sums F'F and F'x)
+    feature_activations  every non-zero activation, one Parquet file per checkpoint
+    feature_examples     the top EXAMPLES activations per feature, with their token contexts
+    checkpoint_summary   explained variance, relative error, L0, dead fraction
+    split_profiles       per feature and token split: activation rate and mean activation
+
+With --workers N, checkpoints are swept by N processes; each writes its feature_activations file
+into the warehouse's tmp/ and returns the small tables, and the parent registers everything in
+one commit, so the result is the same as a serial sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.errors import FeaturestoreError
+from featurestore.warehouse import Warehouse
+
+SWEEP_BATCH = 4096
+EXAMPLES = 8  # top activating contexts kept per feature and checkpoint
+CONTEXT_BEFORE, CONTEXT_AFTER = 8, 4
+RIDGE = 1e-6  # keeps the refit solvable when features never fire together
+
+
+@dataclass
+class SweepResult:
+    basis: str
+    steps: list[int]
+    tokens_per_checkpoint: int
+    activation_rows: int
+    seconds: float
+    tokens_per_second: float
+    rows_per_second_written: float
+    write_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CheckpointSweep:
+    """What one checkpoint's pass produces, minus the big table (already in a Parquet file)."""
+
+    step: int
+    n_tokens: int
+    trajectory: dict[str, np.ndarray]  # per-feature columns
+    split_rates: dict[str, np.ndarray]  # split -> per-feature rate
+    split_means: dict[str, np.ndarray]
+    split_tokens: dict[str, int]
+    directions: np.ndarray  # [h, d]
+    examples: list[dict]
+    summary: dict
+    activations_file: Path
+    activation_rows: int
+    write_seconds: float
+
+
+def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int = 1,
+                             warehouse: str | None = None, progress: bool = True) -> SweepResult:
+    from featurestore.registry import parse_steps
+    from featurestore.shared_basis import load_shared_basis
+
+    if workers < 1:
+        raise FeaturestoreError(f"--workers must be at least 1, got {workers}")
+    started = time.perf_counter()
+    wh = Warehouse(warehouse)
+    with wh.writer(f"feature-trajectory-sweep {basis}") as writer:
+        con = wh.connect()
+        try:
+            shared, _ = load_shared_basis(wh, con, basis)
+        finally:
+            con.close()
+        available = [c.step for c in shared.checkpoints]
+        wanted = parse_steps(checkpoints)
+        if wanted is not None:
+            wanted = [available[-1] if s == -1 else s for s in wanted]
+            unknown = [s for s in wanted if s not in available]
+            if unknown:
+                raise FeaturestoreError(
+                    f"--checkpoints: basis {basis} was not fitted on step "
+                    f"{', '.join(map(str, unknown))}; its checkpoints are "
+                    f"{', '.join(map(str, available))}")
+        indices = [i for i, s in enumerate(available) if wanted is None or s in wanted]
+        jobs = [(str(wh.root), basis, c, wh.tmp_dir / f"sweep-{basis}-{available[c]}.parquet")
+                for c in indices]
+        if workers == 1:
+            from tqdm import tqdm
+
+            sweeps = [sweep_checkpoint(*job) for job in tqdm(
+                jobs, desc=f"sweep {basis}", unit="checkpoint", disable=None if progress else True)]
+        else:
+            import multiprocessing
+
+            # spawn: a fresh interpreter per worker, no forked torch thread pools.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                sweeps = pool.starmap(sweep_checkpoint, jobs)
+
+        tables = sweep_tables(basis, sweeps)
+        for table, rows in tables.items():
+            writer.put(table, rows)
+        for sweep in sweeps:
+            writer.adopt_partition("feature_activations", {"basis": basis, "step": sweep.step},
+                                   sweep.activations_file)
+    seconds = time.perf_counter() - started
+    n_rows = sum(s.activation_rows for s in sweeps)
+    write_seconds = sum(s.write_seconds for s in sweeps)
+    tokens = sum(s.n_tokens for s in sweeps)
+    return SweepResult(basis, [s.step for s in sweeps], sweeps[0].n_tokens, n_rows, seconds,
+                       tokens / seconds, n_rows / max(write_seconds, 1e-9), write_seconds)
+
+
+def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
+                     ) -> CheckpointSweep:
+    """One pass over checkpoint c's tokens (runs in a worker process with --workers)."""
+    import pyarrow as pa
+    import torch
+
+    from featurestore.shared_basis import load_shared_basis
+    from featurestore.warehouse import spec, write_partition_file
+
+    wh = Warehouse(root)
+    con = wh.connect()
+    try:
+        basis, sets = load_shared_basis(wh, con, basis_name)
+    finally:
+        con.close()
+    step = basis.checkpoints[c].step
+    tokens = sets[c].token_columns()
+    n, h, d = len(tokens), basis.d_hidden, sets[c].d_model
+    splits = np.asarray(tokens.split).astype(str)
+    split_names = sorted(set(splits))
+    # Pooled bases: a feature writes f_i * d_i; crosscoder values already carry ||d_ic||.
+    decoder_norms = np.linalg.norm(basis.decoder_directions(c), axis=1)
+    weight = decoder_norms if basis.kind == "pooled" else np.ones(h)
+
+    count, total, peak, energy = np.zeros(h), np.zeros(h), np.zeros(h), np.zeros(h)
+    split_count = {s: np.zeros(h) for s in split_names}
+    split_total = {s: np.zeros(h) for s in split_names}
+    gram, cross = np.zeros((h + 1, h + 1)), np.zeros((h + 1, d))
+    residual = 0.0
+    sum_sq, x_sum, relative_error = 0.0, np.zeros(d), 0.0
+    top_values = np.full((EXAMPLES, h), -np.inf)
+    top_rows = np.zeros((EXAMPLES, h), dtype=np.int64)
+    sparse_parts = []
+    for start in range(0, n, SWEEP_BATCH):
+        index = np.arange(start, min(start + SWEEP_BATCH, n))
+        wanted = range(len(sets)) if basis.kind == "crosscoder" else [c]
+        rows = [torch.from_numpy(sets[s].rows(index, normalized=True)) for s in wanted]
+        values_t, x_hat_t = basis.encode(rows, c)
+        f = values_t.double().numpy()
+        x = rows[c if basis.kind == "crosscoder" else 0].double().numpy()
+        x_hat = x_hat_t.double().numpy()
+        active = f > 0
+        count += active.sum(axis=0)
+        total += f.sum(axis=0)
+        peak = np.maximum(peak, f.max(axis=0))
+        energy += ((f * weight) ** 2).sum(axis=0)
+        for s in split_names:
+            mask = splits[index] == s
+            split_count[s] += active[mask].sum(axis=0)
+            split_total[s] += f[mask].sum(axis=0)
+        augmented = np.hstack([f, np.ones((len(index), 1))])
+        gram += augmented.T @ augmented
+        cross += augmented.T @ x
+        residual += ((x - x_hat) ** 2).sum()
+        sum_sq += (x ** 2).sum()
+        x_sum += x.sum(axis=0)
+        relative_error += (np.linalg.norm(x - x_hat, axis=1)
+                           / np.maximum(np.linalg.norm(x, axis=1), 1e-12)).sum()
+        # Keep the EXAMPLES largest values per feature seen so far.
+        merged_values = np.vstack([top_values, f])
+        merged_rows = np.vstack([top_rows, np.broadcast_to(index[:, None], f.shape)])
+        best = np.argsort(-merged_values, axis=0, kind="stable")[:EXAMPLES]
+        top_values = np.take_along_axis(merged_values, best, axis=0)
+        top_rows = np.take_along_axis(merged_rows, best, axis=0)
+        token, feature = np.nonzero(active)
+        sparse_parts.append((index[token], feature, f[token, feature]))
+
+    written = time.perf_counter()
+    token_rows = np.concatenate([p[0] for p in sparse_parts])
+    activations = pa.table({
+        "basis": pa.array([basis_name] * len(token_rows), pa.string()),
+        "step": pa.array(np.full(len(token_rows), step, dtype=np.int64)),
+        "feature_id": np.concatenate([p[1] for p in sparse_parts]).astype(np.int32),
+        "sequence_id": np.asarray(tokens.sequence_id)[token_rows].astype(np.int64),
+        "position": np.asarray(tokens.position)[token_rows].astype(np.int32),
+        "value": np.concatenate([p[2] for p in sparse_parts]).astype(np.float32),
+    })
+    write_partition_file(spec("feature_activations"), {"basis": basis_name, "step": step},
+                         activations, activations_file)
+    write_seconds = time.perf_counter() - written
+
+    solution = np.linalg.solve(gram + RIDGE * np.eye(h + 1), cross)
+    directions = np.where((count > 0)[:, None], solution[:h], 0.0)
+    centred_total = sum_sq - (x_sum ** 2).sum() / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        trajectory = {
+            "activation_rate": count / n, "mean_activation": total / n,
+            "mean_active_activation": np.where(count > 0, total / count, np.nan),
+            "max_activation": peak, "energy": energy / max(energy.sum(), 1e-300),
+            "decoder_norm": decoder_norms if basis.kind == "crosscoder" else np.full(h, np.nan),
+        }
+    split_tokens = {s: int((splits == s).sum()) for s in split_names}
+    return CheckpointSweep(
+        step=step, n_tokens=n, trajectory=trajectory,
+        split_rates={s: split_count[s] / split_tokens[s] for s in split_names},
+        split_means={s: split_total[s] / split_tokens[s] for s in split_names},
+        split_tokens=split_tokens, directions=directions,
+        examples=example_rows(basis_name, step, top_values, top_rows, tokens, splits),
+        summary={"basis": basis_name, "step": step, "n_tokens": n,
+                 "explained_variance": 1 - residual / centred_total,
+                 "relative_reconstruction_error": relative_error / n,
+                 "l0": float(count.sum() / n), "active_fraction": float(count.sum() / n / h),
+                 "dead_fraction": float((count == 0).mean())},
+        activations_file=activations_file, activation_rows=len(token_rows),
+        write_seconds=write_seconds)
+
+
+def example_rows(basis: str, step: int, top_values, top_rows, tokens, splits) -> list[dict]:
+    """feature_examples rows: each kept activation with the tokens around it in its sequence."""
+    sequence = np.asarray(tokens.sequence_id)
+    position = np.asarray(tokens.position)
+    token_ids = np.asarray(tokens.token_id)
+    # Rows sorted by (sequence, position); each sequence is one slice [first, end) of `order`.
+    order = np.lexsort((position, sequence))
+    sorted_sequence = sequence[order]
+    first = np.searchsorted(sorted_sequence, sorted_sequence, side="left")
+    end = np.searchsorted(sorted_sequence, sorted_sequence, side="right")
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))
+    rows = []
+    for feature in range(top_values.shape[1]):
+        rank = 0
+        for value, row in zip(top_values[:, feature], top_rows[:, feature]):
+            if not value > 0:
+                break
+            rank += 1
+            at = place[row]
+            lo = max(first[at], at - CONTEXT_BEFORE)
+            hi = min(end[at], at + CONTEXT_AFTER + 1)
+            rows.append({
+                "basis": basis, "feature_id": feature, "step": step, "rank": rank,
+                "value": float(value), "sequence_id": int(sequence[row]),
+                "position": int(position[row]), "split": str(splits[row]),
+                "context_token_ids": token_ids[order[lo:hi]].astype(int).tolist(),
+                "context_start": int(position[order[lo]]),
+            })
+    return rows
+
+
+def sweep_tables(basis: str, sweeps: list[CheckpointSweep]) -> dict[str, list[dict]]:
+    """The small tables from every checkpoint's pass, with drift across checkpoints."""
+    def unit(v: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        return np.where(norms > 0, v / np.where(norms > 0, norms, 1), np.nan)
+
+    final = unit(sweeps[-1].directions)
+    trajectories, directions, splits, examples, summaries = [], [], [], [], []
+    previous = None
+    for sweep in sweeps:
+        current = unit(sweep.directions)
+        to_final = (current * final).sum(axis=1)
+        to_previous = (current * previous).sum(axis=1) if previous is not None else None
+        t = sweep.trajectory
+        norms = np.linalg.norm(sweep.directions, axis=1)
+        for i in range(len(current)):
+            trajectories.append({
+                "basis": basis, "feature_id": i, "step": sweep.step, "n_tokens": sweep.n_tokens,
+                "activation_rate": float(t["activation_rate"][i]),
+                "mean_activation": float(t["mean_activation"][i]),
+                "mean_active_activation": _finite(t["mean_active_activation"][i]),
+                "max_activation": float(t["max_activation"][i]),
+                "energy": float(t["energy"][i]),
+                "split_activation_rates": {s: float(r[i]) for s, r in sweep.split_rates.items()},
+                "direction_cosine_previous": None if to_previous is None else
+                _finite(to_previous[i]),
+                "direction_cosine_final": _finite(to_final[i]),
+                "decoder_norm": _finite(t["decoder_norm"][i]),
+            })
+            directions.append({"basis": basis, "feature_id": i, "step": sweep.step,
+                               "norm": float(norms[i]),
+                               "direction": sweep.directions[i].astype(np.float32).tolist()})
+            for s in sweep.split_rates:
+                splits.append({"basis": basis, "feature_id": i, "step": sweep.step, "split": s,
+                               "n_tokens": sweep.split_tokens[s],
+                               "activation_rate": float(sweep.split_rates[s][i]),
+                               "mean_activation": float(sweep.split_means[s][i])})
+        examples += sweep.examples
+        summaries.append(sweep.summary)
+        previous = current
+    return {"trajectories": trajectories, "feature_directions": directions,
+            "split_profiles": splits, "feature_examples": examples,
+            "checkpoint_summary": summaries}
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None

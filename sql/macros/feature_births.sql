@@ -1,0 +1,106 @@
+-- feature_births(basis_name, metric_name, threshold, persistence, stable_eps, stable_cos
+--                [, permutations := [[...], ...]]): when each feature of a shared basis is born,
+-- stabilises and dies, read off one column of its trajectories: metric_name is activation_rate,
+-- mean_activation, energy or decoder_norm (NULL on pooled bases: check before asking for it).
+-- Checkpoints are taken in step order j = 0..n-1 (their spacing does not matter), with m_j the
+-- metric and T = threshold, K = persistence:
+--   present_at_init     m_0 >= T. Such a feature is not a birth (birth_step NULL).
+--   birth_step          the first j with m >= T at j..j+K-1 (K checkpoints, all existing).
+--   stabilization_step  the first j at or after birth (after 0 for present_at_init) from which,
+--                       at every later checkpoint, |m - m_final| <= stable_eps * |m_final| and
+--                       direction_cosine_final >= stable_cos. A NULL cosine (direction undefined:
+--                       the feature is silent) fails, except at the final checkpoint, whose cosine
+--                       with itself is 1 by definition; so a born feature stabilises at the last
+--                       checkpoint at the latest. NULL if never born and not present at init.
+--   death_step          the first j after birth (after 0 for present_at_init) with m < T at
+--                       j..j+K-1 (all existing). NULL if it never dies (or was never born).
+--   drift               sum over the trajectory of (1 - direction_cosine_previous), NULL cosines
+--                       skipped (NULL if no consecutive pair has one): how far the direction
+--                       wandered, step by step.
+-- One row per (ordering, feature_id). Ordering 0 is the real checkpoint order. `permutations`
+-- adds a null control: each element is a permutation of 0..n-1, and ordering k (1-based) places
+-- at checkpoint j the metric value measured at checkpoint permutations[k][j + 1] (the cosines
+-- stay where they were measured). The rule is the same for every ordering, so births in the
+-- permuted orders are the births the rule finds when the checkpoint order carries no signal.
+CREATE OR REPLACE MACRO feature_births(basis_name, metric_name, threshold, persistence,
+                                       stable_eps, stable_cos, permutations := []) AS TABLE
+WITH series AS (
+    SELECT
+        feature_id,
+        step,
+        (dense_rank() OVER (ORDER BY step) - 1)::INTEGER AS position,
+        CASE metric_name
+            WHEN 'activation_rate' THEN activation_rate
+            WHEN 'mean_activation' THEN mean_activation
+            WHEN 'energy' THEN energy
+            WHEN 'decoder_norm' THEN decoder_norm
+            ELSE error('feature_births: unknown metric ''' || metric_name || '''; use '
+                       || 'activation_rate, mean_activation, energy or decoder_norm')
+        END AS value,
+        direction_cosine_previous,
+        direction_cosine_final
+    FROM trajectories
+    WHERE basis = basis_name
+),
+orderings AS (
+    SELECT DISTINCT 0 AS ordering, position, position AS source FROM series
+    UNION ALL
+    SELECT k, (generate_subscripts(perm, 1) - 1)::INTEGER, unnest(perm)
+    FROM (SELECT generate_subscripts(CAST(permutations AS INTEGER[][]), 1) AS k,
+                 unnest(CAST(permutations AS INTEGER[][])) AS perm)
+),
+placed AS (
+    SELECT o.ordering, here.feature_id, here.position, here.step, measured.value,
+           here.direction_cosine_previous, here.direction_cosine_final
+    FROM series AS here
+    JOIN orderings AS o ON o.position = here.position
+    JOIN series AS measured
+        ON measured.feature_id = here.feature_id AND measured.position = o.source
+),
+framed AS (
+    SELECT *,
+        -- K checkpoints j..j+K-1 on one side of T: the frame holds fewer rows near the end, so
+        -- a count of K also says that all K exist
+        count_if(value >= threshold) OVER next_k = persistence AS born_here,
+        count_if(value < threshold) OVER next_k = persistence AS dies_here,
+        last_value(value) OVER rest AS final_value,
+        position = count(*) OVER feature - 1 AS is_final
+    FROM placed
+    WINDOW feature AS (PARTITION BY ordering, feature_id),
+           next_k AS (PARTITION BY ordering, feature_id ORDER BY position
+                      ROWS BETWEEN CURRENT ROW AND persistence - 1 FOLLOWING),
+           rest AS (PARTITION BY ordering, feature_id ORDER BY position
+                    ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)
+),
+anchored AS (
+    SELECT *,
+        -- stable here and at every later checkpoint; the final checkpoint's cosine is 1
+        bool_and(abs(value - final_value) <= stable_eps * abs(final_value)
+                 AND (is_final OR coalesce(direction_cosine_final >= stable_cos, false)))
+            OVER rest AS stable_from_here,
+        bool_or(position = 0 AND value >= threshold) OVER feature AS present_at_init,
+        min(position) FILTER (WHERE born_here) OVER feature AS first_born_here
+    FROM framed
+    WINDOW feature AS (PARTITION BY ordering, feature_id),
+           rest AS (PARTITION BY ordering, feature_id ORDER BY position
+                    ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)
+),
+-- where stabilisation and death are looked for from: the birth, or the start for features
+-- present at init
+dated AS (
+    SELECT *,
+        CASE WHEN present_at_init THEN 0 ELSE first_born_here END AS anchor
+    FROM anchored
+)
+SELECT
+    ordering,
+    feature_id,
+    any_value(present_at_init) AS present_at_init,
+    min(step) FILTER (WHERE NOT present_at_init AND position = anchor) AS birth_step,
+    min(step) FILTER (WHERE position >= anchor AND stable_from_here) AS stabilization_step,
+    min(step) FILTER (WHERE position > anchor AND dies_here) AS death_step,
+    -- summed in checkpoint order, so the result does not depend on how the rows were split
+    -- between threads
+    sum(1 - direction_cosine_previous ORDER BY position) AS drift
+FROM dated
+GROUP BY ordering, feature_id;

@@ -1,0 +1,29 @@
+-- births: when each feature of a shared basis is born, stabilises and dies (feature-birth-analyze).
+CREATE TABLE births (
+    basis VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    metric VARCHAR NOT NULL,
+    threshold DOUBLE NOT NULL,
+    persistence INTEGER NOT NULL,
+    stable_eps DOUBLE NOT NULL,
+    stable_cos DOUBLE NOT NULL,
+    birth_step BIGINT,
+    stabilization_step BIGINT,
+    death_step BIGINT,
+    drift DOUBLE,
+    present_at_init BOOLEAN NOT NULL,
+    PRIMARY KEY (basis, metric, threshold, persistence, stable_eps, stable_cos, feature_id)
+);
+COMMENT ON TABLE births IS 'One row per (shared basis, feature, birth-rule parameters): the checkpoints at which the feature is born, stabilises and dies under the rule of sql/macros/feature_births.sql, applied to the checkpoints in step order.';
+COMMENT ON COLUMN births.basis IS 'The shared basis (bases.name).';
+COMMENT ON COLUMN births.feature_id IS 'Feature index in the basis (trajectories.feature_id).';
+COMMENT ON COLUMN births.metric IS 'Trajectory column the rule reads: activation_rate, mean_activation, energy or decoder_norm.';
+COMMENT ON COLUMN births.threshold IS 'T: the metric counts as present at a checkpoint when it is >= T.';
+COMMENT ON COLUMN births.persistence IS 'K: a birth (death) needs the metric >= T (< T) at K consecutive checkpoints, the first one included.';
+COMMENT ON COLUMN births.stable_eps IS 'E: stable means |metric - final metric| <= E * |final metric| at every later checkpoint.';
+COMMENT ON COLUMN births.stable_cos IS 'C: stable also means direction_cosine_final >= C at every later checkpoint (NULL fails but at the final checkpoint).';
+COMMENT ON COLUMN births.birth_step IS 'First checkpoint from which the metric is >= T for K checkpoints; NULL if never, or if present at init.';
+COMMENT ON COLUMN births.stabilization_step IS 'First checkpoint at or after birth (or the first checkpoint, if present at init) from which the feature stays stable; the last checkpoint if it only is there; NULL if never born nor present at init.';
+COMMENT ON COLUMN births.death_step IS 'First checkpoint after birth (or after the first, if present at init) from which the metric is < T for K checkpoints; NULL if it never dies.';
+COMMENT ON COLUMN births.drift IS 'Sum over the trajectory of 1 - direction_cosine_previous (NULL cosines skipped; NULL if none): how far the direction moved in total.';
+COMMENT ON COLUMN births.present_at_init IS 'The metric is >= T at the first checkpoint: present from the start, so not a birth.';
