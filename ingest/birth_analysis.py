@@ -139,8 +139,14 @@ ORDER BY feature_id
 # order and in each permutation. Every (window, ordering) pair is counted, zeros included, so the
 # null's mean and spread are over all permutations. No birth can fall on the first checkpoint (a
 # feature present there is present_at_init), so the windows cover every birth.
+# The null counts births only among the features that could be born in the real order (those not
+# present at the first checkpoint): a shuffle moves some other checkpoint first, which would turn
+# features present from the start into spurious "births" and inflate the null.
 _SUMMARY_SQL = """
-WITH windows AS (
+WITH candidates AS (
+    SELECT feature_id FROM all_births WHERE ordering = 0 AND NOT present_at_init
+),
+windows AS (
     SELECT * FROM (
         SELECT lag(step) OVER (ORDER BY step) AS window_start, step AS window_end
         FROM (SELECT DISTINCT step FROM trajectories WHERE basis = $basis)
@@ -152,6 +158,7 @@ counts AS (
     FROM windows AS w
     CROSS JOIN (SELECT DISTINCT ordering FROM all_births) AS o
     LEFT JOIN all_births AS b ON b.ordering = o.ordering AND b.birth_step = w.window_end
+        AND (b.ordering = 0 OR b.feature_id IN (SELECT feature_id FROM candidates))
     GROUP BY ALL
 ),
 per_window AS (
@@ -168,7 +175,8 @@ totals AS (
     SELECT count(*) FILTER (WHERE ordering = 0)::INTEGER AS n_features,
            count_if(present_at_init AND ordering = 0)::INTEGER AS n_present_at_init,
            count(birth_step) FILTER (WHERE ordering = 0) AS real_births,
-           count(birth_step) FILTER (WHERE ordering > 0) / $permutations AS null_births
+           count(birth_step) FILTER (WHERE ordering > 0 AND feature_id IN (
+               SELECT feature_id FROM candidates)) / $permutations AS null_births
     FROM all_births
 )
 SELECT $basis AS basis, $metric AS metric, $threshold AS threshold,
