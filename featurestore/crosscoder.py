@@ -56,7 +56,7 @@ class CrossCoderConfig:
     n_shared: int = 0  # designated shared latents (ids 0 .. n_shared-1), one decoder for all
     shared_penalty: float = 0.15  # their sparsity penalty relative to the other latents
     threshold_momentum: float = 0.99  # batchtopk: EMA of the smallest kept score
-    decoder_init_norm: float = 1.0  # in normalised units, where a token's norm is about sqrt(d_model)
+    decoder_init_norm: float = 1.0  # normalised units, where a token's norm is about sqrt(d_model)
     # Start every source's decoder vector of a latent in the same random direction: checkpoints of
     # one run, or a base model and its fine-tune, share a residual basis, and independent starts
     # leave the shared latents' decoders far apart long after the reconstruction has converged.

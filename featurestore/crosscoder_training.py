@@ -222,10 +222,11 @@ def calibrate_threshold(model: CrossCoder, data: AlignedActivations, config: Tra
     they agree without communicating.
     """
     smallest = []
+    norm_sums = model.decoder_norms().sum(dim=1)
     for step in range(batches):
         x = data.batch(data.indices_for_step(config.steps + step, config.batch_size))
         acts = torch.relu(model.pre_activations(x))
-        scores = (acts * model.decoder_norms().sum(dim=1)).flatten()
+        scores = (acts * norm_sums).flatten()
         kept = scores.topk(min(model.config.k * len(x), scores.numel()), sorted=False).values
         if (kept > 0).any():
             smallest.append(kept[kept > 0].min())

@@ -121,6 +121,13 @@ def get_activation_set_row(con: duckdb.DuckDBPyConnection, name: str) -> dict:
     return rows[0]
 
 
+def get_stage_activation_sets(con: duckdb.DuckDBPyConnection, run: str,
+                              stage: str) -> dict[int, dict]:
+    """Step -> activation_sets row of every set collected for `run` at `stage`."""
+    rows = _records(con, "SELECT * FROM activation_sets WHERE run = ? AND stage = ?", [run, stage])
+    return {row["step"]: row for row in rows}
+
+
 def open_activation_set(warehouse: Warehouse, row: dict) -> ActivationSet:
     return ActivationSet(warehouse.path(row["path"]), row["format"], row["norm_scale"],
                          row["name"])

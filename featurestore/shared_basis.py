@@ -45,6 +45,17 @@ class SharedBasis:
         return self.model.config.d_hidden
 
     @torch.no_grad()
+    def encode_all(self, rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """encode() for every checkpoint at once, from every checkpoint's normalised rows of the
+        same tokens; the crosscoder kind's joint code is computed once, not once per checkpoint."""
+        if self.kind == "pooled":
+            return [self.encode([x], c) for c, x in enumerate(rows)]
+        latents = self.model.encode(torch.stack(rows, dim=1), normalized=True)
+        reconstruction = self.model.decode(latents, normalized=True)
+        norms = self.model.decoder_norms()
+        return [(latents * norms[:, c], reconstruction[:, c]) for c in range(len(rows))]
+
+    @torch.no_grad()
     def encode(self, rows: list[torch.Tensor], c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature values [n, h], reconstruction [n, d]) of checkpoint c.
 
@@ -65,9 +76,33 @@ class SharedBasis:
         return decoder[:, 0 if self.kind == "pooled" else c].double().numpy()
 
 
-def explained_variance(x: np.ndarray, x_hat: np.ndarray) -> float:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, as the crosscoder metrics define it."""
-    return float(1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum())
+@dataclass
+class ReconstructionSums:
+    """Running sums over batches of one checkpoint's tokens, for the reconstruction metrics the
+    crosscoder metrics define (explained variance about the mean, relative error), streamed."""
+
+    n: int = 0
+    residual: float = 0.0  # sum ||x - x_hat||^2
+    squares: float = 0.0  # sum ||x||^2
+    total: np.ndarray | None = None  # sum x
+    relative_error: float = 0.0  # sum ||x - x_hat|| / ||x||
+
+    def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
+        self.n += len(x)
+        self.residual += float(((x - x_hat) ** 2).sum())
+        self.squares += float((x ** 2).sum())
+        self.total = x.sum(axis=0) if self.total is None else self.total + x.sum(axis=0)
+        self.relative_error += float((np.linalg.norm(x - x_hat, axis=1)
+                                      / np.maximum(np.linalg.norm(x, axis=1), 1e-12)).sum())
+
+    @property
+    def explained_variance(self) -> float:
+        centred = self.squares - float((self.total ** 2).sum()) / self.n
+        return 1 - self.residual / centred
+
+    @property
+    def mean_relative_error(self) -> float:
+        return self.relative_error / self.n
 
 
 def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:

@@ -158,7 +158,11 @@ def shared_feature_fit(
                 "change the dictionary (--dict-size, --k), or relax the bound if you accept it.")
         stability = seed_stability(models) if seeds > 1 else None
 
-        from featurestore.ingest.train_crosscoder import direction_rows, feature_rows
+        from featurestore.ingest.train_crosscoder import (
+            direction_rows,
+            feature_rows,
+            training_metric_rows,
+        )
 
         relative = f"bases/{name}"
         model.save(writer.stage_dir(relative))
@@ -178,11 +182,8 @@ def shared_feature_fit(
         writer.put("features", feature_rows(name, model, stats), replace_where={"basis": name})
         writer.put("decoder_directions", direction_rows(name, model),
                    replace_where={"basis": name})
-        writer.put("training_metrics", [
-            {"basis": name, "step": row["step"], "tokens": row["tokens"], "metric": key,
-             "value": value}
-            for row in result.metrics for key, value in row.items() if key not in ("step", "tokens")
-        ], replace_where={"basis": name})
+        writer.put("training_metrics", training_metric_rows(name, result.metrics),
+                   replace_where={"basis": name})
         # A basis of this name may have been swept before: its analyses described other weights.
         for table in ("trajectories", "feature_directions", "feature_examples",
                       "checkpoint_summary", "split_profiles", "feature_activations"):
@@ -196,7 +197,12 @@ def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]
     """(Source, activation_sets row) per checkpoint, in step order, after every check the
     issue names: one run, no duplicates, at least three, the stage collected at each."""
     from featurestore.aligned import Source
-    from featurestore.registry import get_checkpoints, open_activation_set, parse_steps
+    from featurestore.registry import (
+        get_checkpoints,
+        get_stage_activation_sets,
+        open_activation_set,
+        parse_steps,
+    )
 
     steps = []
     for part in spec.split(",") if spec.strip().lower() != "all" else []:
@@ -212,9 +218,7 @@ def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]
         raise FeaturestoreError(
             f"--checkpoints: a shared basis needs at least {MIN_CHECKPOINTS} checkpoints, got "
             f"{len(checkpoints)} ({', '.join(str(c.step) for c in checkpoints)})")
-    cursor = con.execute("SELECT * FROM activation_sets WHERE run = ? AND stage = ?", [run, stage])
-    names = [d[0] for d in cursor.description]
-    rows = {r["step"]: r for r in (dict(zip(names, values)) for values in cursor.fetchall())}
+    rows = get_stage_activation_sets(con, run, stage)
     missing = [c.step for c in checkpoints if c.step not in rows]
     if missing:
         if not rows:
@@ -237,35 +241,31 @@ def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]
 def fit_report(basis, sources) -> tuple[dict, dict]:
     """Explained variance per checkpoint, L0, active and dead fraction, on up to
     EVAL_TOKENS_PER_CHECKPOINT tokens of each checkpoint; plus the feature statistics (frequency,
-    mean and max activation over all of them) for the `features` table."""
+    mean and max activation over all of them) for the `features` table. One pass: each batch of
+    tokens is read once from every checkpoint and encoded for all of them together."""
     import torch
+
+    from featurestore.shared_basis import ReconstructionSums
 
     h = basis.d_hidden
     n = min(len(sources[0].activations), EVAL_TOKENS_PER_CHECKPOINT)
-    count, total, peak, seen, active = np.zeros(h), np.zeros(h), np.zeros(h), 0, 0.0
-    explained = {}
-    for c, checkpoint in enumerate(basis.checkpoints):
-        x_all, x_hat_all = [], []
-        for start in range(0, n, EVAL_BATCH):
-            index = np.arange(start, min(start + EVAL_BATCH, n))
-            wanted = range(len(sources)) if basis.kind == "crosscoder" else [c]
-            rows = [torch.from_numpy(sources[s].activations.rows(index, normalized=True))
-                    for s in wanted]
-            values, x_hat = basis.encode(rows, c)
+    count, total, peak = np.zeros(h), np.zeros(h), np.zeros(h)
+    sums = [ReconstructionSums() for _ in basis.checkpoints]
+    for start in range(0, n, EVAL_BATCH):
+        index = np.arange(start, min(start + EVAL_BATCH, n))
+        rows = [torch.from_numpy(source.activations.rows(index, normalized=True))
+                for source in sources]
+        for c, (values, x_hat) in enumerate(basis.encode_all(rows)):
             f = values.double().numpy()
             count += (f > 0).sum(axis=0)
             total += f.sum(axis=0)
             peak = np.maximum(peak, f.max(axis=0))
-            active += (f > 0).sum()
-            seen += len(index)
-            x_all.append(rows[c if basis.kind == "crosscoder" else 0].double().numpy())
-            x_hat_all.append(x_hat.double().numpy())
-        from featurestore.shared_basis import explained_variance
-
-        explained[str(checkpoint.step)] = explained_variance(np.concatenate(x_all),
-                                                             np.concatenate(x_hat_all))
-    l0 = active / seen
-    report = {"explained_variance": explained, "l0": float(l0), "active_fraction": float(l0 / h),
+            sums[c].add(rows[c].double().numpy(), x_hat.double().numpy())
+    seen = n * len(sources)
+    l0 = count.sum() / seen
+    report = {"explained_variance": {str(checkpoint.step): s.explained_variance
+                                     for checkpoint, s in zip(basis.checkpoints, sums)},
+              "l0": float(l0), "active_fraction": float(l0 / h),
               "dead_fraction": float((count == 0).mean()), "eval_tokens_per_checkpoint": n}
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)

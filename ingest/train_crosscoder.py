@@ -185,11 +185,8 @@ def train_crosscoder_job(
                    replace_where={"basis": name})
         writer.put("decoder_directions", direction_rows(name, model),
                    replace_where={"basis": name})
-        writer.put("training_metrics", [
-            {"basis": name, "step": row["step"], "tokens": row["tokens"], "metric": key,
-             "value": value}
-            for row in result.metrics for key, value in row.items() if key not in ("step", "tokens")
-        ], replace_where={"basis": name})
+        writer.put("training_metrics", training_metric_rows(name, result.metrics),
+                   replace_where={"basis": name})
     shutil.rmtree(state_dir, ignore_errors=True)  # registered: the resume state is not needed
     return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
                                result.final, time.perf_counter() - started)
@@ -241,6 +238,13 @@ def feature_rows(name, model, stats, scaling=None) -> list[dict]:
             "nu_recon": scaled[i]["nu_recon"], "nu_error": scaled[i]["nu_error"],
         })
     return rows
+
+
+def training_metric_rows(name: str, metrics: list[dict]) -> list[dict]:
+    """`training_metrics` rows (one per logged step and metric) from the trainer's log."""
+    return [{"basis": name, "step": row["step"], "tokens": row["tokens"], "metric": key,
+             "value": value}
+            for row in metrics for key, value in row.items() if key not in ("step", "tokens")]
 
 
 def direction_rows(name, model) -> list[dict]:

@@ -128,7 +128,7 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
     import pyarrow as pa
     import torch
 
-    from featurestore.shared_basis import load_shared_basis
+    from featurestore.shared_basis import ReconstructionSums, load_shared_basis
     from featurestore.warehouse import spec, write_partition_file
 
     wh = Warehouse(root)
@@ -150,8 +150,7 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
     split_count = {s: np.zeros(h) for s in split_names}
     split_total = {s: np.zeros(h) for s in split_names}
     gram, cross = np.zeros((h + 1, h + 1)), np.zeros((h + 1, d))
-    residual = 0.0
-    sum_sq, x_sum, relative_error = 0.0, np.zeros(d), 0.0
+    reconstruction = ReconstructionSums()
     top_values = np.full((EXAMPLES, h), -np.inf)
     top_rows = np.zeros((EXAMPLES, h), dtype=np.int64)
     sparse_parts = []
@@ -175,11 +174,7 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
         augmented = np.hstack([f, np.ones((len(index), 1))])
         gram += augmented.T @ augmented
         cross += augmented.T @ x
-        residual += ((x - x_hat) ** 2).sum()
-        sum_sq += (x ** 2).sum()
-        x_sum += x.sum(axis=0)
-        relative_error += (np.linalg.norm(x - x_hat, axis=1)
-                           / np.maximum(np.linalg.norm(x, axis=1), 1e-12)).sum()
+        reconstruction.add(x, x_hat)
         # Keep the EXAMPLES largest values per feature seen so far.
         merged_values = np.vstack([top_values, f])
         merged_rows = np.vstack([top_rows, np.broadcast_to(index[:, None], f.shape)])
@@ -205,7 +200,6 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
 
     solution = np.linalg.solve(gram + RIDGE * np.eye(h + 1), cross)
     directions = np.where((count > 0)[:, None], solution[:h], 0.0)
-    centred_total = sum_sq - (x_sum ** 2).sum() / n
     with np.errstate(invalid="ignore", divide="ignore"):
         trajectory = {
             "activation_rate": count / n, "mean_activation": total / n,
@@ -221,8 +215,8 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
         split_tokens=split_tokens, directions=directions,
         examples=example_rows(basis_name, step, top_values, top_rows, tokens, splits),
         summary={"basis": basis_name, "step": step, "n_tokens": n,
-                 "explained_variance": 1 - residual / centred_total,
-                 "relative_reconstruction_error": relative_error / n,
+                 "explained_variance": reconstruction.explained_variance,
+                 "relative_reconstruction_error": reconstruction.mean_relative_error,
                  "l0": float(count.sum() / n), "active_fraction": float(count.sum() / n / h),
                  "dead_fraction": float((count == 0).mean())},
         activations_file=activations_file, activation_rows=len(token_rows),
