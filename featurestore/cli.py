@@ -433,7 +433,7 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
 @click.option("--threshold", type=float,
               help="T: present when metric >= T [default: activation_rate 0.01, energy "
                    "0.1/features, else 10% of the metric's 99th percentile].")
-@click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--persistence", type=click.IntRange(min=1), default=3, show_default=True,
               help="K: checkpoints in a row the metric must stay >= T (< T for a death).")
 @click.option("--stable-eps", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="E: stable when within E x |final value| of the final value from then on.")

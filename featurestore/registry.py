@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from featurestore.activations import ActivationSet
-from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.errors import FeaturestoreError, InvalidActivationsError, NotFoundError
 from featurestore.warehouse import Warehouse
 
 
@@ -129,8 +129,18 @@ def get_stage_activation_sets(con: duckdb.DuckDBPyConnection, run: str,
 
 
 def open_activation_set(warehouse: Warehouse, row: dict) -> ActivationSet:
-    return ActivationSet(warehouse.path(row["path"]), row["format"], row["norm_scale"],
-                         row["name"])
+    """Open a registered set, refusing files whose shape changed since they were registered
+    (registered sets stay where they were written, outside the warehouse's control)."""
+    path = warehouse.path(row["path"])
+    acts = ActivationSet(path, row["format"], row["norm_scale"], row["name"])
+    if (acts.d_model, len(acts)) != (row["d_model"], row["n_tokens"]):
+        raise InvalidActivationsError(
+            f"activation set {row['name']!r} at {path} now has {len(acts)} tokens of d_model "
+            f"{acts.d_model}, but was registered with {row['n_tokens']} of d_model "
+            f"{row['d_model']}: the files changed after registration. Register them again "
+            "(featurestore register-activations) or restore the original files."
+        )
+    return acts
 
 
 def activation_set_name(run: str, step: int, stage: str) -> str:

@@ -70,7 +70,7 @@ class BirthAnalysisResult:
 
 
 def analyze_births(basis: str, metric: str = "activation_rate", threshold: float | None = None,
-                   persistence: int = 2, stable_eps: float = DEFAULT_STABLE_EPS,
+                   persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
                    stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
                    warehouse: str | None = None) -> BirthAnalysisResult:
     """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order
