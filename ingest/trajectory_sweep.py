@@ -127,6 +127,7 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
     """One pass over checkpoint c's tokens (runs in a worker process with --workers)."""
     import pyarrow as pa
     import torch
+    from scipy import sparse
 
     from featurestore.shared_basis import ReconstructionSums, load_shared_basis
     from featurestore.warehouse import spec, write_partition_file
@@ -146,58 +147,56 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
     decoder_norms = np.linalg.norm(basis.decoder_directions(c), axis=1)
     weight = decoder_norms if basis.kind == "pooled" else np.ones(h)
 
-    count, total, peak, energy = np.zeros(h), np.zeros(h), np.zeros(h), np.zeros(h)
-    split_count = {s: np.zeros(h) for s in split_names}
-    split_total = {s: np.zeros(h) for s in split_names}
+    # One pass over the tokens keeps only the sparse codes (row, feature, value), the sums the
+    # direction refit needs from the dense activations, and the reconstruction sums; every
+    # per-feature statistic is then read off the sparse codes at once.
     gram, cross = np.zeros((h + 1, h + 1)), np.zeros((h + 1, d))
     reconstruction = ReconstructionSums()
-    top_values = np.full((EXAMPLES, h), -np.inf)
-    top_rows = np.zeros((EXAMPLES, h), dtype=np.int64)
-    sparse_parts = []
+    parts = []
+    wanted = range(len(sets)) if basis.kind == "crosscoder" else [c]
     for start in range(0, n, SWEEP_BATCH):
         index = np.arange(start, min(start + SWEEP_BATCH, n))
-        wanted = range(len(sets)) if basis.kind == "crosscoder" else [c]
         rows = [torch.from_numpy(sets[s].rows(index, normalized=True)) for s in wanted]
-        values_t, x_hat_t = basis.encode(rows, c)
-        f = values_t.double().numpy()
+        values, x_hat = basis.encode(rows, c)
         x = rows[c if basis.kind == "crosscoder" else 0].double().numpy()
-        x_hat = x_hat_t.double().numpy()
-        active = f > 0
-        count += active.sum(axis=0)
-        total += f.sum(axis=0)
-        peak = np.maximum(peak, f.max(axis=0))
-        energy += ((f * weight) ** 2).sum(axis=0)
-        for s in split_names:
-            mask = splits[index] == s
-            split_count[s] += active[mask].sum(axis=0)
-            split_total[s] += f[mask].sum(axis=0)
-        augmented = np.hstack([f, np.ones((len(index), 1))])
-        gram += augmented.T @ augmented
-        cross += augmented.T @ x
-        reconstruction.add(x, x_hat)
-        # Keep the EXAMPLES largest values per feature seen so far.
-        merged_values = np.vstack([top_values, f])
-        merged_rows = np.vstack([top_rows, np.broadcast_to(index[:, None], f.shape)])
-        best = np.argsort(-merged_values, axis=0, kind="stable")[:EXAMPLES]
-        top_values = np.take_along_axis(merged_values, best, axis=0)
-        top_rows = np.take_along_axis(merged_rows, best, axis=0)
-        token, feature = np.nonzero(active)
-        sparse_parts.append((index[token], feature, f[token, feature]))
+        reconstruction.add(x, x_hat.double().numpy())
+        token, feature = (t.numpy() for t in torch.nonzero(values > 0, as_tuple=True))
+        value = values[token, feature].double().numpy()
+        codes = sparse.csr_matrix((value, (token, feature)), shape=(len(index), h))
+        cross[:h] += codes.T @ x
+        cross[h] += x.sum(axis=0)
+        parts.append((index[token], feature, value))
+    token_row = np.concatenate([p[0] for p in parts])
+    feature = np.concatenate([p[1] for p in parts])
+    value = np.concatenate([p[2] for p in parts])
 
     written = time.perf_counter()
-    token_rows = np.concatenate([p[0] for p in sparse_parts])
     activations = pa.table({
-        "basis": pa.array([basis_name] * len(token_rows), pa.string()),
-        "step": pa.array(np.full(len(token_rows), step, dtype=np.int64)),
-        "feature_id": np.concatenate([p[1] for p in sparse_parts]).astype(np.int32),
-        "sequence_id": np.asarray(tokens.sequence_id)[token_rows].astype(np.int64),
-        "position": np.asarray(tokens.position)[token_rows].astype(np.int32),
-        "value": np.concatenate([p[2] for p in sparse_parts]).astype(np.float32),
+        "basis": pa.array([basis_name] * len(token_row), pa.string()),
+        "step": pa.array(np.full(len(token_row), step, dtype=np.int64)),
+        "feature_id": feature.astype(np.int32),
+        "sequence_id": np.asarray(tokens.sequence_id)[token_row].astype(np.int64),
+        "position": np.asarray(tokens.position)[token_row].astype(np.int32),
+        "value": value.astype(np.float32),
     })
     write_partition_file(spec("feature_activations"), {"basis": basis_name, "step": step},
                          activations, activations_file)
     write_seconds = time.perf_counter() - written
 
+    count = np.bincount(feature, minlength=h).astype(np.float64)
+    total = np.bincount(feature, weights=value, minlength=h)
+    energy = np.bincount(feature, weights=(value * weight[feature]) ** 2, minlength=h)
+    split_of_row = splits[token_row]
+    split_count = {s: np.bincount(feature[split_of_row == s], minlength=h) for s in split_names}
+    split_total = {s: np.bincount(feature[split_of_row == s], weights=value[split_of_row == s],
+                                  minlength=h) for s in split_names}
+    top_values, top_rows = top_examples(token_row, feature, value, h)
+    peak = np.maximum(top_values[0], 0)  # the largest value of each feature; 0 if it never fired
+
+    codes = sparse.csr_matrix((value, (token_row, feature)), shape=(n, h))
+    gram[:h, :h] = (codes.T @ codes).toarray()
+    gram[:h, h] = gram[h, :h] = total
+    gram[h, h] = n
     solution = np.linalg.solve(gram + RIDGE * np.eye(h + 1), cross)
     directions = np.where((count > 0)[:, None], solution[:h], 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -219,8 +218,23 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
                  "relative_reconstruction_error": reconstruction.mean_relative_error,
                  "l0": float(count.sum() / n), "active_fraction": float(count.sum() / n / h),
                  "dead_fraction": float((count == 0).mean())},
-        activations_file=activations_file, activation_rows=len(token_rows),
+        activations_file=activations_file, activation_rows=len(token_row),
         write_seconds=write_seconds)
+
+
+def top_examples(row: np.ndarray, feature: np.ndarray, value: np.ndarray, h: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """([EXAMPLES, h] values, [EXAMPLES, h] rows): each feature's largest activations, largest
+    first, ties to the earlier row; -inf where a feature fired fewer than EXAMPLES times."""
+    order = np.lexsort((row, -value, feature))
+    by_feature = feature[order]
+    rank = np.arange(len(order)) - np.searchsorted(by_feature, by_feature, side="left")
+    kept = order[rank < EXAMPLES]
+    top_values = np.full((EXAMPLES, h), -np.inf)
+    top_rows = np.zeros((EXAMPLES, h), dtype=np.int64)
+    top_values[rank[rank < EXAMPLES], feature[kept]] = value[kept]
+    top_rows[rank[rank < EXAMPLES], feature[kept]] = row[kept]
+    return top_values, top_rows
 
 
 def example_rows(basis: str, step: int, top_values, top_rows, tokens, splits) -> list[dict]:

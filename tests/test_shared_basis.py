@@ -141,6 +141,31 @@ def test_feature_activations_hold_every_nonzero_value(swept):
     assert value == pytest.approx(f[:, feature].max(), rel=1e-3)
 
 
+def test_examples_and_refitted_directions_equal_numpy(swept):
+    root, _, _ = swept
+    step = collected_steps(root)[-1]
+    x, f, _ = numpy_codes(root, step)
+    examples = query(root, "SELECT feature_id, list(value ORDER BY rank) FROM feature_examples "
+                           "WHERE basis = 'tiny-l2' AND step = ? GROUP BY 1", [step])
+    refitted = dict(query(root, "SELECT feature_id, direction FROM feature_directions WHERE "
+                                "basis = 'tiny-l2' AND step = ?", [step]))
+    # Least squares x ~ f W + b over every token, by numpy.
+    design = np.hstack([f, np.ones((len(f), 1))])
+    solution = np.linalg.lstsq(design, x, rcond=None)[0]
+    checked = 0
+    for feature, values in examples:
+        fired = np.sort(f[:, feature][f[:, feature] > 0])[::-1]
+        if len(fired) < 20:  # rarely firing features sit near the threshold, where float32
+            continue         # and float64 encoders may disagree on a token or two
+        np.testing.assert_allclose(values, fired[:8], rtol=1e-3)
+        direction = np.array(refitted[feature])
+        cosine = direction @ solution[feature] / (np.linalg.norm(direction)
+                                                  * np.linalg.norm(solution[feature]))
+        assert cosine > 0.999, feature
+        checked += 1
+    assert checked >= 10
+
+
 def test_direction_cosines_follow_the_refitted_directions(swept):
     root, _, _ = swept
     rows = query(root, "SELECT t.step, t.direction_cosine_previous, t.direction_cosine_final, "
