@@ -1,6 +1,6 @@
 """Run the benchmarks and print what they measured.
 
-    python benchmarks/run.py              # every bench_*.py here: 1 to 3 minutes on 2 cores
+    python benchmarks/run.py              # every bench_*.py here: about 6 minutes on 2 cores
     python benchmarks/run.py --quick      # smaller inputs, fewer repeats: under a minute
     python benchmarks/run.py --only collect
     python benchmarks/run.py --threads 1  # torch threads (default 2)

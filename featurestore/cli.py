@@ -460,7 +460,7 @@ def feature_birth_analyze_command(ctx, basis, metric, threshold, persistence, st
     \b
     Examples:
       featurestore feature-birth-analyze --basis demo-l2
-      featurestore feature-birth-analyze --basis demo-l2 --metric energy --persistence 3 --json
+      featurestore feature-birth-analyze --basis demo-l2 --metric energy --persistence 2 --json
       featurestore sql "SELECT * FROM birth_summary WHERE basis = 'demo-l2'"
     """
     from featurestore.ingest.birth_analysis import analyze_births

@@ -23,11 +23,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurestore.errors import FeaturestoreError
 from featurestore.warehouse import Warehouse
+
+if TYPE_CHECKING:  # imported for annotations only: workers import torch when they start
+    from featurestore.activations import ActivationSet
+    from featurestore.shared_basis import SharedBasis
 
 SWEEP_BATCH = 4096
 EXAMPLES = 8  # top activating contexts kept per feature and checkpoint
@@ -80,7 +85,7 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
     with wh.writer(f"feature-trajectory-sweep {basis}") as writer:
         con = wh.connect()
         try:
-            shared, _ = load_shared_basis(wh, con, basis)
+            shared, sets = load_shared_basis(wh, con, basis)
         finally:
             con.close()
         available = [c.step for c in shared.checkpoints]
@@ -94,19 +99,27 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
                     f"{', '.join(map(str, unknown))}; its checkpoints are "
                     f"{', '.join(map(str, available))}")
         indices = [i for i, s in enumerate(available) if wanted is None or s in wanted]
-        jobs = [(str(wh.root), basis, c, wh.tmp_dir / f"sweep-{basis}-{available[c]}.parquet")
-                for c in indices]
+        files = {c: wh.tmp_dir / f"sweep-{basis}-{available[c]}.parquet" for c in indices}
         if workers == 1:
             from tqdm import tqdm
 
-            sweeps = [sweep_checkpoint(*job) for job in tqdm(
-                jobs, desc=f"sweep {basis}", unit="checkpoint", disable=None if progress else True)]
+            sweeps = [encode_checkpoint(shared, sets, c, files[c]) for c in tqdm(
+                indices, desc=f"sweep {basis}", unit="checkpoint",
+                disable=None if progress else True)]
         else:
             import multiprocessing
 
-            # spawn: a fresh interpreter per worker, no forked torch thread pools.
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                sweeps = pool.starmap(sweep_checkpoint, jobs)
+            import torch
+
+            from featurestore.settings import set_torch_threads
+
+            # spawn: a fresh interpreter per worker, no forked torch thread pools. The workers
+            # share this process's torch threads, so N of them do not oversubscribe the cores.
+            threads = max(1, torch.get_num_threads() // workers)
+            with multiprocessing.get_context("spawn").Pool(
+                    workers, initializer=set_torch_threads, initargs=(threads,)) as pool:
+                sweeps = pool.starmap(sweep_checkpoint, [(str(wh.root), basis, c, files[c])
+                                                         for c in indices])
 
         tables = sweep_tables(basis, sweeps)
         for table, rows in tables.items():
@@ -124,13 +137,8 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
 
 def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
                      ) -> CheckpointSweep:
-    """One pass over checkpoint c's tokens (runs in a worker process with --workers)."""
-    import pyarrow as pa
-    import torch
-    from scipy import sparse
-
-    from featurestore.shared_basis import ReconstructionSums, load_shared_basis
-    from featurestore.warehouse import spec, write_partition_file
+    """Checkpoint c of the basis, swept (runs in a worker process with --workers)."""
+    from featurestore.shared_basis import load_shared_basis
 
     wh = Warehouse(root)
     con = wh.connect()
@@ -138,6 +146,21 @@ def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
         basis, sets = load_shared_basis(wh, con, basis_name)
     finally:
         con.close()
+    return encode_checkpoint(basis, sets, c, activations_file)
+
+
+def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
+                      activations_file: Path) -> CheckpointSweep:
+    """One pass over checkpoint c's tokens: every statistic of the tables, and its
+    feature_activations partition written to `activations_file`."""
+    import pyarrow as pa
+    import torch
+    from scipy import sparse
+
+    from featurestore.shared_basis import ReconstructionSums
+    from featurestore.warehouse import spec, write_partition_file
+
+    basis_name = basis.name
     step = basis.checkpoints[c].step
     tokens = sets[c].token_columns()
     n, h, d = len(tokens), basis.d_hidden, sets[c].d_model

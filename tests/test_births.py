@@ -356,7 +356,7 @@ def test_bad_input_is_refused_and_writes_nothing(small_root, kwargs, error, mess
 def test_cli_json_and_text(hand_root):
     runner = CliRunner()
     base = ["--warehouse", str(hand_root), "feature-birth-analyze", "--basis", "hand",
-            "--threshold", "0.2", "--permutations", "4", "--seed", "1"]
+            "--threshold", "0.2", "--persistence", "2", "--permutations", "4", "--seed", "1"]
     result = runner.invoke(cli, [*base, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
