@@ -169,6 +169,29 @@ class StageReader:
             tracer.stop()
         return {stage: _tensor(saved[stage]) for stage in stages}
 
+    def run_with(self, tokens: torch.Tensor, stage: str,
+                 replacement: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the stage's value [batch, seq, width], logits) of a full forward pass, via nnsight.
+
+        With `replacement` (same shape), the stage's value is overwritten in place before the
+        rest of the model runs: a residual-stream stage read at a module's input is the very
+        tensor the block adds to, so the residual stream itself is patched. The returned value
+        is the one the model computed, before the replacement.
+        """
+        import torch
+
+        site = self.site(stage)
+        with torch.no_grad(), self.model.trace(tokens):
+            envoy = self._envoy(site.module)
+            port = envoy.input if site.port == "input" else envoy.output
+            hidden = port[0] if isinstance(port, tuple) else port
+            value = hidden.clone().save()
+            if replacement is not None:
+                hidden[:] = replacement
+            output = self.model.output
+            logits = (output.logits if hasattr(output, "logits") else output).save()
+        return value.detach(), logits.detach()
+
     def _envoy(self, dotted: str):
         envoy = self.model
         for part in dotted.split("."):
