@@ -3,7 +3,8 @@
 Trains the demo run, fine-tunes demo-ft from its last checkpoint, collects the two first-class
 stages for every checkpoint of both runs on one shared token set, trains a BatchTopK crosscoder
 on the base / fine-tuned pair at layer_2_post_mlp, fits a shared feature basis per stage on the
-demo run's checkpoints (sweep, births, first-vs-last compare), and summarises the warehouse.
+demo run's checkpoints (sweep, births, first-vs-last compare), patches the features of
+demo-l2 that changed most into the last checkpoint's model, and summarises the warehouse.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
 from featurestore.ingest.feature_compare import compare_features
+from featurestore.ingest.feature_patch import feature_patch
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
@@ -27,6 +29,7 @@ DIFF_STAGE = "layer_2_post_mlp"
 DIFF_STEPS = 1000
 SHARED_BASES = {"layer_2_post_mlp": "demo-l2", "final_norm": "demo-fn"}  # in the issue's order
 SHARED_FIT_STEPS = 800
+PATCH_BASIS, PATCH_FEATURES, PATCH_TOKENS = "demo-l2", 5, 1024
 
 SUMMARY_QUERIES = {
     "runs": "SELECT run, kind, parent_run, parent_step, n_checkpoints, last_step, "
@@ -51,7 +54,7 @@ SUMMARY_QUERIES = {
         "round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction FROM checkpoint_summary "
         "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) IN (1, 8) "
         "OR step = max(step) OVER (PARTITION BY basis) ORDER BY basis, step"),
-    "births (activation rate >= 0.01 for 2 checkpoints) against the shuffled-order null": (
+    "births (activation rate >= 0.01 for 3 checkpoints) against the shuffled-order null": (
         "SELECT basis, sum(births) AS births, any_value(n_present_at_init) AS present_at_init, "
         "round(any_value(birth_rate), 4) AS birth_rate, "
         "round(any_value(null_false_birth_rate), 4) AS null_false_birth_rate "
@@ -64,6 +67,11 @@ SUMMARY_QUERIES = {
         "FROM births b JOIN trajectories t USING (basis, feature_id) "
         "WHERE b.birth_step IS NOT NULL AND t.step = (SELECT max(step) FROM trajectories "
         "WHERE basis = b.basis) ORDER BY t.activation_rate DESC LIMIT 8"),
+    "patching demo-l2's most changed features into the last checkpoint (largest loss changes)": (
+        "SELECT feature_set, split, round(clean, 3) AS clean_loss, round(delta, 3) AS delta, "
+        "round(recon_rel_error, 3) AS recon_error, round(spliced_loss_delta, 3) AS spliced_delta "
+        "FROM patches WHERE basis = 'demo-l2' AND metric = 'loss' "
+        "ORDER BY abs(delta) DESC LIMIT 8"),
     "activation sets": "SELECT run, stage, count(*) AS sets, min(step) AS first_step, "
                        "max(step) AS last_step, any_value(n_tokens) AS tokens, "
                        "any_value(d_model) AS d_model, "
@@ -76,11 +84,11 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
              tokens: int = 32_768, warehouse: str | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> str:
     """Run the whole pipeline; returns the text summary."""
-    log(f"[1/6] training {BASE_RUN!r}")
+    log(f"[1/7] training {BASE_RUN!r}")
     trained = train_model(BASE_RUN, steps=steps, warehouse=warehouse, progress=progress)
     log(f"      {trained.steps} steps, {len(trained.checkpoint_steps)} checkpoints, "
         f"{trained.seconds:.1f}s")
-    log(f"[2/6] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
+    log(f"[2/7] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
     tuned = finetune(FINETUNED_RUN, f"{BASE_RUN}@LAST", steps=finetune_steps,
                      warehouse=warehouse, progress=progress)
     log(f"      {tuned.steps} steps, {tuned.seconds:.1f}s")
@@ -89,7 +97,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
         result = collect(run, list(STAGES), tokens=tokens, warehouse=warehouse,
                          progress=progress)
         log(f"      {len(result.sets)} sets, {result.tokens_per_second:,.0f} tokens/s")
-    log(f"[5/6] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
+    log(f"[5/7] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
         f"at {DIFF_STAGE}")
     diff = train_crosscoder_job(
         DIFF_BASIS,
@@ -99,7 +107,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
     log(f"      {diff.steps} steps, {diff.seconds:.1f}s, explained variance "
         f"{diff.final_metrics['explained_variance']:.3f}")
     for stage, name in SHARED_BASES.items():
-        log(f"[6/6] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
+        log(f"[6/7] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
         fit = shared_feature_fit(BASE_RUN, stage, name, steps=SHARED_FIT_STEPS,
                                  warehouse=warehouse, progress=progress)
         explained = fit.fit_quality["explained_variance"].values()
@@ -113,6 +121,14 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
             f"{births.present_at_init} present at init")
         compare_features(name, trained.checkpoint_steps[0], trained.checkpoint_steps[-1],
                          warehouse=warehouse)
+    first, last = trained.checkpoint_steps[0], trained.checkpoint_steps[-1]
+    log(f"[7/7] patching the {PATCH_FEATURES} features of {PATCH_BASIS!r} that changed most "
+        f"from step {first} to {last}")
+    patched = feature_patch(PATCH_BASIS, first, last, features=f"top:{PATCH_FEATURES}",
+                            tokens=PATCH_TOKENS, warehouse=warehouse, progress=progress)
+    log(f"      {patched.rows} rows, {patched.tokens_per_second:,.0f} tokens/s; site "
+        f"reconstruction error {min(patched.recon_rel_error.values()):.3f}-"
+        f"{max(patched.recon_rel_error.values()):.3f}")
     return summary(warehouse)
 
 
