@@ -605,6 +605,68 @@ def feature_patch_command(ctx, basis, source, target, features, rank_by, mode, s
                               _cell(r["patched"]), _cell(r["delta"])] for r in result.top]))
 
 
+@cli.command("feature-lineage")
+@click.option("--basis", required=True, help="Pooled shared basis of a demo-model run.")
+@click.option("--steps", default="all", show_default=True, metavar="all|STEP,...",
+              help="Checkpoints to map (LAST = the last).")
+@click.option("--features", metavar="ID,...|top:N",
+              help="Features to map, instead of the causal filter (top:N: highest energy).")
+@click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Edges kept per feature, method and source type.")
+@click.option("--min-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Drop edges with |weight| below this.")
+@click.option("--upstream", metavar="BASIS",
+              help="A basis of the same run at an earlier stage: feature -> feature edges.")
+@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens the model reads at each checkpoint.")
+@click.option("--patch-threshold", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Causal filter: |loss delta| a feature's own patch must reach.")
+@click.option("--top-features", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Causal filter without patch rows: this many features of highest energy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def feature_lineage_command(ctx, basis, steps, features, top_k, min_weight, upstream, tokens,
+                            patch_threshold, top_features, as_json, quiet):
+    """Map features of a shared basis to the heads, neurons and features that build them.
+
+    Per checkpoint, through nnsight: direct feature attribution (dfa) of every attention head,
+    MLP neuron and the embeddings, gradient x activation (grad_x_act) as a second line of
+    evidence, upstream features of --upstream (decoder cosine, activation correlation) and, for
+    final_norm bases, the output tokens a feature promotes and suppresses (dla). Only features
+    that pass the causal filter get edges: a single-feature patch moved the loss by at least
+    --patch-threshold (feature-patch rows at that step), else the --top-features of highest
+    energy. Stored in `lineage_edges` with the pruning settings; re-running replaces a step.
+
+    \b
+    Examples:
+      featurestore feature-lineage --basis demo-l2 --steps LAST
+      featurestore feature-lineage --basis demo-fn --steps 0,400,LAST --upstream demo-l2 --json
+      featurestore sql "SELECT step, src_id, weight FROM lineage_edges
+          WHERE basis = 'demo-l2' AND dst_id = '12' AND method = 'dfa' AND rank = 1"
+    """
+    from featurestore.ingest.feature_lineage import feature_lineage
+
+    result = feature_lineage(basis, steps=steps, features=features, top_k=top_k,
+                             min_weight=min_weight, upstream=upstream, tokens=tokens,
+                             patch_threshold=patch_threshold, top_features=top_features,
+                             warehouse=_warehouse(ctx), progress=not quiet and not as_json)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"basis {basis!r} at {result.stage}: {result.edges} edges in lineage_edges over "
+               f"{len(result.steps)} checkpoint(s), {result.n_tokens} tokens each, "
+               f"{result.seconds:.1f}s")
+    for step in result.steps:
+        click.echo(f"  step {step.step}: {len(step.features)} features ({step.filter} filter), "
+                   f"{step.edges} edges" + (f", silent: {step.silent}" if step.silent else ""))
+    strongest = [e for e in result.top if e["method"] in ("dfa", "grad_x_act")]
+    click.echo("strongest source of each feature (rank 1):")
+    click.echo(format_table(["step", "feature", "method", "source", "weight"],
+                            [[str(e["step"]), e["dst_id"], e["method"], e["src_id"],
+                              _cell(e["weight"])] for e in strongest[:24]]))
+
+
 def _largest_split_change(changes: dict[str, float]) -> str:
     if not changes:
         return ""

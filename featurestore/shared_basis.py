@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from featurestore.crosscoder import CrossCoder
+from featurestore.errors import FeaturestoreError, NotFoundError
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,32 @@ class SharedBasis:
     @property
     def d_hidden(self) -> int:
         return self.model.config.d_hidden
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    def resolve_steps(self, wanted: list[int] | None, flag: str) -> list[int]:
+        """The wanted steps (None: all; -1: the last) in order, each one the basis was fitted
+        on, or an error naming `flag` and the steps there are."""
+        if wanted is None:
+            return self.steps
+        chosen = [self.steps[-1] if s == -1 else s for s in wanted]
+        missing = [s for s in chosen if s not in self.steps]
+        if missing:
+            raise NotFoundError(
+                f"{flag}: basis {self.name} was not fitted on step "
+                f"{', '.join(map(str, missing))}; its steps are {', '.join(map(str, self.steps))}")
+        return sorted(set(chosen))
+
+    def require_pooled(self, flag: str) -> None:
+        """Refuse a crosscoder-kind basis where a checkpoint must be encoded on its own."""
+        if self.kind != "pooled":
+            raise FeaturestoreError(
+                f"{flag} {self.name} is a crosscoder-kind basis: its code is joint over all "
+                "checkpoints, so a feature's activation at one checkpoint is not a function of "
+                "that checkpoint's model alone. Use a pooled basis (shared-feature-fit --kind "
+                "pooled).")
 
     @torch.no_grad()
     def encode_all(self, rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,7 +134,6 @@ class ReconstructionSums:
 
 def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
     """The registered shared basis `name` and its checkpoints' activation sets (in step order)."""
-    from featurestore.errors import FeaturestoreError, NotFoundError
     from featurestore.registry import get_activation_set_row, open_activation_set
 
     cursor = con.execute("SELECT kind, run, stage, path, sources FROM bases WHERE name = ?", [name])

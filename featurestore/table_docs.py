@@ -22,7 +22,9 @@ def render() -> str:
         key = f" Key: ({', '.join(table.key)})." if table.key else ""
         lines = [f"### `{name}`", "", f"{table.comment}{key}", "",
                  "| column | type | description |", "|---|---|---|"]
-        lines += [f"| `{c.name}` | {c.type} | {c.comment} |" for c in table.columns]
+        # A bare | would end the markdown cell; comments use it for absolute values.
+        lines += [f"| `{c.name}` | {c.type} | {c.comment.replace('|', chr(92) + '|')} |"
+                  for c in table.columns]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -4,7 +4,8 @@ Trains the demo run, fine-tunes demo-ft from its last checkpoint, collects the t
 stages for every checkpoint of both runs on one shared token set, trains a BatchTopK crosscoder
 on the base / fine-tuned pair at layer_2_post_mlp, fits a shared feature basis per stage on the
 demo run's checkpoints (sweep, births, first-vs-last compare), patches the features of
-demo-l2 that changed most into the last checkpoint's model, and summarises the warehouse.
+demo-l2 that changed most into the last checkpoint's model, maps them to the heads and neurons
+that write them, and summarises the warehouse.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
 from featurestore.ingest.feature_compare import compare_features
+from featurestore.ingest.feature_lineage import feature_lineage
 from featurestore.ingest.feature_patch import feature_patch
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
@@ -72,6 +74,10 @@ SUMMARY_QUERIES = {
         "round(recon_rel_error, 3) AS recon_error, round(spliced_loss_delta, 3) AS spliced_delta "
         "FROM patches WHERE basis = 'demo-l2' AND metric = 'loss' "
         "ORDER BY abs(delta) DESC LIMIT 8"),
+    "which heads and neurons write them (direct feature attribution, strongest first)": (
+        "SELECT dst_id AS feature, src_type, src_id, round(weight, 4) AS weight "
+        "FROM lineage_edges WHERE basis = 'demo-l2' AND method = 'dfa' AND rank = 1 "
+        "AND src_type IN ('attention_head', 'mlp_neuron') ORDER BY feature, src_type"),
     "activation sets": "SELECT run, stage, count(*) AS sets, min(step) AS first_step, "
                        "max(step) AS last_step, any_value(n_tokens) AS tokens, "
                        "any_value(d_model) AS d_model, "
@@ -123,12 +129,15 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
                          warehouse=warehouse)
     first, last = trained.checkpoint_steps[0], trained.checkpoint_steps[-1]
     log(f"[7/7] patching the {PATCH_FEATURES} features of {PATCH_BASIS!r} that changed most "
-        f"from step {first} to {last}")
+        f"from step {first} to {last}, and their lineage")
     patched = feature_patch(PATCH_BASIS, first, last, features=f"top:{PATCH_FEATURES}",
                             tokens=PATCH_TOKENS, warehouse=warehouse, progress=progress)
     log(f"      {patched.rows} rows, {patched.tokens_per_second:,.0f} tokens/s; site "
         f"reconstruction error {min(patched.recon_rel_error.values()):.3f}-"
         f"{max(patched.recon_rel_error.values()):.3f}")
+    lineage = feature_lineage(PATCH_BASIS, steps=str(last), features=",".join(
+        map(str, patched.features)), warehouse=warehouse, progress=progress)
+    log(f"      lineage at step {last}: {lineage.edges} edges, {lineage.seconds:.1f}s")
     return summary(warehouse)
 
 

@@ -86,16 +86,10 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     con = wh.connect()
     try:
         shared, sets = load_shared_basis(wh, con, basis)
-        if shared.kind != "pooled":
-            raise FeaturestoreError(
-                f"--basis {basis} is a crosscoder-kind basis: its code is joint over all "
-                "checkpoints, so one checkpoint's feature activations cannot be computed from "
-                "that checkpoint alone. Patch a pooled basis (shared-feature-fit --kind pooled).")
-        steps = [c.step for c in shared.checkpoints]
-        for flag, step in (("--source", source), ("--target", target)):
-            if step not in steps:
-                raise NotFoundError(f"{flag} {step}: basis {basis} was not fitted on that step; "
-                                    f"its steps are {', '.join(map(str, steps))}")
+        shared.require_pooled("--basis")
+        steps = shared.steps
+        shared.resolve_steps([source], "--source")
+        shared.resolve_steps([target], "--target")
         chosen = _choose_features(con, basis, source, target, features, rank_by,
                                   shared.d_hidden)
         means = _mean_activations(con, basis, target, chosen) if mode == "mean" else None

@@ -88,17 +88,9 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
             shared, sets = load_shared_basis(wh, con, basis)
         finally:
             con.close()
-        available = [c.step for c in shared.checkpoints]
-        wanted = parse_steps(checkpoints)
-        if wanted is not None:
-            wanted = [available[-1] if s == -1 else s for s in wanted]
-            unknown = [s for s in wanted if s not in available]
-            if unknown:
-                raise FeaturestoreError(
-                    f"--checkpoints: basis {basis} was not fitted on step "
-                    f"{', '.join(map(str, unknown))}; its checkpoints are "
-                    f"{', '.join(map(str, available))}")
-        indices = [i for i, s in enumerate(available) if wanted is None or s in wanted]
+        available = shared.steps
+        wanted = shared.resolve_steps(parse_steps(checkpoints), "--checkpoints")
+        indices = [available.index(s) for s in wanted]
         files = {c: wh.tmp_dir / f"sweep-{basis}-{available[c]}.parquet" for c in indices}
         if workers == 1:
             from tqdm import tqdm

@@ -251,8 +251,8 @@ def missing_stage_root(patched_root, tmp_path_factory):
 
 @pytest.mark.parametrize("basis, source, target, options, error", [
     ("nope", 0, -1, {}, "no basis named 'nope'"),
-    ("tiny-l2", 1, -1, {}, "--source 1: basis tiny-l2 was not fitted on that step"),
-    ("tiny-l2", 0, 3, {}, "--target 3: basis tiny-l2 was not fitted on that step"),
+    ("tiny-l2", 1, -1, {}, "--source: basis tiny-l2 was not fitted on step 1"),
+    ("tiny-l2", 0, 3, {}, "--target: basis tiny-l2 was not fitted on step 3"),
     ("tiny-l2", 0, -1, {"features": "3,64"}, "feature id 64 is out of range"),
     ("tiny-l2", 0, -1, {"features": "top:3"}, "no diffs for basis tiny-l2"),
     ("tiny-l2", 0, -1, {"features": "a,b"}, "give feature ids"),

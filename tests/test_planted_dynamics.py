@@ -167,7 +167,8 @@ def _tamper_width(values: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("tamper, message", [
     (_tamper_nan, "1 NaN/Inf values in 1 rows (first bad row 17)"),
-    (_tamper_width, "now has 2048 tokens of d_model 16, but was registered with 2048 of d_model 32"),
+    (_tamper_width,
+     "now has 2048 tokens of d_model 16, but was registered with 2048 of d_model 32"),
 ])
 def test_changed_files_fail_the_fit_and_register_nothing(registered, tmp_path, tamper, message):
     root = tmp_path / "warehouse"

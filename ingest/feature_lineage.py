@@ -1,0 +1,662 @@
+"""`featurestore feature-lineage`: which model components write each feature of a shared basis.
+
+At one or more checkpoints of the basis's run, the model runs on sampled tokens through nnsight,
+and every feature that passes the causal filter gets edges from what writes it:
+
+    dfa                     an attention head, MLP neuron or the embeddings -> feature: the
+                            source's direct contribution to the residual stream, projected on
+                            the feature's encoder direction, averaged over the tokens where the
+                            feature fires
+    grad_x_act              head or neuron -> feature: the gradient of the feature's
+                            pre-activation (summed over those tokens) with respect to the
+                            source's output, times that output, divided by the same count;
+                            unlike dfa it also counts the paths through later blocks
+    decoder_cosine          upstream feature -> feature, for --upstream (a basis of the same run
+    activation_correlation  at an earlier stage): how closely their decoder directions agree,
+                            and how closely their activations move together on the same tokens
+    dla                     feature -> output token, for a final_norm basis: the logits the
+                            feature's decoder direction adds, most promoted and most suppressed
+
+Everything is in the basis's normalised units: feature i's pre-activation is
+norm_scale * (x . W_enc[:, i]) + b_enc[i], so a source writing c into the residual stream moves it
+by norm_scale * (c . W_enc[:, i]). A final_norm basis reads the residual stream after the final
+LayerNorm, which is linearised per token: c becomes gamma * (c - mean(c)) / std, std being that
+token's LayerNorm denominator. Biases (the output biases of attention and MLPs, the final
+LayerNorm's beta, b_enc) are constants and no source; with them, a feature's dfa weights over all
+sources add up to its mean pre-activation where it fires.
+
+Causal filter: a feature gets edges when a single-feature `patches` row of the basis at this step
+(metric loss) moved the loss by at least --patch-threshold; without patch rows for the step, the
+--top-features features of highest trajectories.energy at the step pass; --features picks them
+instead. Per feature, method and source type the --top-k edges of largest |weight| at least
+--min-weight are kept.
+
+Only the demo model family is supported: its module names (featurestore.model) fix where each
+head's output and each neuron's output weights are.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featurestore.errors import FeaturestoreError, NotFoundError, UnknownStageError
+from featurestore.warehouse import Warehouse, utc_now
+
+if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
+    import torch
+
+    from featurestore.shared_basis import SharedBasis
+    from featurestore.stages import StageReader
+
+BATCH_SEQUENCES = 128
+TOKEN_SEED = 0  # the seed collect uses by default: demo runs get the tokens their sets were read on
+
+
+@dataclass
+class StepLineage:
+    step: int
+    filter: str  # what chose the features: features (given), patches or energy
+    features: list[int]  # the features that passed and got edges
+    # Features that passed but never fired on the sampled tokens: they have no dfa, grad_x_act or
+    # activation_correlation edges (there is nothing to average over).
+    silent: list[int]
+    edges: int
+
+
+@dataclass
+class LineageResult:
+    basis: str
+    run: str
+    stage: str
+    upstream: str | None
+    n_tokens: int  # tokens the model read at each step
+    steps: list[StepLineage]
+    edges: int  # rows written to lineage_edges, all steps
+    seconds: float
+    # The rank-1 edge of every (step, feature, method, source type): each feature's strongest
+    # source by each line of evidence.
+    top: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The features of one step that get edges, and the filter that chose them."""
+
+    features: list[int]
+    filter: str
+    setting: dict  # the filter's parameter, stored in lineage_edges.pruning
+
+
+def feature_lineage(basis: str, steps: str = "all", features: str | None = None, top_k: int = 8,
+                    min_weight: float = 0.0, upstream: str | None = None, tokens: int = 2048,
+                    patch_threshold: float = 0.01, top_features: int = 16,
+                    warehouse: str | None = None, progress: bool = True) -> LineageResult:
+    """Map the features of `basis` that pass the causal filter to the heads, neurons, embeddings,
+    upstream features and output tokens they connect to, at each of `steps` ("all" or
+    comma-separated steps, LAST for the last); store the edges in `lineage_edges`, replacing
+    earlier rows of the same basis and step."""
+    from tqdm import tqdm
+
+    from featurestore.ingest.collect import open_reader
+    from featurestore.registry import get_checkpoints, get_run, parse_steps
+
+    started = time.perf_counter()
+    _check_options(top_k, min_weight, tokens, patch_threshold, top_features)
+    wanted_steps = parse_steps(steps, flag="--steps")
+    wh = Warehouse(warehouse)
+    with wh.writer(f"feature-lineage {basis}") as writer:
+        # Every check runs before the first model is traced; a failure commits nothing.
+        con = wh.connect()
+        try:
+            shared, sets = _load_pooled_basis(wh, con, basis, "--basis")
+            chosen = shared.resolve_steps(wanted_steps, "--steps")
+            run = get_run(con, shared.run)
+            if run.model_family != "demo":
+                what = ("an external run with no model" if run.model_family is None
+                        else f"a {run.model_family} model")
+                raise FeaturestoreError(
+                    f"--basis {basis}: its run {run.run!r} is {what}; feature-lineage supports the "
+                    "demo model family only for now (its module names fix where each head and "
+                    "neuron writes). Use a basis fitted on a demo run.")
+            checkpoints = get_checkpoints(wh, con, shared.run, chosen)
+            up = None
+            if upstream is not None:
+                up, _ = _load_pooled_basis(wh, con, upstream, "--upstream")
+                _check_upstream(shared, up, chosen)
+            reader = open_reader(run, checkpoints[0])
+            _check_stages(reader, shared, up)
+            selections = {step: _select_features(con, shared, step, features, patch_threshold,
+                                                 top_features) for step in chosen}
+        finally:
+            con.close()
+        if run.task_config is None:
+            token_ids = None  # read per step from that checkpoint's activation set
+        else:
+            from featurestore.ingest.collect import DEFAULT_SPLITS, token_set
+
+            token_ids, _ = token_set(run.task_config, list(DEFAULT_SPLITS), tokens, TOKEN_SEED)
+
+        created_at = utc_now()
+        bar = tqdm(total=len(chosen), unit="step", desc=f"feature-lineage {basis}",
+                   file=sys.stderr, disable=None if progress else True)
+        results, top, n_tokens = [], [], 0
+        for checkpoint in checkpoints:
+            if checkpoint is not checkpoints[0]:
+                reader = open_reader(run, checkpoint)
+            c = [b.step for b in shared.checkpoints].index(checkpoint.step)
+            step_tokens = token_ids if token_ids is not None else _set_tokens(
+                sets[c], tokens, reader)
+            n_tokens = step_tokens.numel()
+            selection = selections[checkpoint.step]
+            edges, silent = _step_edges(reader, shared, checkpoint.step, up, selection.features,
+                                        step_tokens, top_k, min_weight)
+            pruning = json.dumps({"top_k": top_k, "min_weight": min_weight,
+                                  "filter": selection.filter, **selection.setting,
+                                  "upstream": upstream, "tokens": n_tokens})
+            rows = [{"basis": basis, "step": checkpoint.step, **edge, "pruning": pruning,
+                     "created_at": created_at} for edge in edges]
+            writer.put("lineage_edges", rows,
+                       replace_where={"basis": basis, "step": checkpoint.step})
+            results.append(StepLineage(checkpoint.step, selection.filter, selection.features,
+                                       silent, len(rows)))
+            top += [{"step": checkpoint.step, **{k: edge[k] for k in (
+                "method", "src_type", "src_id", "dst_type", "dst_id", "weight")}}
+                for edge in edges if edge["rank"] == 1]
+            bar.update(1)
+        bar.close()
+    return LineageResult(basis=basis, run=shared.run, stage=shared.stage, upstream=upstream,
+                         n_tokens=n_tokens, steps=results, edges=sum(r.edges for r in results),
+                         seconds=time.perf_counter() - started, top=top)
+
+
+# -- checks and choices ------------------------------------------------------------------------
+
+
+def _check_options(top_k: int, min_weight: float, tokens: int, patch_threshold: float,
+                   top_features: int) -> None:
+    if top_k < 1:
+        raise FeaturestoreError(f"--top-k {top_k}: keep at least 1 edge per feature and method")
+    if not np.isfinite(min_weight) or min_weight < 0:
+        raise FeaturestoreError(
+            f"--min-weight {min_weight}: give a number >= 0 (edges with |weight| below it are "
+            "dropped; 0 keeps every edge up to --top-k)")
+    if tokens < 1:
+        raise FeaturestoreError(f"--tokens must be at least 1, got {tokens}")
+    if not np.isfinite(patch_threshold) or patch_threshold < 0:
+        raise FeaturestoreError(
+            f"--patch-threshold {patch_threshold}: give a loss change >= 0, e.g. 0.01")
+    if top_features < 1:
+        raise FeaturestoreError(f"--top-features must be at least 1, got {top_features}")
+
+
+def _load_pooled_basis(wh: Warehouse, con, name: str, flag: str) -> tuple[SharedBasis, list]:
+    """A registered pooled shared basis and its activation sets, or an error naming `flag`."""
+    from featurestore.shared_basis import load_shared_basis
+
+    found = con.execute("SELECT kind, run FROM bases WHERE name = ?", [name]).fetchall()
+    if not found:
+        shared = [n for (n,) in con.execute(
+            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
+        raise NotFoundError(
+            f"{flag} {name!r}: no such basis; shared bases: "
+            f"{', '.join(shared) or 'none (fit one with `featurestore shared-feature-fit`)'}")
+    if found[0][1] is None:
+        raise FeaturestoreError(
+            f"{flag} {name} was trained by train-crosscoder on a pair of sources, not fitted on "
+            "one run's checkpoints; lineage needs a shared-feature-fit basis")
+    shared, sets = load_shared_basis(wh, con, name)
+    shared.require_pooled(flag)
+    return shared, sets
+
+
+def _check_upstream(shared: SharedBasis, up: SharedBasis, steps: list[int]) -> None:
+    if up.name == shared.name:
+        raise FeaturestoreError(
+            f"--upstream {up.name} is --basis itself; give a basis of an earlier stage")
+    if up.run != shared.run:
+        raise FeaturestoreError(
+            f"--upstream {up.name} was fitted on run {up.run!r}, --basis {shared.name} on run "
+            f"{shared.run!r}; upstream features must come from the same model. Give a basis of "
+            f"run {shared.run}.")
+    up_steps = [c.step for c in up.checkpoints]
+    missing = [s for s in steps if s not in up_steps]
+    if missing:
+        raise NotFoundError(
+            f"--upstream {up.name} was not fitted on step {', '.join(map(str, missing))} (its "
+            f"steps: {', '.join(map(str, up_steps))}); choose --steps both bases were fitted on")
+
+
+def _check_stages(reader: StageReader, shared: SharedBasis, up: SharedBasis | None) -> None:
+    """The basis's stage (and the upstream basis's) must be residual-stream stages of the model,
+    the upstream one before the basis's."""
+    for flag, basis in (("--basis", shared), ("--upstream", up)):
+        if basis is None:
+            continue
+        try:
+            reader.site(basis.stage)
+        except UnknownStageError as error:
+            raise FeaturestoreError(
+                f"{flag} {basis.name} was fitted at stage {basis.stage!r}, which the model of run "
+                f"{basis.run!r} lacks: {error}. Fit the basis at one of those stages.") from None
+        if basis.stage.endswith("_mlp_hidden"):
+            raise FeaturestoreError(
+                f"{flag} {basis.name} was fitted at {basis.stage}, an MLP's hidden layer: heads "
+                "and neurons write the residual stream, so lineage needs a basis of a "
+                "residual-stream stage (embed, layer_i_post_attn, layer_i_post_mlp, final_norm)")
+    if up is not None:
+        order = reader.stage_names
+        if order.index(up.stage) >= order.index(shared.stage):
+            raise FeaturestoreError(
+                f"--upstream {up.name} is at stage {up.stage}, not before --basis {shared.name}'s "
+                f"stage {shared.stage}; give a basis of an earlier stage as --upstream")
+
+
+def _select_features(con, shared: SharedBasis, step: int, features: str | None,
+                     patch_threshold: float, top_features: int) -> Selection:
+    """--features if given; else the features whose single-feature patch moved the loss by at
+    least patch_threshold, if the step has patch rows; else the top features by energy."""
+    if features is not None:
+        text = features.strip()
+        if text.startswith("top:"):
+            count = text[4:]
+            if not count.isdigit() or int(count) < 1:
+                raise FeaturestoreError(f"--features {features!r}: top:N needs a positive N")
+            return Selection(_top_by_energy(con, shared, step, int(count), "--features"),
+                             "features", {"features": text})
+        try:
+            chosen = sorted({int(part) for part in text.split(",")})
+        except ValueError:
+            raise FeaturestoreError(
+                f"--features {features!r}: give feature ids (3,17,40) or top:N") from None
+        outside = [f for f in chosen if not 0 <= f < shared.d_hidden]
+        if outside:
+            raise FeaturestoreError(
+                f"--features: feature id {', '.join(map(str, outside))} is out of range; basis "
+                f"{shared.name} has features 0..{shared.d_hidden - 1}")
+        return Selection(chosen, "features", {"features": text})
+
+    (patch_rows,) = con.execute("SELECT count(*) FROM patches WHERE basis = ? AND target_step = ?",
+                                [shared.name, step]).fetchone()
+    if patch_rows:
+        passed = [f for (f,) in con.execute(
+            "SELECT DISTINCT feature_ids[1] FROM patches WHERE basis = ? AND target_step = ? "
+            "AND len(feature_ids) = 1 AND metric = 'loss' AND abs(delta) >= ? ORDER BY 1",
+            [shared.name, step, patch_threshold]).fetchall()]
+        return Selection(passed, "patches", {"patch_threshold": patch_threshold})
+    return Selection(_top_by_energy(con, shared, step, top_features, "--top-features"),
+                     "energy", {"top_features": top_features})
+
+
+def _top_by_energy(con, shared: SharedBasis, step: int, count: int, flag: str) -> list[int]:
+    chosen = [f for (f,) in con.execute(
+        "SELECT feature_id FROM trajectories WHERE basis = ? AND step = ? "
+        "ORDER BY energy DESC, feature_id LIMIT ?", [shared.name, step, count]).fetchall()]
+    if not chosen:
+        raise NotFoundError(
+            f"{flag}: basis {shared.name} has no trajectories at step {step} to rank features "
+            "by energy. Run `featurestore feature-trajectory-sweep --basis "
+            f"{shared.name}` first (or `featurestore feature-patch`, to filter by patching), or "
+            "give feature ids with --features 3,17")
+    return sorted(chosen)
+
+
+def _set_tokens(acts, n_tokens: int, reader: StageReader) -> torch.Tensor:
+    """Token sequences [n, length] rebuilt from an activation set's token columns: the first
+    sequences covering n_tokens, for runs without a demo task to sample from."""
+    import torch
+
+    columns = acts.token_columns()
+    order = np.lexsort((columns.position, columns.sequence_id))
+    _, lengths = np.unique(np.asarray(columns.sequence_id)[order], return_counts=True)
+    if len(set(lengths.tolist())) != 1:
+        raise FeaturestoreError(
+            f"activation set {acts.name} holds sequences of different lengths; lineage needs "
+            "equal-length sequences to rebuild the model's input")
+    length = int(lengths[0])
+    n_ctx = reader.module.config.n_ctx
+    if length > n_ctx:
+        raise FeaturestoreError(
+            f"activation set {acts.name} holds sequences of {length} tokens, longer than the "
+            f"model's context of {n_ctx}")
+    token_ids = np.asarray(columns.token_id)[order].reshape(-1, length)
+    if token_ids.max() >= reader.vocab_size:
+        raise FeaturestoreError(
+            f"activation set {acts.name} holds token ids up to {token_ids.max()}, outside the "
+            f"model's vocabulary of {reader.vocab_size}")
+    return torch.from_numpy(token_ids[:-(-n_tokens // length)].copy())
+
+
+# -- reading the model ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Components that one read covers: a block's attention heads (attn.proj's input, head h in
+    columns h*d_head:(h+1)*d_head) or its MLP neurons (the activations after the nonlinearity)."""
+
+    kind: str  # head | neuron
+    block: int
+    label: str  # the read's label in Plan.reads
+
+    def ids(self, count: int) -> list[str]:
+        letter = "H" if self.kind == "attention_head" else "N"
+        return [f"L{self.block}{letter}{k}" for k in range(count)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one step reads through nnsight, up to the basis's stage."""
+
+    stage: str
+    sources: list[Source]  # every head and neuron group writing before the stage, forward order
+    reads: list[tuple[str, str]]  # (label, nnsight path) of every value read, forward order
+
+    @classmethod
+    def for_stage(cls, reader: StageReader, stage: str, upstream_stage: str | None) -> Plan:
+        sites = _demo_sites(reader)
+        labels = [label for label, _ in sites]
+        groups = {}
+        for i in range(reader.n_layers):
+            groups[f"heads_{i}"] = Source("attention_head", i, f"heads_{i}")
+            groups[f"layer_{i}_mlp_hidden"] = Source("mlp_neuron", i, f"layer_{i}_mlp_hidden")
+        sources = [groups[label] for label in labels[:labels.index(stage)] if label in groups]
+        wanted = {"embed", stage, *(source.label for source in sources)}
+        if stage == "final_norm":
+            wanted.add("final_residual")  # its per-token spread is what the LayerNorm divides by
+        if upstream_stage is not None:
+            wanted.add(upstream_stage)
+        return cls(stage, sources, [(label, path) for label, path in sites if label in wanted])
+
+
+def _demo_sites(reader: StageReader) -> list[tuple[str, str]]:
+    """(label, nnsight path) of every value lineage can read in the demo model, in the order the
+    forward pass reaches them; stages are labelled by their names."""
+
+    def stage(name: str) -> tuple[str, str]:
+        site = reader.site(name)
+        return name, f"{site.module}.{site.port}"
+
+    sites = [stage("embed")]
+    for i in range(reader.n_layers):
+        sites += [(f"heads_{i}", f"blocks.{i}.attn.proj.input"), stage(f"layer_{i}_post_attn"),
+                  stage(f"layer_{i}_mlp_hidden"), stage(f"layer_{i}_post_mlp")]
+    return sites + [("final_residual", "ln_f.input"), stage("final_norm")]
+
+
+@dataclass
+class Encoder:
+    """The selected features of a pooled basis at one checkpoint, in normalised units."""
+
+    basis: SharedBasis
+    features: list[int]
+    scale: float  # the checkpoint's norm scale
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, F]: the basis's own encode, which decides where a feature fires (a BatchTopK
+        basis applies its threshold)."""
+        values = self.basis.model.encode((x * self.scale)[:, None, :], normalized=True)
+        return values[:, self.features]
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, F], differentiable in x."""
+        bias = self.basis.model.b_enc.detach()[self.features]
+        return x * self.scale @ self.directions().to(x.dtype) + bias
+
+    def directions(self) -> torch.Tensor:
+        """[d, F]: each feature's encoder direction."""
+        return self.basis.model.W_enc.detach()[0][:, self.features].double()
+
+
+@dataclass
+class BatchReads:
+    """One batch's values, detached and flattened to [tokens, width], with the gradient x
+    activation sums that needed the live graph."""
+
+    values: dict[str, torch.Tensor]  # label -> [n, width]
+    activations: torch.Tensor  # [n, F]: the selected features' values
+    grad_x_act: dict[str, torch.Tensor]  # source label -> [F, heads or neurons], token sums
+
+
+def _read_batch(reader: StageReader, plan: Plan, encoder: Encoder,
+                tokens: torch.Tensor) -> BatchReads:
+    """Trace the model on one batch through nnsight (see _trace_body)."""
+    import nnsight
+
+    with reader.model.trace(tokens) as tracer:
+        reads = nnsight.save(_trace_body(reader, plan, encoder))
+        tracer.stop()  # nothing after the stage is needed
+    return reads
+
+
+def _trace_body(reader: StageReader, plan: Plan, encoder: Encoder) -> BatchReads:
+    """Runs inside the trace, where nnsight hands over each value as the forward pass reaches
+    it: read the plan's values, encode the stage, then one backward pass per feature, reading
+    each source's gradient with nnsight's `.grad`."""
+    import torch
+
+    live = {}
+    for label, path in plan.reads:
+        live[label] = reader.model.get(path)
+        if label == "embed":
+            # The weights are frozen (_step_edges), so the graph starts here, before block 0.
+            live[label].requires_grad_(True)
+    x = live[plan.stage].reshape(-1, live[plan.stage].shape[-1])
+    activations = encoder.activations(x.detach())
+    firing = activations > 0
+    pre = encoder.pre_activations(x)
+
+    n_heads = reader.module.config.n_heads
+    grad_x_act = {source.label: torch.zeros(
+        len(encoder.features),
+        n_heads if source.kind == "attention_head" else live[source.label].shape[-1],
+        dtype=torch.float64) for source in plan.sources}
+    for j in range(len(encoder.features)):
+        if not plan.sources or not firing[:, j].any():
+            continue
+        objective = pre[firing[:, j], j].sum()
+        with objective.backward(retain_graph=True):
+            # nnsight serves gradients in reverse forward order: the last source first.
+            for source in reversed(plan.sources):
+                value = live[source.label]
+                product = (value.grad * value).detach().double()
+                product = product.reshape(-1, value.shape[-1]).sum(dim=0)
+                grad_x_act[source.label][j] = (product.reshape(n_heads, -1).sum(dim=1)
+                                               if source.kind == "attention_head" else product)
+    return BatchReads({label: value.detach().reshape(-1, value.shape[-1])
+                       for label, value in live.items()}, activations, grad_x_act)
+
+
+# -- attribution ------------------------------------------------------------------------------
+
+
+def _direct_sums(reads: BatchReads, plan: Plan, module, encoder: Encoder) -> dict[str, np.ndarray]:
+    """Per source, the sum over the tokens where each feature fires of the source's direct
+    contribution to its pre-activation: label -> [F, heads or neurons]; "embed" -> [F, 1]."""
+    import torch
+
+    directions = encoder.directions()  # [d, F]
+    firing = (reads.activations > 0).double()
+    if plan.stage == "final_norm":
+        # The LayerNorm linearised per token: a contribution c reaches the stage as
+        # gamma * (c - mean(c)) / std, and (c - mean(c)) . w = c . (w - mean(w)).
+        directions = module.ln_f.weight.detach().double()[:, None] * directions
+        directions = directions - directions.mean(dim=0)
+        residual = reads.values["final_residual"].double()
+        std = (residual.var(dim=1, unbiased=False) + module.ln_f.eps).sqrt()
+        weights = firing * (encoder.scale / std)[:, None]  # [n, F]
+    else:
+        weights = firing * encoder.scale
+    embed = reads.values["embed"].double()
+    sums = {"embed": ((embed @ directions) * weights).sum(dim=0)[:, None].numpy()}
+    for source in plan.sources:
+        value = reads.values[source.label].double()
+        if source.kind == "attention_head":
+            # Head h writes its output through columns h*d_head:(h+1)*d_head of proj.weight.
+            proj = module.blocks[source.block].attn.proj.weight.detach().double()
+            n_heads = module.config.n_heads
+            read_out = torch.einsum("dhk,df->hkf", proj.reshape(len(proj), n_heads, -1),
+                                    directions)
+            per_head = value.reshape(len(value), n_heads, -1)
+            sums[source.label] = torch.einsum("nhk,hkf,nf->fh", per_head, read_out,
+                                              weights).numpy()
+        else:
+            # Neuron k writes its activation times column k of mlp.proj.weight.
+            out = module.blocks[source.block].mlp.proj.weight.detach().double()
+            sums[source.label] = ((weights.T @ value) * (out.T @ directions).T).numpy()
+    return sums
+
+
+class CorrelationSums:
+    """Running moments of the upstream features' activations u and the selected features'
+    activations v over the tokens, for their Pearson correlations."""
+
+    def __init__(self, n_up: int, n_features: int):
+        self.n = 0
+        self.u, self.uu = np.zeros(n_up), np.zeros(n_up)
+        self.v, self.vv = np.zeros(n_features), np.zeros(n_features)
+        self.uv = np.zeros((n_up, n_features))
+
+    def add(self, u: np.ndarray, v: np.ndarray) -> None:
+        self.n += len(u)
+        self.u += u.sum(axis=0)
+        self.uu += (u ** 2).sum(axis=0)
+        self.v += v.sum(axis=0)
+        self.vv += (v ** 2).sum(axis=0)
+        self.uv += u.T @ v
+
+    def correlation(self) -> np.ndarray:
+        """[n_features, n_up]; NaN where either feature is constant on the tokens."""
+        mean_u, mean_v = self.u / self.n, self.v / self.n
+        covariance = self.uv / self.n - np.outer(mean_u, mean_v)
+        spread = np.sqrt(np.outer(self.uu / self.n - mean_u ** 2, self.vv / self.n - mean_v ** 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(spread > 0, covariance / spread, np.nan).T
+
+
+def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedBasis | None,
+                features: list[int], tokens: torch.Tensor, top_k: int,
+                min_weight: float) -> tuple[list[dict], list[int]]:
+    """The lineage_edges rows of one step (less basis, step, pruning, created_at) and the
+    selected features that never fired."""
+    if not features:
+        return [], []
+    module = reader.module
+    module.requires_grad_(False)  # gradients are wanted for activations only
+    encoder = Encoder(shared, features, _norm_scale(shared, step))
+    plan = Plan.for_stage(reader, shared.stage, None if up is None else up.stage)
+    up_encoder = correlations = None
+    if up is not None:
+        up_encoder = Encoder(up, list(range(up.d_hidden)), _norm_scale(up, step))
+        correlations = CorrelationSums(up.d_hidden, len(features))
+
+    firing = np.zeros(len(features), dtype=np.int64)
+    direct: dict[str, np.ndarray] = {}
+    grad_x_act: dict[str, np.ndarray] = {}
+    for start in range(0, len(tokens), BATCH_SEQUENCES):
+        reads = _read_batch(reader, plan, encoder, tokens[start:start + BATCH_SEQUENCES])
+        firing += (reads.activations > 0).sum(dim=0).numpy()
+        for label, value in _direct_sums(reads, plan, module, encoder).items():
+            direct[label] = direct.get(label, 0.0) + value
+        for label, value in reads.grad_x_act.items():
+            grad_x_act[label] = grad_x_act.get(label, 0.0) + value.numpy()
+        if up is not None:
+            upstream = up_encoder.activations(reads.values[up.stage])
+            correlations.add(upstream.double().numpy(), reads.activations.double().numpy())
+
+    fired = firing > 0
+    count = np.maximum(firing, 1)[:, None]  # silent features' sums are 0 and get no edges
+    edges = []
+    for j, feature in enumerate(features):
+        if not fired[j]:
+            continue
+        target = ("feature", str(feature))
+        edges += _ranked("dfa", [("embedding", "embed", *target)], direct["embed"][j] / count[j],
+                         top_k, min_weight)
+        for method, sums in (("dfa", direct), ("grad_x_act", grad_x_act)):
+            for kind in ("attention_head", "mlp_neuron"):
+                group = [source for source in plan.sources if source.kind == kind]
+                if not group:
+                    continue
+                ids = [i for source in group for i in source.ids(sums[source.label].shape[1])]
+                weights = np.concatenate([sums[source.label][j] for source in group]) / count[j]
+                edges += _ranked(method, [(kind, i, *target) for i in ids], weights, top_k,
+                                 min_weight)
+    if up is not None:
+        edges += _upstream_edges(shared, up, features, fired, correlations.correlation(), module,
+                                 top_k, min_weight)
+    if shared.stage == "final_norm":
+        edges += _logit_edges(shared, step, features, module, top_k, min_weight)
+    return edges, [f for j, f in enumerate(features) if not fired[j]]
+
+
+def _norm_scale(basis: SharedBasis, step: int) -> float:
+    return next(c.norm_scale for c in basis.checkpoints if c.step == step)
+
+
+def _upstream_edges(shared: SharedBasis, up: SharedBasis, features: list[int], fired: np.ndarray,
+                    correlation: np.ndarray, module, top_k: int, min_weight: float) -> list[dict]:
+    """decoder_cosine and activation_correlation edges from the upstream basis's features."""
+    up_decoder = up.decoder_directions(0)  # [h_up, d]; pooled: one decoder for all checkpoints
+    if shared.stage == "final_norm":
+        # An upstream direction as the final LayerNorm passes it on: centred, times the gain (and
+        # divided by each token's std, which leaves a cosine unchanged).
+        gamma = module.ln_f.weight.detach().double().numpy()
+        up_decoder = gamma * (up_decoder - up_decoder.mean(axis=1, keepdims=True))
+    decoder = shared.decoder_directions(0)[features]  # [F, d]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = (decoder @ up_decoder.T) / np.outer(np.linalg.norm(decoder, axis=1),
+                                                     np.linalg.norm(up_decoder, axis=1))
+    edges = []
+    for j, feature in enumerate(features):
+        candidates = [("feature", str(i), "feature", str(feature)) for i in range(up.d_hidden)]
+        edges += _ranked("decoder_cosine", candidates, cosine[j], top_k, min_weight)
+        if fired[j]:
+            edges += _ranked("activation_correlation", candidates, correlation[j], top_k,
+                             min_weight)
+    return edges
+
+
+def _logit_edges(shared: SharedBasis, step: int, features: list[int], module, top_k: int,
+                 min_weight: float) -> list[dict]:
+    """dla edges: the logits each feature's decoder direction adds to every token, in raw units
+    (the final_norm output the unembedding reads); half of top_k for the most promoted tokens,
+    the rest for the most suppressed."""
+    decoder = shared.decoder_directions(0)[features] / _norm_scale(shared, step)
+    logits = decoder @ module.unembed.weight.detach().double().numpy().T  # [F, vocab]
+    edges = []
+    for j, feature in enumerate(features):
+        row = logits[j]
+        promoted = _strongest(np.where(row > 0, row, np.nan), -(-top_k // 2), min_weight)
+        suppressed = _strongest(np.where(row < 0, row, np.nan), top_k // 2, min_weight)
+        tokens = np.concatenate([promoted, suppressed])
+        edges += _ranked("dla", [("feature", str(feature), "token", str(t)) for t in tokens],
+                         row[tokens], top_k, min_weight)
+    return edges
+
+
+def _strongest(weights: np.ndarray, limit: int, min_weight: float) -> np.ndarray:
+    """Indices of the `limit` finite weights of largest |weight| >= min_weight, largest first
+    (ties in index order)."""
+    candidates = np.flatnonzero(np.isfinite(weights) & (np.abs(weights) >= min_weight))
+    return candidates[np.argsort(-np.abs(weights[candidates]), kind="stable")][:limit]
+
+
+def _ranked(method: str, candidates: list[tuple[str, str, str, str]], weights: np.ndarray,
+            top_k: int, min_weight: float) -> list[dict]:
+    """Rows for the top_k candidates (src_type, src_id, dst_type, dst_id) by |weight|."""
+    rows = []
+    for rank, i in enumerate(_strongest(weights, top_k, min_weight), start=1):
+        src_type, src_id, dst_type, dst_id = candidates[i]
+        rows.append({"src_type": src_type, "src_id": src_id, "dst_type": dst_type,
+                     "dst_id": dst_id, "weight": float(weights[i]), "method": method,
+                     "rank": rank})
+    return rows
