@@ -55,3 +55,48 @@ def snapshot(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != ".lock" and "tmp" not in p.relative_to(root).parts
     }
+
+
+@pytest.fixture(scope="session")
+def analysed_warehouse(tmp_path_factory, trained_warehouse) -> Path:
+    """The tiny run taken through every analysis, for the read side (exports, plots, graphs,
+    reports): a crosscoder `tiny-diff` (first vs last checkpoint at layer_2_post_mlp), shared
+    bases `tiny-l2` and `tiny-fn` (fitted, swept, births, first-vs-last compare), patches of
+    tiny-l2's top features and lineage at the last checkpoint (tiny-fn with tiny-l2 upstream).
+    Small and quick: about 30 s. Copy it before changing it."""
+    from featurestore.ingest.birth_analysis import analyze_births
+    from featurestore.ingest.feature_compare import compare_features
+    from featurestore.ingest.feature_lineage import feature_lineage
+    from featurestore.ingest.feature_patch import feature_patch
+    from featurestore.ingest.shared_feature_fit import shared_feature_fit
+    from featurestore.ingest.train_crosscoder import train_crosscoder_job
+    from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
+    from featurestore.warehouse import connect
+
+    root = tmp_path_factory.mktemp("analysed") / "warehouse"
+    shutil.copytree(trained_warehouse, root)
+    con = connect(root)
+    steps = [s for (s,) in con.execute(
+        "SELECT step FROM activation_sets WHERE stage = 'layer_2_post_mlp' ORDER BY step"
+    ).fetchall()]
+    con.close()
+    first, last = steps[0], steps[-1]
+    train_crosscoder_job("tiny-diff", [f"first={TINY_RUN}@{first}:layer_2_post_mlp",
+                                       f"last={TINY_RUN}@{last}:layer_2_post_mlp"],
+                         dict_size=64, k=4, steps=30, batch_size=128, log_every=10,
+                         save_every=10, warehouse=root, progress=False)
+    fit = dict(checkpoints=",".join(map(str, steps)), dict_size=64, k=4, steps=150,
+               batch_size=256, min_explained_variance=-1.0, max_active_fraction=1.0,
+               max_dead_fraction=1.0, warehouse=root, progress=False)
+    for stage, name in (("layer_2_post_mlp", "tiny-l2"), ("final_norm", "tiny-fn")):
+        shared_feature_fit(TINY_RUN, stage, name, **fit)
+        feature_trajectory_sweep(name, warehouse=root, progress=False)
+        analyze_births(name, threshold=0.05, persistence=1, permutations=5, warehouse=root)
+        compare_features(name, first, last, warehouse=root)
+    feature_patch("tiny-l2", first, last, features="top:3", tokens=256, warehouse=root,
+                  progress=False)
+    feature_lineage("tiny-l2", steps=str(last), patch_threshold=0.0, tokens=256,
+                    warehouse=root, progress=False)
+    feature_lineage("tiny-fn", steps=str(last), features="top:4", upstream="tiny-l2",
+                    tokens=256, warehouse=root, progress=False)
+    return root
