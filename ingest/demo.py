@@ -99,7 +99,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
                      warehouse=warehouse, progress=progress)
     log(f"      {tuned.steps} steps, {tuned.seconds:.1f}s")
     for number, run in ((3, BASE_RUN), (4, FINETUNED_RUN)):
-        log(f"[{number}/6] collecting {', '.join(STAGES)} for {run!r}")
+        log(f"[{number}/7] collecting {', '.join(STAGES)} for {run!r}")
         result = collect(run, list(STAGES), tokens=tokens, warehouse=warehouse,
                          progress=progress)
         log(f"      {len(result.sets)} sets, {result.tokens_per_second:,.0f} tokens/s")
