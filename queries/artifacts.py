@@ -1,0 +1,191 @@
+"""`featurestore export-artifacts`: one shared basis as the analysis plan's file layout.
+
+Teams that read files rather than the warehouse get, under
+`<out>/runs/<run>/analysis/shared_features/<stage>/`:
+
+    shared_feature_basis.pt                  the weights, a dict of tensors (torch.load with
+                                             weights_only=True), in the basis's normalised units,
+                                             with each checkpoint's step and norm scale
+    shared_feature_basis.json                the bases row: kind, config, fit quality, stability,
+                                             checkpoints
+    shared_feature_basis_features.json       one object per feature (features table)
+    feature_trajectories.jsonl               one trajectories row per line
+    feature_checkpoint_summary.json          checkpoint_summary rows
+    feature_split_profiles.json              split_profiles rows
+    feature_births.json                      births rows (every rule that was run)
+    feature_birth_summary.json               birth_summary rows
+    feature_compare_<source>_vs_<target>.json  diffs rows of one pair, one file per pair
+    feature_patch_<source>_vs_<target>.json  patches rows of one pair, one file per pair
+    feature_lineage_<step>.json              lineage_edges rows of one checkpoint
+    graphs/                                  export_graphs: node-link JSON, GraphML, attribution graph
+    plots/                                   export_plots: JSON spec + data, PNG, SVG, HTML
+
+Every file is written from the warehouse by a SQL query. The stage directory is built whole in a
+temporary sibling directory and swapped in with renames, so a reader sees the old layout or the
+new one, never half of each; re-running replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.warehouse import Warehouse
+
+DEFAULT_OUT = "artifacts"
+
+
+@dataclass
+class ArtifactExport:
+    basis: str
+    directory: str  # the stage directory
+    files: list[str]  # relative to `directory`, sorted
+    seconds: float
+    skipped_plots: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_artifacts(basis: str, out: str | os.PathLike | None = None,
+                     warehouse: str | None = None) -> ArtifactExport:
+    """Write the artifact layout of `basis` under `out` (default ./artifacts)."""
+    from featurestore.queries.graphs import export_graphs
+    from featurestore.queries.plots import export_plots
+
+    started = time.perf_counter()
+    wh = Warehouse(warehouse)
+    con = wh.connect()
+    try:
+        basis_row = _basis_row(con, basis)
+        target = (Path(out or DEFAULT_OUT).resolve() / "runs" / basis_row["run"] / "analysis"
+                  / "shared_features" / basis_row["stage"])
+        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            _write_tables(wh, con, basis, basis_row, staging)
+            export_graphs(basis, out=staging / "graphs", warehouse=warehouse)
+            plots = export_plots(basis, out=staging / "plots", warehouse=warehouse)
+            _swap_in(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        con.close()
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    return ArtifactExport(basis, str(target), files, time.perf_counter() - started,
+                          dict(plots.skipped))
+
+
+def _basis_row(con, basis: str) -> dict:
+    rows = _rows(con, "SELECT * FROM bases WHERE name = ?", [basis])
+    if not rows:
+        shared = [n for (n,) in con.execute(
+            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
+        raise NotFoundError(f"--basis {basis!r}: no such basis; shared bases: "
+                            f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
+    row = rows[0]
+    if row["run"] is None:
+        raise FeaturestoreError(
+            f"--basis {basis} was trained by train-crosscoder on a pair of sources; the "
+            "artifact layout is per run and stage, for shared-feature-fit bases")
+    return row
+
+
+def _write_tables(wh: Warehouse, con, basis: str, basis_row: dict, directory: Path) -> None:
+    _write_weights(wh, basis_row, directory / "shared_feature_basis.pt")
+    _write_json(directory / "shared_feature_basis.json", {
+        **{k: v for k, v in basis_row.items() if k != "path"},
+        "config": json.loads(basis_row["config"]),
+        "trainer_config": json.loads(basis_row["trainer_config"]),
+        "fit_quality": json.loads(basis_row["fit_quality"] or "null"),
+        "final_metrics": json.loads(basis_row["final_metrics"] or "null")})
+    by_basis = "WHERE basis = ? ORDER BY ALL"
+    _write_json(directory / "shared_feature_basis_features.json",
+                _rows(con, f"SELECT * FROM features {by_basis}", [basis]))
+    _write_jsonl(directory / "feature_trajectories.jsonl",
+                 _rows(con, "SELECT * FROM trajectories WHERE basis = ? "
+                            "ORDER BY feature_id, step", [basis]))
+    for name, table in (("feature_checkpoint_summary", "checkpoint_summary"),
+                        ("feature_split_profiles", "split_profiles"),
+                        ("feature_births", "births"), ("feature_birth_summary", "birth_summary")):
+        _write_json(directory / f"{name}.json",
+                    _rows(con, f"SELECT * FROM {table} {by_basis}", [basis]))
+    for prefix, table in (("feature_compare", "diffs"), ("feature_patch", "patches")):
+        pairs = con.execute(f"SELECT DISTINCT source_step, target_step FROM {table} "
+                            "WHERE basis = ? ORDER BY ALL", [basis]).fetchall()
+        for source, target in pairs:
+            _write_json(directory / f"{prefix}_{source}_vs_{target}.json", _rows(
+                con, f"SELECT * FROM {table} WHERE basis = ? AND source_step = ? AND "
+                     "target_step = ? ORDER BY ALL", [basis, source, target]))
+    for (step,) in con.execute("SELECT DISTINCT step FROM lineage_edges WHERE basis = ? "
+                               "ORDER BY step", [basis]).fetchall():
+        _write_json(directory / f"feature_lineage_{step}.json", _rows(
+            con, "SELECT * FROM lineage_edges WHERE basis = ? AND step = ? "
+                 "ORDER BY dst_id, method, src_type, rank", [basis, step]))
+
+
+def _write_weights(wh: Warehouse, basis_row: dict, path: Path) -> None:
+    """The basis's tensors as saved by the trainer, plus its checkpoints' steps and norm
+    scales, so the file alone encodes any checkpoint's activations."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(wh.path(basis_row["path"]) / "crosscoder.safetensors")
+    sources = sorted(basis_row["sources"], key=lambda s: s["step"])
+    tensors["steps"] = torch.tensor([s["step"] for s in sources], dtype=torch.int64)
+    tensors["norm_scales"] = torch.tensor([s["norm_scale"] for s in sources],
+                                          dtype=torch.float64)
+    torch.save(tensors, path)
+
+
+def _rows(con, sql: str, params: list) -> list[dict]:
+    cursor = con.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [{n: _finite(v) for n, v in zip(names, row)} for row in cursor.fetchall()]
+
+
+def _finite(value):
+    """NaN and infinities become null: they are not JSON, and strict parsers reject them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, default=_json_default, indent=1, allow_nan=False) + "\n")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=_json_default, allow_nan=False) + "\n")
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace `target` by `staging`: two renames in one directory, the old copy removed last."""
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, target)
