@@ -679,13 +679,17 @@ def _largest_split_change(changes: dict[str, float]) -> str:
 @click.option("--finetune-steps", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--tokens", type=click.IntRange(min=1), default=32_768, show_default=True,
               help="Tokens collected per checkpoint.")
+@click.option("--artifacts", "artifacts_out", type=click.Path(file_okay=False),
+              default="artifacts", show_default=True, help="Root of the artifact layout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def demo_command(ctx, steps, finetune_steps, tokens, quiet):
+def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
     """Run the main job end to end on the built-in default.
 
     Trains `demo`, fine-tunes `demo-ft` from its last checkpoint, collects layer_2_post_mlp and
-    final_norm for every checkpoint of both, and prints a summary from the warehouse.
+    final_norm for every checkpoint of both, trains a crosscoder on the pair, fits shared bases
+    on demo's checkpoints (sweep, births, compare), patches and traces the features that changed
+    most, exports graphs, plots, the artifact layout and reports, and prints a summary.
 
     \b
     Example:
@@ -695,7 +699,8 @@ def demo_command(ctx, steps, finetune_steps, tokens, quiet):
 
     _threads(ctx)
     summary = run_demo(steps=steps, finetune_steps=finetune_steps, tokens=tokens,
-                       warehouse=_warehouse(ctx), progress=not quiet,
+                       warehouse=_warehouse(ctx), artifacts_out=artifacts_out,
+                       progress=not quiet,
                        log=lambda text: click.echo(text, err=True))
     click.echo(summary)
 
@@ -834,6 +839,135 @@ def stages_command(ctx, run, as_json):
         _emit_json(names)
     else:
         click.echo("\n".join(names))
+
+
+@cli.group("export")
+def export_group():
+    """Graphs and plots of a shared basis, built from warehouse queries."""
+
+
+@export_group.command("graphs")
+@click.option("--basis", required=True, help="Shared basis to export.")
+@click.option("--step", default="all", show_default=True, metavar="all|STEP|LAST",
+              help="One graph over every step with lineage or patches, or one step's.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory [default: WAREHOUSE/exports/BASIS/graphs].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_graphs_command(ctx, basis, step, out, as_json):
+    """Export a basis's feature graph as node-link JSON, GraphML and attribution-graph JSON.
+
+    Nodes: features (with birth step and top tokens), attention heads, MLP neurons, the
+    embedding, output tokens, checkpoints and each checkpoint's reconstruction error. Edges:
+    lineage (component -> feature), flows_to (feature -> feature across stages), born_at,
+    patch_effect and dla, each with weight, method and step. GraphML opens in Gephi and
+    Cytoscape; the attribution graph follows the circuit-tracer / Neuronpedia layout with steps.
+
+    \b
+    Examples:
+      featurestore export graphs --basis demo-l2
+      featurestore export graphs --basis demo-fn --step LAST --out graphs/ --json
+    """
+    from featurestore.queries.graphs import export_graphs
+
+    result = export_graphs(basis, step=step, out=out, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"graph of {basis!r} written to {result.out} in {result.seconds:.1f}s")
+    click.echo("nodes: " + ", ".join(f"{k} {v}" for k, v in result.node_counts.items()))
+    click.echo("edges: " + ", ".join(f"{k} {v}" for k, v in result.edge_counts.items()))
+
+
+@export_group.command("plots")
+@click.option("--basis", required=True, help="Basis to plot (shared, or a crosscoder).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory [default: WAREHOUSE/exports/BASIS/plots].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_plots_command(ctx, basis, out, as_json):
+    """Export every plot a basis has data for: spec + data JSON, PNG, SVG and HTML.
+
+    Trajectories, the feature x checkpoint heatmap ordered by birth, the birth timeline with its
+    null band, the compare scatter, patch effects with their reconstruction error, the relative
+    decoder norm histogram (crosscoders), training curves and checkpoint summaries. The HTML is
+    self-contained (no network needed); the JSON holds the Vega-Lite spec with its data inline.
+
+    \b
+    Examples:
+      featurestore export plots --basis demo-l2
+      featurestore export plots --basis demo-diff --out plots/ --json
+    """
+    from featurestore.queries.plots import export_plots
+
+    result = export_plots(basis, out=out, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"{len(result.written)} plots of {basis!r} written to {result.out} in "
+               f"{result.seconds:.1f}s: {', '.join(result.written)}")
+    for name, reason in result.skipped.items():
+        click.echo(f"  skipped {name}: {reason}")
+
+
+@cli.command("export-artifacts")
+@click.option("--basis", required=True, help="Shared basis to export.")
+@click.option("--out", type=click.Path(file_okay=False), default="artifacts", show_default=True,
+              help="Root of the layout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_artifacts_command(ctx, basis, out, as_json):
+    """Write a shared basis as the analysis plan's file layout.
+
+    Under OUT/runs/RUN/analysis/shared_features/STAGE/: the weights (shared_feature_basis.pt,
+    torch.load(weights_only=True)), the basis and feature descriptions, trajectories (JSONL),
+    checkpoint summaries, split profiles, births, compares, patches and lineage per step, and
+    the graphs/ and plots/ exports. Built whole beside the old layout and swapped in.
+
+    \b
+    Examples:
+      featurestore export-artifacts --basis demo-l2
+      featurestore export-artifacts --basis demo-fn --out /data/artifacts --json
+    """
+    from featurestore.queries.artifacts import export_artifacts
+
+    result = export_artifacts(basis, out=out, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"{len(result.files)} files of {basis!r} in {result.directory} "
+               f"({result.seconds:.1f}s)")
+
+
+@cli.command("report")
+@click.option("--basis", required=True, help="Shared basis to report on.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory [default: WAREHOUSE/exports/BASIS/report].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def report_command(ctx, basis, out, as_json):
+    """Write the milestone report of one stage's basis as HTML and Markdown.
+
+    Fit quality, which features are born when (against the shuffled-order null), stability
+    across seeds, which features are causally important (patch effects beside the
+    reconstruction error) and which components build them (lineage), each section with the SQL
+    behind it and its plots inline.
+
+    \b
+    Examples:
+      featurestore report --basis demo-l2
+      featurestore report --basis demo-fn --out reports/ --json
+    """
+    from featurestore.queries.report import write_report
+
+    result = write_report(basis, out=out, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"report of {basis!r}: {result.html} and {result.markdown} "
+               f"({result.seconds:.1f}s)")
+    for title, rows in result.sections.items():
+        click.echo(f"  {title}: {rows} rows" if rows else f"  {title}: no data yet")
 
 
 @cli.group("catalog")

@@ -5,7 +5,8 @@ stages for every checkpoint of both runs on one shared token set, trains a Batch
 on the base / fine-tuned pair at layer_2_post_mlp, fits a shared feature basis per stage on the
 demo run's checkpoints (sweep, births, first-vs-last compare), patches the features of
 demo-l2 that changed most into the last checkpoint's model, maps them to the heads and neurons
-that write them, and summarises the warehouse.
+that write them (and demo-fn's features to demo-l2's), exports graphs, plots, the artifact layout
+and a milestone report per basis, and summarises the warehouse.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
+from featurestore.queries.artifacts import DEFAULT_OUT, export_artifacts
+from featurestore.queries.report import write_report
 from featurestore.warehouse import connect
 
 BASE_RUN = "demo"
@@ -87,23 +90,24 @@ SUMMARY_QUERIES = {
 
 
 def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_STEPS,
-             tokens: int = 32_768, warehouse: str | None = None, progress: bool = True,
+             tokens: int = 32_768, warehouse: str | None = None,
+             artifacts_out: str = DEFAULT_OUT, progress: bool = True,
              log: Callable[[str], None] = print) -> str:
     """Run the whole pipeline; returns the text summary."""
-    log(f"[1/7] training {BASE_RUN!r}")
+    log(f"[1/8] training {BASE_RUN!r}")
     trained = train_model(BASE_RUN, steps=steps, warehouse=warehouse, progress=progress)
     log(f"      {trained.steps} steps, {len(trained.checkpoint_steps)} checkpoints, "
         f"{trained.seconds:.1f}s")
-    log(f"[2/7] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
+    log(f"[2/8] fine-tuning {FINETUNED_RUN!r} from {BASE_RUN}@LAST")
     tuned = finetune(FINETUNED_RUN, f"{BASE_RUN}@LAST", steps=finetune_steps,
                      warehouse=warehouse, progress=progress)
     log(f"      {tuned.steps} steps, {tuned.seconds:.1f}s")
     for number, run in ((3, BASE_RUN), (4, FINETUNED_RUN)):
-        log(f"[{number}/7] collecting {', '.join(STAGES)} for {run!r}")
+        log(f"[{number}/8] collecting {', '.join(STAGES)} for {run!r}")
         result = collect(run, list(STAGES), tokens=tokens, warehouse=warehouse,
                          progress=progress)
         log(f"      {len(result.sets)} sets, {result.tokens_per_second:,.0f} tokens/s")
-    log(f"[5/7] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
+    log(f"[5/8] training crosscoder {DIFF_BASIS!r} on {BASE_RUN} vs {FINETUNED_RUN} "
         f"at {DIFF_STAGE}")
     diff = train_crosscoder_job(
         DIFF_BASIS,
@@ -113,7 +117,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
     log(f"      {diff.steps} steps, {diff.seconds:.1f}s, explained variance "
         f"{diff.final_metrics['explained_variance']:.3f}")
     for stage, name in SHARED_BASES.items():
-        log(f"[6/7] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
+        log(f"[6/8] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
         fit = shared_feature_fit(BASE_RUN, stage, name, steps=SHARED_FIT_STEPS,
                                  warehouse=warehouse, progress=progress)
         explained = fit.fit_quality["explained_variance"].values()
@@ -128,7 +132,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
         compare_features(name, trained.checkpoint_steps[0], trained.checkpoint_steps[-1],
                          warehouse=warehouse)
     first, last = trained.checkpoint_steps[0], trained.checkpoint_steps[-1]
-    log(f"[7/7] patching the {PATCH_FEATURES} features of {PATCH_BASIS!r} that changed most "
+    log(f"[7/8] patching the {PATCH_FEATURES} features of {PATCH_BASIS!r} that changed most "
         f"from step {first} to {last}, and their lineage")
     patched = feature_patch(PATCH_BASIS, first, last, features=f"top:{PATCH_FEATURES}",
                             tokens=PATCH_TOKENS, warehouse=warehouse, progress=progress)
@@ -138,6 +142,14 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
     lineage = feature_lineage(PATCH_BASIS, steps=str(last), features=",".join(
         map(str, patched.features)), warehouse=warehouse, progress=progress)
     log(f"      lineage at step {last}: {lineage.edges} edges, {lineage.seconds:.1f}s")
+    feature_lineage(SHARED_BASES["final_norm"], steps=str(last), upstream=PATCH_BASIS,
+                    warehouse=warehouse, progress=progress)
+    log("[8/8] exporting graphs, plots, the artifact layout and the milestone reports")
+    for name in SHARED_BASES.values():
+        artifacts = export_artifacts(name, out=artifacts_out, warehouse=warehouse)
+        report = write_report(name, warehouse=warehouse)
+        log(f"      {name}: {len(artifacts.files)} files in {artifacts.directory}")
+        log(f"      {name}: report {report.html} ({artifacts.seconds + report.seconds:.1f}s)")
     return summary(warehouse)
 
 

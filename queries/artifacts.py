@@ -17,7 +17,7 @@ Teams that read files rather than the warehouse get, under
     feature_compare_<source>_vs_<target>.json  diffs rows of one pair, one file per pair
     feature_patch_<source>_vs_<target>.json  patches rows of one pair, one file per pair
     feature_lineage_<step>.json              lineage_edges rows of one checkpoint
-    graphs/                                  export_graphs: node-link JSON, GraphML, attribution graph
+    graphs/                                  export_graphs: node-link, GraphML, attribution JSON
     plots/                                   export_plots: JSON spec + data, PNG, SVG, HTML
 
 Every file is written from the warehouse by a SQL query. The stage directory is built whole in a

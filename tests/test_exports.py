@@ -1,0 +1,150 @@
+"""export-artifacts and report on the fully analysed tiny run: every file of the layout exists,
+parses and matches the warehouse; the report answers every section; the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from featurestore.cli import cli
+from featurestore.errors import NotFoundError
+from featurestore.queries.artifacts import export_artifacts
+from featurestore.queries.report import SECTIONS, write_report
+from featurestore.warehouse import Warehouse, connect
+
+from .conftest import TINY_RUN
+
+
+def query(root, sql, params=()):
+    con = connect(root)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def exported(analysed_warehouse, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts")
+    return analysed_warehouse, out, export_artifacts("tiny-l2", out=out,
+                                                     warehouse=analysed_warehouse)
+
+
+def test_every_artifact_file_is_written_and_parses(exported):
+    root, out, result = exported
+    directory = out / "runs" / TINY_RUN / "analysis" / "shared_features" / "layer_2_post_mlp"
+    assert result.directory == str(directory)
+    (source, target), = query(root, "SELECT DISTINCT source_step, target_step FROM diffs "
+                                    "WHERE basis = 'tiny-l2'")
+    (patch_pair,) = query(root, "SELECT DISTINCT source_step, target_step FROM patches "
+                                "WHERE basis = 'tiny-l2'")
+    (lineage_step,), = query(root, "SELECT DISTINCT step FROM lineage_edges "
+                                   "WHERE basis = 'tiny-l2'")
+    expected = {
+        "shared_feature_basis.pt", "shared_feature_basis.json",
+        "shared_feature_basis_features.json", "feature_trajectories.jsonl",
+        "feature_checkpoint_summary.json", "feature_split_profiles.json", "feature_births.json",
+        "feature_birth_summary.json", f"feature_compare_{source}_vs_{target}.json",
+        "feature_patch_{}_vs_{}.json".format(*patch_pair),
+        f"feature_lineage_{lineage_step}.json"}
+    assert expected <= set(result.files)
+    assert any(f.startswith("graphs/") and f.endswith(".graphml") for f in result.files)
+    assert any(f.startswith("plots/") and f.endswith(".png") for f in result.files)
+    for name in result.files:
+        path = directory / name
+        if name.endswith(".json"):
+            json.loads(path.read_text())  # strict: NaN would fail below too
+            assert "NaN" not in path.read_text()
+        elif name.endswith(".jsonl"):
+            for line in path.read_text().splitlines():
+                json.loads(line)
+    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_artifact_contents_match_the_warehouse(exported):
+    root, out, result = exported
+    directory = out / "runs" / TINY_RUN / "analysis" / "shared_features" / "layer_2_post_mlp"
+    lines = (directory / "feature_trajectories.jsonl").read_text().splitlines()
+    (count,), = query(root, "SELECT count(*) FROM trajectories WHERE basis = 'tiny-l2'")
+    assert len(lines) == count
+    row = json.loads(lines[5])
+    (rate,), = query(root, "SELECT activation_rate FROM trajectories WHERE basis = 'tiny-l2' "
+                           "AND feature_id = ? AND step = ?", [row["feature_id"], row["step"]])
+    assert row["activation_rate"] == rate
+
+    births = json.loads((directory / "feature_births.json").read_text())
+    stored = query(root, "SELECT feature_id, birth_step FROM births WHERE basis = 'tiny-l2' "
+                         "ORDER BY ALL")
+    assert sorted((b["feature_id"], b["birth_step"]) for b in births) == sorted(stored)
+
+    lineage_file = next(directory.glob("feature_lineage_*.json"))
+    edges = json.loads(lineage_file.read_text())
+    step = int(lineage_file.stem.rsplit("_", 1)[1])
+    assert len(edges) == query(root, "SELECT count(*) FROM lineage_edges WHERE basis = "
+                                     "'tiny-l2' AND step = ?", [step])[0][0]
+
+    basis = json.loads((directory / "shared_feature_basis.json").read_text())
+    assert basis["name"] == "tiny-l2" and basis["stage"] == "layer_2_post_mlp"
+    weights = torch.load(directory / "shared_feature_basis.pt", weights_only=True)
+    (path,), = query(root, "SELECT path FROM bases WHERE name = 'tiny-l2'")
+    stored_weights = load_file(Warehouse(root).path(path) / "crosscoder.safetensors")
+    np.testing.assert_array_equal(weights["W_enc"].numpy(), stored_weights["W_enc"])
+    steps = [s["step"] for s in sorted(basis["sources"], key=lambda s: s["step"])]
+    assert weights["steps"].tolist() == steps and len(weights["norm_scales"]) == len(steps)
+
+
+def test_rerunning_replaces_the_layout_and_bad_bases_write_nothing(exported, tmp_path):
+    root, _, first = exported
+    again = export_artifacts("tiny-l2", out=tmp_path, warehouse=root)
+    assert again.files == first.files
+    stale = tmp_path.joinpath(again.directory, "stale.json")
+    stale.write_text("{}")
+    export_artifacts("tiny-l2", out=tmp_path, warehouse=root)
+    assert not stale.exists()
+    with pytest.raises(NotFoundError, match="--basis 'nope': no such basis"):
+        export_artifacts("nope", out=tmp_path / "other", warehouse=root)
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_report_answers_every_section(analysed_warehouse, tmp_path):
+    result = write_report("tiny-l2", out=tmp_path, warehouse=analysed_warehouse)
+    page = (tmp_path / "report.html").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    for section in SECTIONS:
+        assert f"<h2>{section.title}</h2>" in page and f"## {section.title}" in markdown
+        assert section.sql.splitlines()[0] in markdown  # the SQL behind it is shown
+    assert result.sections["Causal importance"] > 0 and result.sections["Lineage"] > 0
+    assert result.sections["Births"] > 0 and result.sections["Fit quality"] > 0
+    # tiny-l2 was fitted with one seed: the section says how to measure stability.
+    assert result.sections["Stability"] == 0 and "--seeds 3" in markdown
+    assert page.count("data:image/png;base64,") >= 3 and "<script src=" not in page
+    assert "(plots/birth_timeline.png)" in markdown
+    assert (tmp_path / "plots" / "birth_timeline.png").exists()
+    # The tables are the query's rows: the first fit-quality row is the first checkpoint's.
+    (step, variance), = query(analysed_warehouse, "SELECT step, round(explained_variance, 4) "
+                                                  "FROM checkpoint_summary WHERE basis = "
+                                                  "'tiny-l2' ORDER BY step LIMIT 1")
+    assert f"| {step} | {variance:.4g} |" in markdown
+
+
+def test_cli_exports_report_json(analysed_warehouse, tmp_path):
+    root = tmp_path / "warehouse"
+    shutil.copytree(analysed_warehouse, root)
+    runner = CliRunner()
+    for args in (["export", "graphs", "--basis", "tiny-fn"],
+                 ["export", "plots", "--basis", "tiny-fn"],
+                 ["export-artifacts", "--basis", "tiny-fn", "--out", str(tmp_path / "art")],
+                 ["report", "--basis", "tiny-fn"]):
+        result = runner.invoke(cli, ["--warehouse", str(root), *args, "--json"])
+        assert result.exit_code == 0, (args, result.output)
+        json.loads(result.output)
+    assert (root / "exports" / "tiny-fn" / "graphs").is_dir()
+    assert (root / "exports" / "tiny-fn" / "report" / "report.html").exists()
+    result = runner.invoke(cli, ["--warehouse", str(root), "report", "--basis", "nope"])
+    assert result.exit_code == 1 and "no shared basis of that name" in result.output
