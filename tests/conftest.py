@@ -48,6 +48,17 @@ def warehouse_copy(trained_warehouse, tmp_path) -> Path:
     return copy
 
 
+def query(root: Path, sql: str, params=()) -> list[tuple]:
+    """Rows of one query on a fresh connection to the warehouse at `root`."""
+    from featurestore.warehouse import connect
+
+    con = connect(root)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under a warehouse (but the lock and tmp/) with its contents."""
     return {

@@ -16,17 +16,9 @@ from featurestore.cli import cli
 from featurestore.errors import NotFoundError
 from featurestore.queries.artifacts import export_artifacts
 from featurestore.queries.report import SECTIONS, write_report
-from featurestore.warehouse import Warehouse, connect
+from featurestore.warehouse import Warehouse
 
-from .conftest import TINY_RUN
-
-
-def query(root, sql, params=()):
-    con = connect(root)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from .conftest import TINY_RUN, query
 
 
 @pytest.fixture(scope="module")

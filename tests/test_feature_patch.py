@@ -22,22 +22,14 @@ from featurestore.ingest.feature_patch import feature_patch
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.tasks import SyntheticTask, TaskConfig
-from featurestore.warehouse import Warehouse, connect
+from featurestore.warehouse import Warehouse
 
-from .conftest import TINY_RUN, snapshot
+from .conftest import TINY_RUN, query, snapshot
 
 STAGE = "layer_2_post_mlp"
 FIT = dict(dict_size=64, k=4, steps=150, batch_size=256, progress=False,
            min_explained_variance=-1.0, max_active_fraction=1.0, max_dead_fraction=1.0)
 SPLIT, N_SEQUENCES = "modular", 8
-
-
-def query(root, sql, params=()):
-    con = connect(root)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,7 @@ from featurestore.ingest.train_model import finetune, train_model
 from featurestore.registry import get_activation_set_row, open_activation_set
 from featurestore.warehouse import Warehouse, connect
 
-from .conftest import STAGES, TINY_D_MODEL, TINY_RUN, TINY_STEPS, TINY_TOKENS, snapshot
-
-
-def query(root, sql, params=()):
-    con = connect(root)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from .conftest import STAGES, TINY_D_MODEL, TINY_RUN, TINY_STEPS, TINY_TOKENS, query, snapshot
 
 
 def test_training_registers_log_spaced_checkpoints_with_metrics(trained_warehouse):

@@ -19,7 +19,7 @@ from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.warehouse import Warehouse, connect
 
-from .conftest import TINY_RUN, snapshot
+from .conftest import TINY_RUN, query, snapshot
 
 STAGE = "layer_2_post_mlp"
 # Small and quick; the bounds are relaxed because 20 training steps leave the tiny model's
@@ -48,14 +48,6 @@ def swept(tmp_path_factory, trained_warehouse):
     fit = shared_feature_fit(TINY_RUN, STAGE, "tiny-l2", checkpoints=steps, warehouse=root, **FIT)
     sweep = feature_trajectory_sweep("tiny-l2", warehouse=root, progress=False)
     return root, fit, sweep
-
-
-def query(root, sql, params=()):
-    con = connect(root)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 def numpy_codes(root, step: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
