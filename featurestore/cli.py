@@ -63,7 +63,7 @@ def cli(ctx: click.Context, warehouse: str | None, threads: int | None) -> None:
 
     \b
     Quick start:
-      featurestore demo                        # train, fine-tune, collect, summarise
+      featurestore demo                        # the whole pipeline on a model it trains
       featurestore tables                      # what the warehouse holds
       featurestore sql "SELECT * FROM run_summary"
     """
