@@ -59,6 +59,10 @@ PARTITIONS = "_partitions"
 # Partitioned tables are large: rows sorted by the table's sort_by columns in row groups this
 # size, so a filter on the first sort column reads only the row groups whose min/max cover it.
 PARTITION_ROW_GROUP = 65_536
+# Unpartitioned tables are sorted by their key; smaller row groups let a lookup of one key
+# prefix (one feature's trajectory among 3M rows) decompress one group of this size, not a
+# million rows (bench_warehouse_scale: 66 ms with pyarrow's default groups).
+TABLE_ROW_GROUP = 16_384
 PARTITION_KEY_METADATA = b"featurestore.partition"
 RETIRED = "_retired"
 # A replaced Parquet file stays on disk this long, so connections opened before the replacing
@@ -639,7 +643,7 @@ class Writer:
     def _write_parquet(self, table: str, rows: pa.Table) -> str:
         """Write to tmp/, fsync, rename into tables/<table>/ under a new, time-ordered name."""
         temp = self.warehouse.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
-        pq.write_table(rows, temp, compression="zstd")
+        pq.write_table(rows, temp, compression="zstd", row_group_size=TABLE_ROW_GROUP)
         _fsync_file(temp)
         return self._move_into_tables(table, temp)
 
