@@ -1,7 +1,8 @@
 """Run the benchmarks and print what they measured.
 
-    python benchmarks/run.py              # every bench_*.py here: about 6 minutes on 2 cores
-    python benchmarks/run.py --quick      # smaller inputs, fewer repeats: under a minute
+    python benchmarks/run.py              # every bench_*.py here: about 25 minutes on 2 cores,
+                                          # 15 of them warehouse_scale (105M rows; --quick: 1)
+    python benchmarks/run.py --quick      # smaller inputs, fewer repeats: about 5 minutes
     python benchmarks/run.py --only collect
     python benchmarks/run.py --threads 1  # torch threads (default 2)
 
