@@ -60,6 +60,21 @@ class TokenColumns:
     def __len__(self) -> int:
         return len(self.sequence_id)
 
+    def sequences(self, name: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids [n_sequences, length], each sequence's split): the model inputs these rows
+        were read from, rebuilt in (sequence, position) order. `purpose` says who needs them, for
+        the error when sequences differ in length."""
+        order = np.lexsort((self.position, self.sequence_id))
+        _, lengths = np.unique(np.asarray(self.sequence_id)[order], return_counts=True)
+        if len(set(lengths.tolist())) != 1:
+            raise FeaturestoreError(
+                f"activation set {name} holds sequences of different lengths; {purpose} needs "
+                "equal-length sequences to rebuild the model's input")
+        length = int(lengths[0])
+        token_ids = np.asarray(self.token_id)[order].reshape(-1, length)
+        splits = np.asarray(self.split)[order].reshape(-1, length)[:, 0].astype(str)
+        return token_ids, splits
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for column in (self.sequence_id, self.position, self.token_id):

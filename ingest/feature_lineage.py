@@ -314,20 +314,13 @@ def _set_tokens(acts, n_tokens: int, reader: StageReader) -> torch.Tensor:
     sequences covering n_tokens, for runs without a demo task to sample from."""
     import torch
 
-    columns = acts.token_columns()
-    order = np.lexsort((columns.position, columns.sequence_id))
-    _, lengths = np.unique(np.asarray(columns.sequence_id)[order], return_counts=True)
-    if len(set(lengths.tolist())) != 1:
-        raise FeaturestoreError(
-            f"activation set {acts.name} holds sequences of different lengths; lineage needs "
-            "equal-length sequences to rebuild the model's input")
-    length = int(lengths[0])
+    token_ids, _ = acts.token_columns().sequences(acts.name, "lineage")
+    length = token_ids.shape[1]
     n_ctx = reader.module.config.n_ctx
     if length > n_ctx:
         raise FeaturestoreError(
             f"activation set {acts.name} holds sequences of {length} tokens, longer than the "
             f"model's context of {n_ctx}")
-    token_ids = np.asarray(columns.token_id)[order].reshape(-1, length)
     if token_ids.max() >= reader.vocab_size:
         raise FeaturestoreError(
             f"activation set {acts.name} holds token ids up to {token_ids.max()}, outside the "

@@ -24,8 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.warehouse import Warehouse, utc_now
 
@@ -102,9 +100,8 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     target_reader = open_reader(run, by_step[target])
     target_reader.site(shared.stage)  # a stage the model lacks fails here, before any work
     source_reader = open_reader(run, by_step[source]) if mode == "patch" else None
-    patch_tokens = _patch_tokens(run, sets[steps.index(target)], tokens, splits, seed)
-
     c_source, c_target = steps.index(source), steps.index(target)
+    patch_tokens = _patch_tokens(run, sets[c_target], tokens, splits, seed)
     scale_target = shared.checkpoints[c_target].norm_scale
     scale_source = shared.checkpoints[c_source].norm_scale
     decoder = torch.from_numpy(shared.decoder_directions(c_target)).float()  # [h, d]
@@ -128,11 +125,11 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
                 x_source, _ = source_reader.run_with(batch, shared.stage)
                 f_source, _ = shared.encode(
                     [x_source.reshape(-1, x.shape[-1]) * scale_source], c_source)
-            sums.add_site(flat, x_hat / scale_target)
-            sums.add(None, clean_logits, clean_logits, batch, graded)
-            _, spliced_logits = target_reader.run_with(
-                batch, shared.stage, (x_hat / scale_target).reshape(x.shape))
-            sums.add("spliced", clean_logits, spliced_logits, batch, graded)
+            x_hat = x_hat / scale_target  # raw units, as the model's own activations
+            sums.begin_batch(flat, x_hat, clean_logits, batch, graded)
+            _, spliced_logits = target_reader.run_with(batch, shared.stage,
+                                                       x_hat.reshape(x.shape))
+            sums.add("spliced", spliced_logits)
             for i, feature_set in enumerate(feature_sets):
                 old = f_target[:, feature_set]
                 if mode == "patch":
@@ -146,7 +143,7 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
                 delta = (new - old) @ decoder[feature_set] / scale_target
                 _, patched_logits = target_reader.run_with(
                     batch, shared.stage, x + delta.reshape(x.shape))
-                sums.add(i, clean_logits, patched_logits, batch, graded)
+                sums.add(i, patched_logits)
             bar.update(1)
         per_split[split] = sums
         rows += sums.rows(split, feature_sets, patch_tokens.has_task)
@@ -189,29 +186,35 @@ class _SplitSums:
         self.kl = dict.fromkeys(keys, 0.0)
         self.logit_diff = dict.fromkeys(keys, 0.0)
 
-    def add_site(self, x, x_hat) -> None:
+    def begin_batch(self, x, x_hat, clean_logits, tokens, graded) -> None:
+        """Count a batch's site error and clean metrics; keep what every pass of the batch is
+        compared with (the clean next-token distribution, the targets, the graded positions)."""
+        import torch.nn.functional as F
+
         x, error = x.double(), (x - x_hat).double()
         norms, error_norms = x.norm(dim=1), error.norm(dim=1)
         self.n_tokens += len(x)
         self.relative_error += float((error_norms / norms.clamp_min(1e-12)).sum())
         self.error_norm += float(error_norms.sum())
         self.site_norm += float(norms.sum())
+        targets = tokens[:, 1:]
+        self.n_positions += targets.numel()
+        self.n_graded += int(graded.sum())
+        self._clean_log_p = F.log_softmax(clean_logits[:, :-1].double(), dim=-1)
+        self._targets, self._graded = targets, graded
+        self.add(None, clean_logits)
 
-    def add(self, key, clean_logits, logits, tokens, graded) -> None:
+    def add(self, key, logits) -> None:
+        """Metrics of one pass of the current batch (key: None clean, "spliced", or a set)."""
         import torch.nn.functional as F
 
         logits = logits[:, :-1].double()
-        clean = clean_logits[:, :-1].double()
-        targets = tokens[:, 1:]
-        if key is None:  # the clean pass counts the positions once
-            self.n_positions += targets.numel()
-            self.n_graded += int(graded.sum())
+        targets, graded = self._targets, self._graded
         log_p = F.log_softmax(logits, dim=-1)
         self.loss[key] += float(F.nll_loss(log_p.flatten(0, 1), targets.flatten(),
                                            reduction="sum"))
         self.correct[key] += float(((logits.argmax(-1) == targets) & graded).sum())
-        clean_log_p = F.log_softmax(clean, dim=-1)
-        self.kl[key] += float((clean_log_p.exp() * (clean_log_p - log_p)).sum())
+        self.kl[key] += float((self._clean_log_p.exp() * (self._clean_log_p - log_p)).sum())
         correct_logit = logits.gather(-1, targets[..., None])[..., 0]
         others = logits.scatter(-1, targets[..., None], float("-inf")).amax(-1)
         self.logit_diff[key] += float(((correct_logit - others) * graded).sum())
@@ -327,17 +330,8 @@ def _patch_tokens(run, acts, n_tokens: int, splits: str | None, seed: int) -> Pa
         return PatchTokens({s: b.tokens for s, b in batches.items()},
                            {s: b.scored[:, :-1] for s, b in batches.items()}, has_task=True)
 
-    columns = acts.token_columns()
-    order = np.lexsort((columns.position, columns.sequence_id))
-    sequence = np.asarray(columns.sequence_id)[order]
-    lengths = np.unique(np.unique(sequence, return_counts=True)[1])
-    if len(lengths) != 1:
-        raise FeaturestoreError(
-            f"activation set {acts.name} holds sequences of different lengths; feature-patch "
-            "needs equal-length sequences to rebuild the model's input")
-    length = int(lengths[0])
-    token_ids = np.asarray(columns.token_id)[order].reshape(-1, length)
-    split_of = np.asarray(columns.split)[order].reshape(-1, length)[:, 0].astype(str)
+    token_ids, split_of = acts.token_columns().sequences(acts.name, "feature-patch")
+    length = token_ids.shape[1]
     names = wanted or sorted(set(split_of))
     unknown = [s for s in names if s not in set(split_of)]
     if unknown:
