@@ -14,7 +14,7 @@ import duckdb
 
 from featurestore.activations import ActivationSet
 from featurestore.errors import FeaturestoreError, InvalidActivationsError, NotFoundError
-from featurestore.warehouse import Warehouse
+from featurestore.warehouse import Warehouse, records
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,8 @@ class Checkpoint:
     path: Path | None  # absolute; None for runs without a model
 
 
-def _records(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict]:
-    cursor = con.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
 def get_run(con: duckdb.DuckDBPyConnection, run: str) -> Run:
-    rows = _records(con, "SELECT * FROM runs WHERE run = ?", [run])
+    rows = records(con, "SELECT * FROM runs WHERE run = ?", [run])
     if not rows:
         known = [r for (r,) in con.execute("SELECT run FROM runs ORDER BY run").fetchall()]
         raise NotFoundError(
@@ -111,7 +105,7 @@ def get_checkpoints(warehouse: Warehouse, con: duckdb.DuckDBPyConnection, run: s
 
 
 def get_activation_set_row(con: duckdb.DuckDBPyConnection, name: str) -> dict:
-    rows = _records(con, "SELECT * FROM activation_sets WHERE name = ?", [name])
+    rows = records(con, "SELECT * FROM activation_sets WHERE name = ?", [name])
     if not rows:
         raise NotFoundError(
             f"no activation set named {name!r}; list them with "
@@ -124,7 +118,7 @@ def get_activation_set_row(con: duckdb.DuckDBPyConnection, name: str) -> dict:
 def get_stage_activation_sets(con: duckdb.DuckDBPyConnection, run: str,
                               stage: str) -> dict[int, dict]:
     """Step -> activation_sets row of every set collected for `run` at `stage`."""
-    rows = _records(con, "SELECT * FROM activation_sets WHERE run = ? AND stage = ?", [run, stage])
+    rows = records(con, "SELECT * FROM activation_sets WHERE run = ? AND stage = ?", [run, stage])
     return {row["step"]: row for row in rows}
 
 

@@ -730,6 +730,13 @@ def _close_connections() -> None:
         con.close()
 
 
+def records(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> list[dict]:
+    """A query's rows as dicts keyed by column name."""
+    cursor = con.execute(sql, params or [])
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
 def connect(warehouse: str | os.PathLike | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection on the warehouse (default: $FEATURESTORE_WAREHOUSE or ./warehouse).
 

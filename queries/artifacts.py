@@ -28,7 +28,6 @@ new one, never half of each; re-running replaces it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.queries.exports import json_records
 from featurestore.warehouse import Warehouse
 
 DEFAULT_OUT = "artifacts"
@@ -86,7 +86,7 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
 
 
 def _basis_row(con, basis: str) -> dict:
-    rows = _rows(con, "SELECT * FROM bases WHERE name = ?", [basis])
+    rows = json_records(con, "SELECT * FROM bases WHERE name = ?", [basis])
     if not rows:
         shared = [n for (n,) in con.execute(
             "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
@@ -110,25 +110,25 @@ def _write_tables(wh: Warehouse, con, basis: str, basis_row: dict, directory: Pa
         "final_metrics": json.loads(basis_row["final_metrics"] or "null")})
     by_basis = "WHERE basis = ? ORDER BY ALL"
     _write_json(directory / "shared_feature_basis_features.json",
-                _rows(con, f"SELECT * FROM features {by_basis}", [basis]))
+                json_records(con, f"SELECT * FROM features {by_basis}", [basis]))
     _write_jsonl(directory / "feature_trajectories.jsonl",
-                 _rows(con, "SELECT * FROM trajectories WHERE basis = ? "
+                 json_records(con, "SELECT * FROM trajectories WHERE basis = ? "
                             "ORDER BY feature_id, step", [basis]))
     for name, table in (("feature_checkpoint_summary", "checkpoint_summary"),
                         ("feature_split_profiles", "split_profiles"),
                         ("feature_births", "births"), ("feature_birth_summary", "birth_summary")):
         _write_json(directory / f"{name}.json",
-                    _rows(con, f"SELECT * FROM {table} {by_basis}", [basis]))
+                    json_records(con, f"SELECT * FROM {table} {by_basis}", [basis]))
     for prefix, table in (("feature_compare", "diffs"), ("feature_patch", "patches")):
         pairs = con.execute(f"SELECT DISTINCT source_step, target_step FROM {table} "
                             "WHERE basis = ? ORDER BY ALL", [basis]).fetchall()
         for source, target in pairs:
-            _write_json(directory / f"{prefix}_{source}_vs_{target}.json", _rows(
+            _write_json(directory / f"{prefix}_{source}_vs_{target}.json", json_records(
                 con, f"SELECT * FROM {table} WHERE basis = ? AND source_step = ? AND "
                      "target_step = ? ORDER BY ALL", [basis, source, target]))
     for (step,) in con.execute("SELECT DISTINCT step FROM lineage_edges WHERE basis = ? "
                                "ORDER BY step", [basis]).fetchall():
-        _write_json(directory / f"feature_lineage_{step}.json", _rows(
+        _write_json(directory / f"feature_lineage_{step}.json", json_records(
             con, "SELECT * FROM lineage_edges WHERE basis = ? AND step = ? "
                  "ORDER BY dst_id, method, src_type, rank", [basis, step]))
 
@@ -145,23 +145,6 @@ def _write_weights(wh: Warehouse, basis_row: dict, path: Path) -> None:
     tensors["norm_scales"] = torch.tensor([s["norm_scale"] for s in sources],
                                           dtype=torch.float64)
     torch.save(tensors, path)
-
-
-def _rows(con, sql: str, params: list) -> list[dict]:
-    cursor = con.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [{n: _finite(v) for n, v in zip(names, row)} for row in cursor.fetchall()]
-
-
-def _finite(value):
-    """NaN and infinities become null: they are not JSON, and strict parsers reject them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 def _json_default(value):

@@ -121,12 +121,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +131,8 @@ import duckdb
 import networkx as nx
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.queries.exports import write_atomic
+from featurestore.warehouse import records
 
 GRAPH_SCHEMA_VERSION = 1
 # circuit-tracer's frontend Metadata.schema_version.
@@ -239,14 +238,9 @@ def component_node(src_type: str, src_id: str) -> tuple[str, dict]:
 # -- reading the warehouse ---------------------------------------------------------------------
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> list[dict]:
-    cursor = con.execute(sql, params or [])
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
 def _basis_info(con: duckdb.DuckDBPyConnection, basis: str) -> dict:
-    found = _rows(con, "SELECT name, kind, run, stage, sources FROM bases WHERE name = ?", [basis])
+    found = records(con, "SELECT name, kind, run, stage, sources FROM bases WHERE name = ?",
+                    [basis])
     if not found:
         names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
         raise NotFoundError(
@@ -313,7 +307,7 @@ def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
         DEFAULT_STABLE_EPS,
     )
 
-    sets = _rows(con, """
+    sets = records(con, """
         SELECT * FROM (
             SELECT metric, threshold, persistence, stable_eps, stable_cos,
                    count(*) AS n_features
@@ -353,7 +347,7 @@ def _float(value) -> float | None:
 def _births(con: duckdb.DuckDBPyConnection, rule: dict | None) -> dict[int, dict]:
     if rule is None:
         return {}
-    rows = _rows(con, """
+    rows = records(con, """
         SELECT feature_id, birth_step, stabilization_step, death_step, present_at_init, drift
         FROM births
         WHERE basis = ? AND metric = ? AND threshold = ? AND persistence = ?
@@ -399,7 +393,7 @@ def _most_common(counts: Counter) -> list[int]:
 def _trajectory(con: duckdb.DuckDBPyConnection, basis: str, step: int | None) -> dict[int, dict]:
     if step is None:
         return {}
-    rows = _rows(con, """
+    rows = records(con, """
         SELECT feature_id, activation_rate, mean_active_activation, energy
         FROM trajectories WHERE basis = ? AND step = ? ORDER BY feature_id""", [basis, step])
     return {int(r.pop("feature_id")): r for r in rows}
@@ -457,7 +451,7 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
     examples_step = steps[-1] if steps else (info["steps"][-1] if info["steps"] else None)
 
     # Checkpoints of the basis.
-    checkpoint_rows = {int(r["step"]): r for r in _rows(con, """
+    checkpoint_rows = {int(r["step"]): r for r in records(con, """
         SELECT step, train_loss, heldout_loss, train_accuracy, heldout_accuracy
         FROM checkpoints WHERE run = ?""", [run])}
     for s in info["steps"]:
@@ -506,7 +500,7 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
     # Attributes of upstream features that flows_to edges name.
     upstream_info = []
     for up in sorted(upstream_features):
-        up_found = _rows(con, "SELECT stage FROM bases WHERE name = ?", [up])
+        up_found = records(con, "SELECT stage FROM bases WHERE name = ?", [up])
         up_stage = up_found[0]["stage"] if up_found else None
         up_rule = _births_rule(con, up)
         ids = sorted(upstream_features[up])
@@ -535,11 +529,11 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
 
 def _add_recon_nodes(con: duckdb.DuckDBPyConnection, G: nx.MultiDiGraph, basis: str,
                      steps: list[int]) -> None:
-    summary = {int(r.pop("step")): r for r in _rows(con, """
+    summary = {int(r.pop("step")): r for r in records(con, """
         SELECT step, explained_variance, relative_reconstruction_error, l0, dead_fraction
         FROM checkpoint_summary WHERE basis = ? ORDER BY step""", [basis])}
     patch_errors: dict[int, dict[str, dict]] = {}
-    for r in _rows(con, """
+    for r in records(con, """
             SELECT target_step, split, avg(recon_rel_error) AS recon_rel_error,
                    avg(error_norm_share) AS error_norm_share,
                    avg(spliced_loss_delta) AS spliced_loss_delta
@@ -568,7 +562,7 @@ def _add_lineage_edges(con: duckdb.DuckDBPyConnection, G: nx.MultiDiGraph, basis
     """lineage, flows_to and dla edges; the distinct pruning values and upstream features."""
     if not steps:
         return [], {}
-    rows = _rows(con, """
+    rows = records(con, """
         SELECT step, src_type, src_id, dst_type, dst_id, weight, method, rank, pruning
         FROM lineage_edges
         WHERE basis = ? AND list_contains(?::BIGINT[], step)
@@ -624,7 +618,7 @@ def _add_patch_edges(con: duckdb.DuckDBPyConnection, G: nx.MultiDiGraph, basis: 
                      steps: list[int]) -> None:
     if not steps:
         return
-    rows = _rows(con, """
+    rows = records(con, """
         SELECT source_step, target_step, mode, scale, feature_ids[1] AS feature_id, split,
                metric, clean, patched, delta, recon_rel_error, error_norm_share,
                spliced_loss_delta, n_tokens
@@ -848,36 +842,13 @@ def _attribution_node(G: nx.MultiDiGraph, n: str, step: int, ctx_idx: int, n_lay
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write `path` through a temporary file in the same folder, fsynced, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain file is not
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(data: dict, path: Path) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, allow_nan=False)
             f.write("\n")
 
-    _atomic_write(path, write)
+    write_atomic(path, write)
 
 
 def write_node_link(G: nx.MultiDiGraph, path: str | Path) -> Path:
@@ -889,7 +860,7 @@ def write_node_link(G: nx.MultiDiGraph, path: str | Path) -> Path:
 def write_graphml(G: nx.MultiDiGraph, path: str | Path) -> Path:
     path = Path(path)
     safe = graphml_safe(G)
-    _atomic_write(path, lambda tmp: nx.write_graphml(safe, tmp, infer_numeric_types=True))
+    write_atomic(path, lambda tmp: nx.write_graphml(safe, tmp, infer_numeric_types=True))
     return path
 
 

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 import altair as alt
@@ -34,6 +31,7 @@ import duckdb
 import vl_convert as vlc
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.queries.exports import json_records, write_atomic
 from featurestore.warehouse import Warehouse, package_version
 
 WIDTH = 480
@@ -58,7 +56,7 @@ def feature_trajectories(con: duckdb.DuckDBPyConnection, basis: str,
     """Activation rate over training of the `top` features with the largest peak energy (share of
     the reconstructed variance): the features that matter most at some point in training."""
     info = _basis(con, basis)
-    rows = _rows(con, """
+    rows = json_records(con, """
         WITH top AS (
             SELECT feature_id FROM trajectories WHERE basis = ?
             GROUP BY feature_id ORDER BY max(energy) DESC, feature_id LIMIT ?)
@@ -94,7 +92,7 @@ def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
     info = _basis(con, basis)
     params = _birth_parameters(con, "births", basis)
     where, values = _parameter_filter(params)
-    rows = _rows(con, f"""
+    rows = json_records(con, f"""
         WITH born AS (
             SELECT feature_id, birth_step, present_at_init FROM births
             WHERE basis = ? {where}),
@@ -145,7 +143,7 @@ def birth_timeline(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChart
     params = _birth_parameters(con, "birth_summary", basis)
     _require(params, _missing(info, "birth_summary rows", "feature-birth-analyze"))
     where, values = _parameter_filter(params)
-    rows = _rows(con, f"""
+    rows = json_records(con, f"""
         SELECT window_start, window_end, births, null_births_mean,
                coalesce(null_births_sd, 0) AS null_births_sd,
                greatest(null_births_mean - coalesce(null_births_sd, 0), 0) AS null_low,
@@ -190,7 +188,7 @@ def compare_scatter(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChar
         LIMIT 1""", [basis]).fetchall()
     _require(pair, _missing(info, "diffs", "feature-compare", "--source STEP --target STEP"))
     source, target = pair[0]
-    rows = _rows(con, """
+    rows = json_records(con, """
         SELECT feature_id, source_activation_rate, target_activation_rate, log_rate_ratio,
                direction_cosine, rank_by_log_ratio
         FROM diffs WHERE basis = ? AND source_step = ? AND target_step = ?
@@ -238,7 +236,7 @@ def patch_effects(con: duckdb.DuckDBPyConnection, basis: str) -> alt.FacetChart:
         LIMIT 1""", [basis]).fetchall()
     _require(pair, _missing(info, "patches", "feature-patch", "--source STEP --target STEP"))
     source, target = pair[0]
-    rows = _rows(con, """
+    rows = json_records(con, """
         SELECT CASE WHEN mode = 'scale' THEN 'scale x' || scale ELSE mode END AS mode,
                feature_set, len(feature_ids) AS n_features, split, clean, patched, delta,
                spliced_loss_delta, -abs(spliced_loss_delta) AS recon_low,
@@ -283,7 +281,7 @@ def relative_norm_histogram(con: duckdb.DuckDBPyConnection, basis: str) -> alt.L
     if info["n_sources"] != 2:
         raise NoPlotData(f"{basis} is a {info['kind']} basis with {info['n_sources']} source(s); "
                          "relative decoder norms need a two-source crosscoder (train-crosscoder)")
-    rows = _rows(con, """
+    rows = json_records(con, """
         SELECT bin_start, bin_start + 0.05 AS bin_end, n_features
         FROM relative_norm_histogram WHERE basis = ? ORDER BY bin_start""", [basis])
     _require(rows, f"{basis} has no live latents: every latent is dead")
@@ -321,7 +319,7 @@ def training_curves(con: duckdb.DuckDBPyConnection, basis: str) -> alt.VConcatCh
     """The basis's training: loss, and explained variance (overall and per source), over
     optimiser steps."""
     _basis(con, basis)
-    rows = _rows(con, """
+    rows = json_records(con, """
         SELECT step, tokens, metric, value,
                CASE WHEN metric = 'loss' THEN 'loss' ELSE 'explained variance' END AS panel
         FROM training_metrics
@@ -348,7 +346,7 @@ def checkpoint_summary(con: duckdb.DuckDBPyConnection, basis: str) -> alt.HConca
     """How well the shared basis fits each checkpoint of its run: explained variance and L0
     (active features per token) over training."""
     info = _basis(con, basis)
-    rows = _rows(con, """
+    rows = json_records(con, """
         SELECT step, n_tokens, explained_variance, relative_reconstruction_error, l0,
                active_fraction, dead_fraction
         FROM checkpoint_summary WHERE basis = ? ORDER BY step""", [basis])
@@ -412,7 +410,8 @@ def save_plot(chart: alt.TopLevelMixin, out_dir: str | os.PathLike, name: str,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {fmt: _write_atomic(out / f"{name}.{fmt}", payloads[fmt]) for fmt in FORMATS}
+    return {fmt: write_atomic(out / f"{name}.{fmt}", _bytes_writer(payloads[fmt]))
+            for fmt in FORMATS}
 
 
 @dataclass
@@ -524,21 +523,6 @@ def _inline(rows: list[dict]) -> alt.InlineData:
     return alt.InlineData(values=rows)
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict]:
-    """Query rows as JSON-ready dicts: NaN and Inf become None (JSON has neither)."""
-    cursor = con.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [{n: _json_value(v) for n, v in zip(names, row)} for row in cursor.fetchall()]
-
-
-def _json_value(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Decimal):  # DuckDB's HUGEINT sums and DECIMAL arithmetic
-        return int(value) if value == value.to_integral_value() else float(value)
-    return value
-
-
 def _clamp(value: float, low: int, high: int) -> int:
     return int(max(low, min(high, value)))
 
@@ -566,16 +550,5 @@ def _vegalite_version() -> str | None:
     return wanted if wanted in vlc.get_vegalite_versions() else None
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the plots from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+def _bytes_writer(data: bytes):
+    return lambda path: path.write_bytes(data)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from featurestore.errors import NotFoundError
+from featurestore.queries.exports import write_atomic
 from featurestore.warehouse import Warehouse
 
 ROW_LIMIT = 15  # rows shown per table; the SQL above it gives them all
@@ -134,15 +135,15 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
     title = f"Feature dynamics of {run} at {stage} (basis {basis})"
     markdown = _markdown(title, basis, answers, plots.written)
     page = _html(title, basis, answers, plots.written)
-    paths = {}
-    for name, text in (("report.md", markdown), ("report.html", page)):
-        paths[name] = directory / name
-        temporary = directory / f".{name}.tmp"
-        temporary.write_text(text)
-        os.replace(temporary, paths[name])
+    paths = {name: write_atomic(directory / name, _text_writer(text))
+             for name, text in (("report.md", markdown), ("report.html", page))}
     return ReportResult(basis, str(paths["report.html"]), str(paths["report.md"]),
                         {s.title: len(rows) for s, _, rows in answers},
                         time.perf_counter() - started, dict(plots.skipped))
+
+
+def _text_writer(text: str):
+    return lambda path: path.write_text(text)
 
 
 def _query(con, sql: str, basis: str) -> tuple[list[str], list[tuple]]:
