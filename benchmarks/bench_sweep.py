@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +76,18 @@ def run(options: RunOptions) -> BenchmarkResult:
         written = pq.read_table(wh.path(wh.manifest().paths("feature_activations")[0]))
         peak_rss_mb = sweep_peak_rss_mb(root, activations_file)
 
+        # Per run of the sweep figures: the share of its wall time spent writing
+        # feature_activations, and the rows/s of that writing (issue 7: a share of at most 15%).
+        write_shares: dict[str, list[float]] = {"one checkpoint": [], "all checkpoints": []}
+        rows_per_second_written: list[float] = []
+
         def one_checkpoint() -> float:
-            return encode_checkpoint(basis, sets, 0, activations_file).n_tokens
+            started = time.perf_counter()
+            swept = encode_checkpoint(basis, sets, 0, activations_file)
+            write_shares["one checkpoint"].append(
+                swept.write_seconds / (time.perf_counter() - started))
+            rows_per_second_written.append(swept.activation_rows / swept.write_seconds)
+            return swept.n_tokens
 
         def dense_reference() -> float:
             return DenseSweepReference(basis, sets[0]).run(Path(tmp) / "dense.parquet")
@@ -88,7 +100,10 @@ def run(options: RunOptions) -> BenchmarkResult:
 
         def sweep_all(workers: int):
             def work() -> float:
-                feature_trajectory_sweep(BASIS, workers=workers, warehouse=root, progress=False)
+                swept = feature_trajectory_sweep(BASIS, workers=workers, warehouse=root,
+                                                 progress=False)
+                if workers == 1:  # with workers the writes overlap, so a share means less
+                    write_shares["all checkpoints"].append(swept.write_seconds / swept.seconds)
                 return n_tokens * n_checkpoints
             return work
 
@@ -129,8 +144,16 @@ def run(options: RunOptions) -> BenchmarkResult:
                 "dict_size": DICT_SIZE, "k": K, "sweep_batch": SWEEP_BATCH,
                 "feature_activation_rows_per_checkpoint": written.num_rows,
                 "query_repeats_per_sample": QUERY_REPEATS},
-        details={"sweep_one_checkpoint_peak_rss_mb": peak_rss_mb},
+        details={"sweep_one_checkpoint_peak_rss_mb": peak_rss_mb,
+                 "write_share_of_wall_time": write_shares,
+                 "feature_activations_rows_per_second_written": rows_per_second_written},
     )
+    for what, shares in write_shares.items():
+        result.notes.append(f"sweep, {what}: writing feature_activations took "
+                            f"{statistics.median(shares):.1%} of the wall time (median; "
+                            f"{min(shares):.1%}-{max(shares):.1%}; target at most 15%)")
+    result.notes.append(f"sweep, one checkpoint: feature_activations written at "
+                        f"{statistics.median(rows_per_second_written):,.0f} rows/s (median)")
     result.notes.append(f"peak RSS of a process sweeping one checkpoint: {peak_rss_mb:.0f} MB")
     result.notes.append(f"feature_activations: {written.num_rows:,} rows per checkpoint")
     for m in measurements:

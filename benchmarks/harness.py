@@ -8,6 +8,9 @@ bigger is better, and every figure that is not itself a baseline names the basel
 compared with; both are measured in the same process, interleaved, so a busy machine slows both
 alike and their ratio stays meaningful even when the absolute numbers do not.
 
+A command that takes minutes (end_to_end: the demo, the test suite) is timed once instead, as a
+Measurement in seconds with no baseline: smaller is better there, and its unit says so.
+
 Nothing here asserts a time: benchmarks report, tests decide.
 """
 
@@ -124,6 +127,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {
@@ -182,13 +186,14 @@ def format_table(result: BenchmarkResult) -> str:
     """The result as an aligned text table, then its footnotes and notes."""
     header = ["measurement", "median", "min", "max", "unit", "ratio", "baseline"]
     rows = []
+    baselines = {m.baseline for m in result.measurements}
     for m in result.measurements:
         ratio = result.ratio(m)
         rows.append([
             m.label + (" *" if m.note else ""),
             _number(m.median), _number(m.min), _number(m.max), m.unit,
             "-" if ratio is None else f"{ratio:.3g}x",
-            m.baseline or "(baseline)",
+            m.baseline or ("(baseline)" if m.label in baselines else "-"),
         ])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     # Text columns left-aligned, numbers right-aligned so their digits line up.

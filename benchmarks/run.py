@@ -53,7 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller inputs and fewer repeats (a smoke run, not figures to quote)")
-    parser.add_argument("--only", choices=sorted(modules), help="run just this benchmark")
+    parser.add_argument("--only", choices=sorted(modules), action="append",
+                        help="run just this benchmark (repeat for several)")
+    parser.add_argument("--skip", choices=sorted(modules), action="append", default=[],
+                        help="leave this benchmark out (repeat for several)")
     parser.add_argument("--threads", type=int, default=TORCH_THREADS,
                         help=f"torch intra-op threads (default {TORCH_THREADS})")
     args = parser.parse_args()
@@ -66,8 +69,9 @@ def main() -> None:
     print(f"options: {'quick, ' if options.quick else ''}{options.repeats} timed repeats after "
           f"{options.warmup} warm-up per figure\n", flush=True)
 
-    finished: list[tuple[BenchmarkResult, float, float]] = []
-    for name in [args.only] if args.only else sorted(modules):
+    suite_started = time.perf_counter()
+    finished: list[tuple[BenchmarkResult, float, float, float]] = []
+    for name in [n for n in (args.only or sorted(modules)) if n not in args.skip]:
         print(f"running {name} ...", flush=True)
         load_before = load_average()
         started = time.perf_counter()
@@ -76,10 +80,11 @@ def main() -> None:
         load_after = load_average()
         path = write_result(result, options, machine, load_before, load_after, seconds)
         print(f"  {seconds:.0f} s, results in {path}", flush=True)
-        finished.append((result, load_before, load_after))
+        finished.append((result, load_before, load_after, seconds))
+    suite_seconds = time.perf_counter() - suite_started
 
     cores = machine["cores"] or 1
-    for result, load_before, load_after in finished:
+    for result, load_before, load_after, _ in finished:
         print(f"\n{result.name}: {result.description}")
         print(f"  load average (1 min): {load_before:.1f} before, {load_after:.1f} after, on "
               f"{cores} cores")
@@ -87,13 +92,16 @@ def main() -> None:
             print("  the machine was busy: absolute figures are pessimistic and noisy; ratios "
                   "hold up better, as both sides of each ran under the same load")
         print(format_table(result))
+    print("\nwall time per benchmark: " + ", ".join(
+        f"{result.name} {seconds:.0f} s" for result, _, _, seconds in finished))
+    print(f"whole suite: {suite_seconds / 60:.1f} minutes")
 
 
 def describe_machine(machine: dict) -> str:
     versions = ", ".join(f"{package} {version}"
                          for package, version in machine["versions"].items())
     return (f"machine: {machine['cpu']}, {machine['cores']} cores, torch threads "
-            f"{machine['torch_threads']}\n"
+            f"{machine['torch_threads']}, GPU: {machine['gpu'] or 'none'}\n"
             f"python {machine['python']} on {machine['platform']}\n"
             f"{versions}")
 
