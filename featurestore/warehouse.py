@@ -3,8 +3,10 @@
 On disk (see warehouse/README.md for the full layout)::
 
     <root>/featurestore.duckdb          catalog: manifest of live Parquet files, views, macros
-    <root>/tables/<table>/part-*.parquet   one live file per table, or per partition of a
-                                           partitioned table (feature_activations)
+    <root>/tables/<table>/part-*.parquet   one live file per table
+    <root>/tables/<table>/<col>=<value>/.../part-*.parquet
+                                           one per partition of a partitioned table
+                                           (feature_activations/basis=<b>/step=<s>/)
     <root>/runs/, <root>/activations/      checkpoints and activation sets the tables point to
     <root>/tmp/                            files being written; never read by queries
     <root>/.lock                           held by the one job writing
@@ -49,7 +51,7 @@ from featurestore.errors import (
     SchemaVersionError,
     WarehouseBusyError,
 )
-from featurestore.settings import resolve_warehouse
+from featurestore.settings import check_name, resolve_warehouse
 
 SCHEMA_VERSION = 2
 KNOWN_SCHEMA_VERSIONS = frozenset({2})
@@ -164,6 +166,13 @@ def partition_key(table: TableSpec, values: dict | tuple) -> str:
     return json.dumps([v.item() if hasattr(v, "item") else v for v in values])
 
 
+def partition_folder(table: TableSpec, key: str) -> str:
+    """The folder of one partition under tables/<table>/, one level per partition column:
+    basis=demo-l2/step=100. DuckDB reads the values from the path (hive partitioning), so a
+    query on one partition skips every other file without opening it."""
+    return "/".join(f"{c}={v}" for c, v in zip(table.partition_by, json.loads(key)))
+
+
 def _is_json(column: Column) -> bool:
     return column.type == "JSON"
 
@@ -179,14 +188,22 @@ def spec(table: str) -> TableSpec:
 # Building the catalog: views over the live files, then sql/views and sql/macros
 
 
-def _table_view_sql(table: TableSpec, paths: list[str]) -> str:
+def _table_view_sql(table: TableSpec, paths: list[str], hive: bool) -> str:
     # Explicit casts keep the view's types fixed by the DDL whatever the file holds.
     if not paths:
         select = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in table.columns)
         return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} WHERE false"
     select = ", ".join(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)
     files = ", ".join(_sql_string(p) for p in paths)
-    return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} FROM read_parquet([{files}])"
+    options = ""
+    if hive:
+        # A filter on a partition column is then checked against each path at planning time:
+        # only the matching partitions' files are opened. Without this, DuckDB opens every
+        # file's footer to learn its min/max (200 checkpoints: 150 ms for a one-step query).
+        types = ", ".join(f"{_sql_string(c)}: {table.column(c).type}" for c in table.partition_by)
+        options = f", hive_partitioning = true, hive_types = {{{types}}}"
+    return (f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} "
+            f"FROM read_parquet([{files}]{options})")
 
 
 def _sql_string(value: str) -> str:
@@ -196,7 +213,8 @@ def _sql_string(value: str) -> str:
 def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest) -> None:
     """Create every table view (over its live files, or empty), with comments, views and macros."""
     for table in table_specs().values():
-        con.execute(_table_view_sql(table, live.paths(table.name)))
+        hive = bool(table.partition_by) and not live.legacy_partitions(table)
+        con.execute(_table_view_sql(table, live.paths(table.name), hive))
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
@@ -219,6 +237,14 @@ class Manifest:
         if table in self.partitions:
             return [self.partitions[table][k] for k in sorted(self.partitions[table])]
         return [self.files[table]] if table in self.files else []
+
+    def legacy_partitions(self, table: TableSpec) -> list[str]:
+        """Partitions whose file is not in its partition folder: written before featurestore
+        used the folder layout (flat in tables/<table>/). The next commit links them into place;
+        until then the table is read without partition pruning (DuckDB needs every path of one
+        scan in the same layout)."""
+        return [key for key, path in self.partitions.get(table.name, {}).items()
+                if Path(path).parent != Path("tables", table.name, partition_folder(table, key))]
 
     def all_paths(self) -> set[str]:
         return {*self.files.values(), *(p for parts in self.partitions.values()
@@ -313,6 +339,10 @@ class Warehouse:
         _open_connections.add(con)
         # Relative paths in the views resolve against the root, wherever the process runs.
         con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
+        # Parquet footers are parsed once per connection, not once per query: a warm lookup in
+        # the 3M-row trajectories file (a 350 kB footer of 200 row groups) drops from 12.8 to
+        # 9.9 ms. Safe because a live file never changes: a commit writes new files.
+        con.execute("SET parquet_metadata_cache = true")
         build_catalog(con, live)
         check_schema_version(con, self.root)
         from featurestore.queries.udfs import register_udfs
@@ -363,7 +393,7 @@ class Warehouse:
         if not self.exists() or not self.tables_dir.exists():
             return
         known = {self.path(p) for p in self.manifest().all_paths()}
-        for file in self.tables_dir.glob("*/part-*.parquet"):
+        for file in self.tables_dir.rglob("part-*.parquet"):
             if file not in known:
                 file.unlink()
 
@@ -376,7 +406,11 @@ class Warehouse:
         with self.writer("catalog rebuild"):
             live = Manifest({}, {}, set())
             for table in table_specs().values():
-                files = sorted((self.tables_dir / table.name).glob("part-*.parquet"))
+                folder = self.tables_dir / table.name
+                if table.partition_by:  # in partition folders, or flat (older warehouses)
+                    files = sorted(folder.rglob("part-*.parquet"), key=lambda f: f.name)
+                else:
+                    files = sorted(folder.glob("part-*.parquet"))
                 if files and table.partition_by:
                     newest = {}
                     for file in files:  # time-ordered names: later files win
@@ -521,6 +555,8 @@ class Writer:
         process); it replaces the partition's live file."""
         table_spec = spec(table)
         key = partition_key(table_spec, values)
+        for column, value in zip(table_spec.partition_by, json.loads(key)):
+            check_name(str(value), f"{table}.{column} value (it names a partition folder)")
         parts = self._partitions.setdefault(table, {})
         if key in parts:
             raise FeaturestoreError(f"{self.job}: partition {table} {key} was written twice")
@@ -564,13 +600,24 @@ class Writer:
         new_partitions: dict[tuple[str, str], tuple[str, int]] = {}
         for table, parts in self._partitions.items():
             for key, (temp, n_rows) in parts.items():
-                new_partitions[table, key] = (self._move_into_tables(table, temp), n_rows)
+                new_partitions[table, key] = (self._move_into_tables(table, temp, key), n_rows)
         dropped_partitions = [
             (table, key) for table, filters in self._replace.items() if spec(table).partition_by
             for key in live.partitions.get(table, {})
             if (table, key) not in new_partitions
             and any(_partition_matches(spec(table), key, where) for where in filters)
         ]
+        # Partition files of an older warehouse, flat in tables/<table>/, get a hard link in
+        # their partition folder (no copy); the flat name is retired like a replaced file.
+        for table in live.partitions:
+            for key in live.legacy_partitions(spec(table)):
+                if (table, key) not in new_partitions and (table, key) not in dropped_partitions:
+                    temp = wh.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
+                    os.link(wh.path(live.partitions[table][key]), temp)
+                    self._created.append(temp)
+                    n_rows = pq.read_metadata(temp).num_rows
+                    new_partitions[table, key] = (self._move_into_tables(table, temp, key),
+                                                  n_rows)
 
         # 2. Staged directories into place; the old contents wait in tmp/ until the catalog
         # commit, so a failure before it can put them back.
@@ -647,14 +694,21 @@ class Writer:
         _fsync_file(temp)
         return self._move_into_tables(table, temp)
 
-    def _move_into_tables(self, table: str, temp: Path) -> str:
+    def _move_into_tables(self, table: str, temp: Path, partition: str | None = None) -> str:
+        """Rename into tables/<table>/ (a partition: into its folder) under a new name."""
         wh = self.warehouse
         folder = wh.tables_dir / table
+        if partition is not None:
+            folder = folder / partition_folder(spec(table), partition)
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         os.rename(temp, final)
         self._created.append(final)
-        _fsync_dir(folder)
+        # The new name, and any folder just created for it, made durable.
+        for directory in [folder, *folder.parents]:
+            _fsync_dir(directory)
+            if directory == wh.tables_dir / table:
+                break
         return str(final.relative_to(wh.root))
 
     def discard(self) -> None:

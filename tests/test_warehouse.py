@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,9 +10,12 @@ import subprocess
 import sys
 import textwrap
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,7 +27,7 @@ from featurestore.errors import (
 )
 from featurestore.warehouse import Warehouse, connect, describe_table, table_specs
 
-from .conftest import snapshot
+from .conftest import query, snapshot
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -266,3 +270,132 @@ def test_the_warehouse_readme_documents_every_table_and_column():
             assert f"| `{column.name}` | {column.type} | {comment} |" in documented
     assert documented == table_docs.render(), (
         "warehouse/README.md is out of date: run python -m featurestore.table_docs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioned tables: one file per (basis, step) in tables/feature_activations/basis=B/step=S/
+
+
+def activation_rows(seed: int, bases=("a", "b"), steps=(0, 10, 20), n: int = 40) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    parts = [pa.table({
+        "basis": pa.array([basis] * n), "step": np.full(n, step, dtype=np.int64),
+        "feature_id": rng.integers(0, 6, n).astype(np.int32),
+        "sequence_id": np.arange(n, dtype=np.int64), "position": rng.integers(0, 8, n, np.int32),
+        "value": rng.random(n).astype(np.float32)}) for basis in bases for step in steps]
+    return pa.concat_tables(parts)
+
+
+def rows_where(rows: pa.Table, **equal) -> list[tuple]:
+    """(basis, step, feature_id, sequence_id, position, value) of the rows matching, by numpy."""
+    mask = np.ones(rows.num_rows, dtype=bool)
+    for column, value in equal.items():
+        mask &= rows[column].to_numpy(zero_copy_only=False) == value
+    picked = rows.filter(pa.array(mask))
+    return sorted(zip(*(picked[c].to_pylist() for c in picked.column_names)))
+
+
+ACTIVATIONS = "SELECT * FROM feature_activations WHERE {} ORDER BY ALL"
+
+
+def test_partitions_live_in_one_folder_per_basis_and_step(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    with wh.writer("sweep") as writer:
+        writer.put("feature_activations", activation_rows(0))
+    parts = wh.manifest().partitions["feature_activations"]
+    assert len(parts) == 6
+    for key, path in parts.items():
+        basis, step = json.loads(key)
+        assert Path(path).parent == Path(f"tables/feature_activations/basis={basis}/step={step}")
+
+
+def test_a_query_on_one_partition_opens_only_that_partitions_file(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    rows = activation_rows(1)
+    with wh.writer("sweep") as writer:
+        writer.put("feature_activations", rows)
+    parts = wh.manifest().partitions["feature_activations"]
+    con = connect(wh.root)
+    # Every other partition's file is made unreadable; the first one of the view's list stays,
+    # as DuckDB reads the first file's schema when it binds the view.
+    first, target = sorted(parts)[0], json.dumps(["b", 10])
+    for key, path in parts.items():
+        if key not in (first, target):
+            (wh.root / path).write_bytes(b"not a parquet file")
+    got = con.execute(ACTIVATIONS.format("basis = ? AND step = ?"), ["b", 10]).fetchall()
+    assert got == rows_where(rows, basis="b", step=10) and got
+    got = con.execute(ACTIVATIONS.format("step = 10 AND basis = 'b' AND feature_id = 3"))
+    assert got.fetchall() == rows_where(rows, basis="b", step=10, feature_id=3)
+    with pytest.raises(duckdb.Error, match="basis=a/step=10"):  # a damaged file read is noticed
+        con.execute(ACTIVATIONS.format("basis = 'a' AND step = 10")).fetchall()
+    con.close()
+
+
+def test_pruned_queries_match_numpy_and_the_unpruned_scan(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    rows = activation_rows(2)
+    with wh.writer("sweep") as writer:
+        writer.put("feature_activations", rows)
+    files = ", ".join(f"'{wh.root / p}'" for p in wh.manifest().paths("feature_activations"))
+    con = connect(wh.root)
+    for where, equal in [("step = 20", {"step": 20}), ("basis = 'a'", {"basis": "a"}),
+                         ("feature_id = 2", {"feature_id": 2}),
+                         ("basis = 'a' AND step = 0 AND feature_id = 5",
+                          {"basis": "a", "step": 0, "feature_id": 5})]:
+        got = con.execute(ACTIVATIONS.format(where)).fetchall()
+        plain = con.execute(f"SELECT * FROM read_parquet([{files}]) WHERE {where} ORDER BY ALL")
+        assert got == rows_where(rows, **equal) == plain.fetchall(), where
+    con.close()
+
+    # A partition written again replaces its file; the rest stay; a rebuilt catalog agrees.
+    again = activation_rows(3, bases=("a",), steps=(10,), n=7)
+    with wh.writer("sweep again") as writer:
+        writer.put("feature_activations", again)
+    expected = rows_where(again) + [r for r in rows_where(rows) if r[:2] != ("a", 10)]
+    assert query(wh.root, ACTIVATIONS.format("true")) == sorted(expected)
+    assert query(wh.root, ACTIVATIONS.format("basis = 'a' AND step = 10")) == rows_where(again)
+    wh.rebuild_catalog()
+    assert query(wh.root, ACTIVATIONS.format("true")) == sorted(expected)
+
+
+def test_flat_partition_files_of_an_older_warehouse_are_read_then_moved_into_folders(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    rows = activation_rows(4)
+    with wh.writer("sweep") as writer:
+        writer.put("feature_activations", rows)
+    # As featurestore wrote partitions before the folder layout: flat in tables/<table>/, with
+    # the catalog's manifest naming them there.
+    folder = wh.root / "tables" / "feature_activations"
+    paths = wh.manifest().paths("feature_activations")
+    catalog = duckdb.connect(str(wh.catalog_path))
+    for path in paths:
+        (wh.root / path).rename(folder / Path(path).name)
+        catalog.execute("UPDATE _partitions SET path = ? WHERE path = ?",
+                        [str(Path(path).parent.parent.parent / Path(path).name), path])
+    catalog.close()
+    shutil.rmtree(folder / "basis=a"), shutil.rmtree(folder / "basis=b")
+    flat = sorted(wh.manifest().paths("feature_activations"))
+    assert all(Path(p).parent == Path("tables/feature_activations") for p in flat)
+
+    old_reader = connect(wh.root)
+    assert old_reader.execute(ACTIVATIONS.format("step = 10")).fetchall() == rows_where(
+        rows, step=10)
+    with wh.writer("any later job") as writer:  # its commit moves the partitions
+        writer.put("runs", [run_row("a")])
+    live = wh.manifest()
+    assert not live.legacy_partitions(table_specs()["feature_activations"])
+    assert flat == sorted(live.retired)  # kept for readers of the older snapshot
+    assert old_reader.execute(ACTIVATIONS.format("true")).fetchall() == rows_where(rows)
+    old_reader.close()
+    assert query(wh.root, ACTIVATIONS.format("basis = 'b'")) == rows_where(rows, basis="b")
+    # The moved files are links to the same data, not copies.
+    for path in live.paths("feature_activations"):
+        assert (wh.root / path).stat().st_nlink == 2
+
+
+def test_a_partition_value_that_cannot_name_a_folder_is_refused(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    with pytest.raises(FeaturestoreError, match=r"feature_activations.basis value.*'a/\.\./b'"):
+        with wh.writer("bad sweep") as writer:
+            writer.put("feature_activations", activation_rows(5, bases=("a/../b",), steps=(0,)))
+    assert not wh.exists()

@@ -9,7 +9,7 @@ CREATE TABLE feature_activations (
     position INTEGER NOT NULL,
     value FLOAT NOT NULL
 );
-COMMENT ON TABLE feature_activations IS 'Every non-zero feature activation: one row per (basis, checkpoint, feature, token). One Parquet file per (basis, step), sorted by feature_id, so one feature''s rows are found from row-group statistics.';
+COMMENT ON TABLE feature_activations IS 'Every non-zero feature activation: one row per (basis, checkpoint, feature, token). One Parquet file per (basis, step) in tables/feature_activations/basis=<basis>/step=<step>/, so a query naming a basis and step opens only that file; rows sorted by feature_id, so one feature''s rows are found from row-group statistics.';
 COMMENT ON COLUMN feature_activations.basis IS 'The shared basis (bases.name).';
 COMMENT ON COLUMN feature_activations.step IS 'Checkpoint step.';
 COMMENT ON COLUMN feature_activations.feature_id IS 'Feature index in the basis.';
