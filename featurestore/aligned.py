@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from featurestore.activations import ActivationSet, check_finite
-from featurestore.errors import InvalidActivationsError
+from featurestore.errors import FeaturestoreError, InvalidActivationsError
 
 FINITE_CHECK_ROWS = 65_536
 
@@ -119,6 +119,23 @@ class AlignedActivations:
         end = self.n_tokens if max_tokens is None else min(self.n_tokens, max_tokens)
         for start in range(0, end, batch_size):
             yield self.batch(np.arange(start, min(start + batch_size, end)))
+
+    def calibration_batches(self, after_step: int, batch_size: int, n: int):
+        """The n batches the shuffle would serve after training (the BatchTopK threshold's)."""
+        return (self.batch(self.indices_for_step(after_step + i, batch_size)) for i in range(n))
+
+    def state_at(self, position: int) -> None:
+        """Nothing to save: the order is a pure function of the seed and the step."""
+        return None
+
+    def restore(self, state: dict | None) -> None:
+        if state is not None:
+            raise FeaturestoreError(
+                "--resume: the saved run read its batches from models (--tokens-from); resume it "
+                "with the same model sources and --tokens-from")
+
+    def progress(self) -> dict[str, str]:
+        return {}
 
 
 class PooledActivations(AlignedActivations):

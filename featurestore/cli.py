@@ -255,9 +255,17 @@ def register_model_command(ctx, run, path, step, as_json):
 
 @cli.command("train-crosscoder")
 @click.option("--name", required=True, help="Name of the basis to create (or replace).")
-@click.option("--source", "sources", multiple=True, required=True, metavar="LABEL=SET",
-              help="A source: a registered activation set name or a path to one; repeat, in "
-                   "order (two for a model diff).")
+@click.option("--source", "sources", multiple=True, required=True, metavar="LABEL=SOURCE",
+              help="A source, repeated in order (two for a model diff): an activation set "
+                   "(a registered name or a path) or, with --tokens-from, a model: "
+                   "RUN@STEP:STAGE (STEP a number or LAST) or hf:DIR:STAGE.")
+@click.option("--tokens-from", metavar="demo|PATH",
+              help="Train straight from the --source models, on these tokens: demo (the demo "
+                   "task's generator) or a .parquet file / datasets folder with input_ids. "
+                   "No activation files are written.")
+@click.option("--pool-batches", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --tokens-from: the shuffle pool, in batches (memory: pool-batches x "
+                   "batch-size x sources x d_model x 4 bytes).")
 @click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
               show_default=True)
 @click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
@@ -267,7 +275,9 @@ def register_model_command(ctx, run, path, step, as_json):
 @click.option("--aux-coeff", type=float, default=1 / 32, show_default=True)
 @click.option("--dict-size", type=click.IntRange(min=1), help="Latents [default: 16 x d_model].")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps [default: 2000].")
-@click.option("--tokens", type=click.IntRange(min=1), help="Training tokens (instead of steps).")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Training tokens (instead of steps); with --tokens-from, the length of the "
+                   "token stream, each token used once.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--lr", type=float, help="Peak learning rate [default: 1e-3].")
 @click.option("--betas", type=(float, float), default=(0.9, 0.999), show_default=True,
@@ -285,14 +295,19 @@ def register_model_command(ctx, run, path, step, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train_crosscoder_command(ctx, name, sources, arch, k, aux_k, aux_coeff, dict_size, steps,
-                             tokens, batch_size, lr, betas, l1_coeff, k_anneal_from, n_shared,
-                             log_every, save_every, resume, seed, wandb, as_json, quiet):
-    """Train a crosscoder on aligned activation sets and register the basis.
+def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch, k, aux_k,
+                             aux_coeff, dict_size, steps, tokens, batch_size, lr, betas, l1_coeff,
+                             k_anneal_from, n_shared, log_every, save_every, resume, seed, wandb,
+                             as_json, quiet):
+    """Train a crosscoder on aligned activation sets, or straight from models, and register it.
 
     One shared sparse dictionary over several sources (a base model and its fine-tune, or
     checkpoints); with one source it is an SAE. Registers `bases`, `features`,
     `decoder_directions` and `training_metrics`; see the model_diff views.
+
+    With --tokens-from, every source is a model run through nnsight on the same token batches
+    while training: an activation buffer keeps --pool-batches batches, shuffles them and
+    refills half when half is used. Nothing is written but the basis. Sets and models do not mix.
 
     \b
     Examples:
@@ -300,6 +315,10 @@ def train_crosscoder_command(ctx, name, sources, arch, k, aux_k, aux_coeff, dict
           --source base=demo@1800:layer_2_post_mlp --source ft=demo-ft@500:layer_2_post_mlp
       featurestore train-crosscoder --name diff --source ... --resume
       featurestore train-crosscoder --name sae --source x=acts/ --arch vanilla --l1-coeff 2
+      featurestore train-crosscoder --name diff --tokens-from demo --tokens 2000000 \\
+          --source base=demo@LAST:layer_2_post_mlp --source ft=demo-ft@LAST:layer_2_post_mlp
+      featurestore train-crosscoder --name gpt2-sae --tokens-from tokens.parquet \\
+          --source x=hf:~/models/gpt2:layer_6_post_mlp
     """
     from featurestore.ingest.train_crosscoder import train_crosscoder_job
 
@@ -308,7 +327,8 @@ def train_crosscoder_command(ctx, name, sources, arch, k, aux_k, aux_coeff, dict
         name, list(sources), arch=arch, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
         dict_size=dict_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
         betas=betas, l1_coeff=l1_coeff, k_anneal_from=k_anneal_from, n_shared=n_shared,
-        log_every=log_every, save_every=save_every, resume=resume, seed=seed, wandb=wandb,
+        log_every=log_every, save_every=save_every, resume=resume, seed=seed,
+        tokens_from=tokens_from, pool_batches=pool_batches, wandb=wandb,
         warehouse=_warehouse(ctx), progress=not quiet)
     if as_json:
         _emit_json(result.to_dict())

@@ -2,8 +2,14 @@
 
 A training state (model, optimizer, scheduler, step, RNG, metrics so far) is saved every
 `save_every` steps as safetensors plus JSON, never a pickle. The data order is a pure function of
-the seed and the step (featurestore.aligned), so `resume=True` continues exactly: a run killed and
-resumed ends with the same weights as one never interrupted.
+the seed and the step (featurestore.aligned), or, for an activation buffer reading models, of the
+seed and the pool's row numbers, which the state stores with the token-source position
+(featurestore.activation_buffer); so `resume=True` continues exactly: a run killed and resumed
+ends with the same weights as one never interrupted.
+
+A background thread prepares the next batch while the current one trains (torch releases the
+GIL in its kernels; for the buffer a refill's model forward is the big cost). It reads the same
+rows in the same order as the loop would, so results do not depend on it.
 """
 
 from __future__ import annotations
@@ -12,14 +18,15 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from featurestore.aligned import AlignedActivations
 from featurestore.crosscoder import CrossCoder
 from featurestore.crosscoder_metrics import batch_metrics, total_loss
 from featurestore.errors import FeaturestoreError
@@ -122,6 +129,29 @@ class Distributed:
         return index[self.rank * share:(self.rank + 1) * share]
 
 
+class TrainingData(Protocol):
+    """What the loop reads: AlignedActivations (stored sets) and ActivationBuffer (models)."""
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    def indices_for_step(self, step: int, batch_size: int) -> np.ndarray: ...
+
+    def batch(self, index: np.ndarray) -> torch.Tensor:
+        """Normalised activations [len(index), n_sources, d_model]."""
+
+    def calibration_batches(self, after_step: int, batch_size: int,
+                            n: int) -> Iterable[torch.Tensor]: ...
+
+    def state_at(self, position: int) -> dict | None:
+        """What a training state must hold to continue at this position (None: nothing)."""
+
+    def restore(self, state: dict | None) -> None: ...
+
+    def progress(self) -> dict[str, str]:
+        """Fields for the progress bar."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -133,7 +163,7 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: TrainerConfig,
+def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfig,
                      state_dir: Path, resume: bool = False, progress: bool = True,
                      on_step: Callable[[int], None] | None = None,
                      on_log: Callable[[dict], None] | None = None,
@@ -156,7 +186,8 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
     metrics: list[dict[str, float]] = []
     start = 0
     if resume:
-        start, metrics = load_state(state_dir, model, optimizer, scheduler, config)
+        start, metrics, data_state = load_state(state_dir, model, optimizer, scheduler, config)
+        data.restore(data_state)
     else:
         model.init_decoder_bias(data.batch(data.indices_for_step(0, config.batch_size)),
                                 config.bias_init)
@@ -171,38 +202,46 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
     base_k = model.config.k
     bar = tqdm(total=config.steps, initial=start, desc="crosscoder", unit="step",
                file=sys.stderr, disable=None if progress and distributed.is_main else True)
-    for step in range(start, config.steps):
-        rows = distributed.local_rows(data.indices_for_step(step, config.batch_size))
-        x = data.batch(rows)
-        model.config = dataclasses.replace(model.config, k=k_at(step, config, base_k))
-        l1_coeff = l1_coeff_at(step, config)
-        out = step_model(x)
-        loss, _ = total_loss(model, x, out, l1_coeff)
-        if not torch.isfinite(loss):
-            saved = _saved_step(state_dir)
-            raise FeaturestoreError(
-                f"training diverged at step {step}: the loss is {loss.item()}. The last good "
-                f"state ({'step ' + str(saved) if saved is not None else 'none saved yet'}) is "
-                f"kept in {state_dir}; lower --lr and run again"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        if distributed.is_main and (done % config.log_every == 0 or done == config.steps):
-            row = batch_metrics(model, x, out, l1_coeff, optimizer.param_groups[0]["lr"])
-            metrics.append({"step": done, "tokens": done * config.batch_size, **row})
-            if on_log is not None:
-                on_log(metrics[-1])
-            bar.set_postfix(loss=f"{row['loss']:.3g}", ev=f"{row['explained_variance']:.3f}",
-                            refresh=False)
-        if distributed.is_main and (done % config.save_every == 0 or done == config.steps):
-            save_state(state_dir, done, model, optimizer, scheduler, config, metrics)
-        bar.update()
-        if on_step is not None:
-            on_step(done)
+
+    def load(step: int) -> torch.Tensor:  # this process's share of a step's batch
+        return data.batch(distributed.local_rows(data.indices_for_step(step, config.batch_size)))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-batch") as loader:
+        upcoming = loader.submit(load, start)
+        for step in range(start, config.steps):
+            x = upcoming.result()
+            if step + 1 < config.steps:
+                upcoming = loader.submit(load, step + 1)
+            model.config = dataclasses.replace(model.config, k=k_at(step, config, base_k))
+            l1_coeff = l1_coeff_at(step, config)
+            out = step_model(x)
+            loss, _ = total_loss(model, x, out, l1_coeff)
+            if not torch.isfinite(loss):
+                saved = _saved_step(state_dir)
+                raise FeaturestoreError(
+                    f"training diverged at step {step}: the loss is {loss.item()}. The last good "
+                    f"state ({'step ' + str(saved) if saved is not None else 'none saved yet'}) "
+                    f"is kept in {state_dir}; lower --lr and run again"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            if distributed.is_main and (done % config.log_every == 0 or done == config.steps):
+                row = batch_metrics(model, x, out, l1_coeff, optimizer.param_groups[0]["lr"])
+                metrics.append({"step": done, "tokens": done * config.batch_size, **row})
+                if on_log is not None:
+                    on_log(metrics[-1])
+                bar.set_postfix(loss=f"{row['loss']:.3g}", ev=f"{row['explained_variance']:.3f}",
+                                **data.progress(), refresh=False)
+            if distributed.is_main and (done % config.save_every == 0 or done == config.steps):
+                save_state(state_dir, done, model, optimizer, scheduler, config, metrics,
+                           data.state_at(done * config.batch_size))
+            bar.update()
+            if on_step is not None:
+                on_step(done)
     bar.close()
     model.config = dataclasses.replace(model.config, k=base_k)
     if model.config.arch == "batchtopk":
@@ -212,7 +251,7 @@ def train_crosscoder(model: CrossCoder, data: AlignedActivations, config: Traine
 
 
 @torch.no_grad()
-def calibrate_threshold(model: CrossCoder, data: AlignedActivations, config: TrainerConfig,
+def calibrate_threshold(model: CrossCoder, data: TrainingData, config: TrainerConfig,
                         batches: int = 8) -> None:
     """Set the BatchTopK inference threshold from the final weights.
 
@@ -223,8 +262,7 @@ def calibrate_threshold(model: CrossCoder, data: AlignedActivations, config: Tra
     """
     smallest = []
     norm_sums = model.decoder_norms().sum(dim=1)
-    for step in range(batches):
-        x = data.batch(data.indices_for_step(config.steps + step, config.batch_size))
+    for x in data.calibration_batches(config.steps, config.batch_size, batches):
         acts = torch.relu(model.pre_activations(x))
         scores = (acts * norm_sums).flatten()
         kept = scores.topk(min(model.config.k * len(x), scores.numel()), sorted=False).values
@@ -238,8 +276,12 @@ def calibrate_threshold(model: CrossCoder, data: AlignedActivations, config: Tra
 
 
 def save_state(directory: Path, step: int, model: CrossCoder, optimizer, scheduler,
-               config: TrainerConfig, metrics: list[dict]) -> None:
-    """Write the state to temp files and rename them into place (a kill leaves the old one)."""
+               config: TrainerConfig, metrics: list[dict], data_state: dict | None = None) -> None:
+    """Write the state to temp files and rename them into place (a kill leaves the old one).
+
+    data_state (the data's own, e.g. the buffer's pool rows and token-source position): its
+    arrays go with the tensors, the rest into the JSON.
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -249,6 +291,11 @@ def save_state(directory: Path, step: int, model: CrossCoder, optimizer, schedul
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value.detach().contiguous().reshape(value.shape)
     tensors["rng.torch"] = torch.get_rng_state()
+    data_meta = None
+    if data_state is not None:
+        data_meta = {k: v for k, v in data_state.items() if not isinstance(v, np.ndarray)}
+        tensors.update({f"data.{k}": torch.from_numpy(v) for k, v in data_state.items()
+                        if isinstance(v, np.ndarray)})
     meta = {
         "step": step,
         "trainer": config.to_dict(),
@@ -256,6 +303,7 @@ def save_state(directory: Path, step: int, model: CrossCoder, optimizer, schedul
         "param_groups": optim["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "metrics": metrics,
+        "data": data_meta,
     }
     temp_tensors = directory / f".{STATE_TENSORS}.tmp"
     temp_json = directory / f".{STATE_JSON}.tmp"
@@ -275,7 +323,8 @@ def _saved_step(directory: Path) -> int | None:
 
 
 def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
-               config: TrainerConfig) -> tuple[int, list[dict]]:
+               config: TrainerConfig) -> tuple[int, list[dict], dict | None]:
+    """Load a saved state into model, optimizer and scheduler; (step, metrics, data state)."""
     from safetensors.torch import load_file
 
     if not (directory / STATE_JSON).exists():
@@ -300,4 +349,8 @@ def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), meta["metrics"]
+    data_state = meta.get("data")
+    if data_state is not None:
+        data_state = {**data_state, **{k[len("data."):]: v.numpy() for k, v in tensors.items()
+                                       if k.startswith("data.")}}
+    return int(meta["step"]), meta["metrics"], data_state

@@ -73,11 +73,11 @@ def token_set(task_config: dict, splits: list[str], n_tokens: int, seed: int) ->
     return tokens, _columns(tokens, split_names)
 
 
-def token_file(path: str, n_tokens: int) -> tuple:
+def token_file(path: str, n_tokens: int | None) -> tuple:
     """Token ids from a datasets folder or Parquet file with an `input_ids` column.
 
-    Sequences must all have the same length; the first ceil(n_tokens / length) are used. An
-    optional `split` column names each sequence's split.
+    Sequences must all have the same length; the first ceil(n_tokens / length) are used (all of
+    them for n_tokens None). An optional `split` column names each sequence's split.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -104,7 +104,7 @@ def token_file(path: str, n_tokens: int) -> tuple:
             "must have the same length (pack or truncate them first)"
         )
     (length,) = lengths
-    wanted = math.ceil(n_tokens / length)
+    wanted = len(ids) if n_tokens is None else math.ceil(n_tokens / length)
     if wanted > len(ids):
         raise FeaturestoreError(
             f"--tokens {n_tokens} needs {wanted} sequences of {length} tokens but {path} has "

@@ -1,5 +1,9 @@
 """`featurestore train-crosscoder`: train a crosscoder on aligned activation sets, register it.
 
+The sources are either all activation sets (LABEL=SET) or, with --tokens-from, all models
+(LABEL=RUN@STEP:STAGE or LABEL=hf:DIR:STAGE) read through an activation buffer while training,
+with no activation files written (featurestore.activation_buffer).
+
 Outputs, in one commit: the weights under warehouse/bases/<name>/, and rows in `bases`,
 `features` (decoder geometry, activation statistics, latent scaling), `decoder_directions` and
 `training_metrics`. The resumable training state lives in warehouse/training/<name>/ while the
@@ -24,6 +28,7 @@ from featurestore.warehouse import Warehouse, utc_now
 
 EVAL_TOKENS = 65_536  # tokens for the feature statistics and latent scaling pass
 EVAL_BATCH = 4096
+DEFAULT_POOL_BATCHES = 32  # the activation buffer's pool, in training batches
 
 
 @dataclass
@@ -45,10 +50,31 @@ def parse_source(text: str) -> tuple[str, str]:
     label, sep, target = text.partition("=")
     if not sep or not label or not target:
         raise FeaturestoreError(
-            f"--source {text!r}: expected LABEL=SET, e.g. base=demo@1800:layer_2_post_mlp"
+            f"--source {text!r}: expected LABEL=SET, e.g. base=demo@1800:layer_2_post_mlp, or "
+            "with --tokens-from LABEL=RUN@STEP:STAGE or LABEL=hf:DIR:STAGE"
         )
     check_name(label, "source label")
     return label, target
+
+
+def check_source_kinds(parsed: list[tuple[str, str]], tokens_from: str | None) -> None:
+    """One job reads activation sets only, or (with --tokens-from) models only."""
+    from featurestore.activation_buffer import is_model_target
+
+    if tokens_from is None:
+        models = [f"{label}={target}" for label, target in parsed if target.startswith("hf:")]
+        if models:
+            raise FeaturestoreError(
+                f"--source {models[0]} names a model: training from models needs --tokens-from "
+                "(demo, or a tokenized dataset: a .parquet file or datasets folder)")
+        return
+    sets = [f"{label}={target}" for label, target in parsed
+            if Path(target).expanduser().exists() or not is_model_target(target)]
+    if sets:
+        raise FeaturestoreError(
+            f"--source {sets[0]} is not a model (RUN@STEP:STAGE or hf:DIR:STAGE), but "
+            "--tokens-from trains from models; a job reads either activation sets or models, "
+            "not a mix: give every source as a model, or drop --tokens-from to train on sets")
 
 
 def resolve_source(wh: Warehouse, con, label: str, target: str):
@@ -70,7 +96,8 @@ def resolve_source(wh: Warehouse, con, label: str, target: str):
     except NotFoundError:
         raise NotFoundError(
             f"--source {label}={target}: no activation set named {target!r} and no such path. "
-            "List sets with `featurestore sql \"SELECT name FROM activation_sets\"`."
+            "List sets with `featurestore sql \"SELECT name FROM activation_sets\"`, or train "
+            "straight from the model with --tokens-from."
         ) from None
     info = {"activation_set": row["name"], "run": row["run"], "step": row["step"],
             "stage": row["stage"]}
@@ -97,14 +124,19 @@ def train_crosscoder_job(
     save_every: int = 500,
     resume: bool = False,
     seed: int = 0,
+    tokens_from: str | None = None,
+    pool_batches: int = DEFAULT_POOL_BATCHES,
     wandb: bool = False,
     warehouse: str | None = None,
     progress: bool = True,
 ) -> CrossCoderJobResult:
+    """Train and register a crosscoder. With tokens_from the sources are models, `tokens`
+    bounds the token stream (each token is used once) and the pool holds pool_batches batches."""
     import time
 
     import torch
 
+    from featurestore.activation_buffer import open_model_buffer
     from featurestore.aligned import AlignedActivations
     from featurestore.crosscoder import CrossCoder, CrossCoderConfig
     from featurestore.crosscoder_training import Distributed, TrainerConfig, train_crosscoder
@@ -112,10 +144,13 @@ def train_crosscoder_job(
     check_name(name, "basis name")
     if steps is not None and tokens is not None:
         raise FeaturestoreError("give --steps or --tokens, not both")
+    if pool_batches < 1:
+        raise FeaturestoreError(f"--pool-batches must be at least 1, got {pool_batches}")
     parsed = [parse_source(s) for s in sources]
     labels = [label for label, _ in parsed]
     if len(set(labels)) != len(labels):
         raise FeaturestoreError(f"--source labels repeat: {labels}")
+    check_source_kinds(parsed, tokens_from)
     wh = Warehouse(warehouse)
     started = time.perf_counter()
     # Under torchrun, rank 0 holds the writer lock and registers the result; the other ranks
@@ -123,16 +158,27 @@ def train_crosscoder_job(
     distributed = Distributed.from_environment()
     lock = wh.writer(f"train-crosscoder {name}") if distributed.is_main else nullcontext()
     with lock as writer:
+        defaults = TrainerConfig()
         con = wh.connect()
         try:
-            resolved = [resolve_source(wh, con, label, target) for label, target in parsed]
+            if tokens_from is None:
+                resolved = [resolve_source(wh, con, label, target) for label, target in parsed]
+                data = AlignedActivations([source for source, _ in resolved], seed=seed)
+                source_rows = [{"label": source.label, **info,
+                                "norm_scale": float(source.activations.norm_scale)}
+                               for source, info in resolved]
+                steps = steps or (math.ceil(tokens / batch_size) if tokens else defaults.steps)
+            else:
+                data, steps = open_model_buffer(wh, con, parsed, tokens_from, tokens,
+                                                pool_batches * batch_size, seed, batch_size,
+                                                steps, defaults.steps)
+                source_rows = [{"label": source.label, **source.info, "norm_scale": scale}
+                               for source, scale in zip(data.sources, data.scales)]
         finally:
             con.close()
-        data = AlignedActivations([source for source, _ in resolved], seed=seed)
         d_hidden = dict_size or 16 * data.d_model
-        defaults = TrainerConfig()
         trainer = TrainerConfig(
-            steps=steps or (math.ceil(tokens / batch_size) if tokens else defaults.steps),
+            steps=steps,
             batch_size=batch_size,
             lr=lr if lr is not None else defaults.lr, betas=tuple(betas),
             l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
@@ -174,10 +220,11 @@ def train_crosscoder_job(
             "name": name, "kind": "crosscoder", "arch": arch, "n_sources": len(labels),
             "d_model": data.d_model, "d_hidden": d_hidden,
             "k": k if arch == "batchtopk" else None,
-            "sources": [{"label": source.label, **info,
-                         "norm_scale": float(source.activations.norm_scale)}
-                        for source, info in resolved],
-            "config": json.dumps(config.to_dict()), "trainer_config": json.dumps(trainer.to_dict()),
+            "sources": source_rows,
+            "config": json.dumps(config.to_dict()),
+            # Trained from models, the settings include where the tokens came from.
+            "trainer_config": json.dumps(trainer.to_dict() if tokens_from is None else
+                                         {**trainer.to_dict(), "data": data.describe()}),
             "path": relative, "steps": result.steps, "tokens": result.tokens,
             "final_metrics": json.dumps(result.final), "created_at": utc_now(),
         }])

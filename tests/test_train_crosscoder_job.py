@@ -162,3 +162,84 @@ def test_wandb_logging_works_offline(warehouse_copy, tmp_path, monkeypatch):
     assert b"explained_variance_base" in history and b"dead_fraction" in history
     assert rows(warehouse_copy, "SELECT count(DISTINCT step) AS n FROM training_metrics "
                                 "WHERE basis = 'logged'") == [{"n": 2}]
+
+
+# --- training straight from models (--tokens-from) ---------------------------------------------
+
+MODEL_BASE = f"base={TINY_RUN}@0:layer_2_post_mlp"
+MODEL_TUNED = f"tuned={TINY_RUN}@LAST:layer_2_post_mlp"
+FROM_MODELS = {**SMALL, "steps": None, "tokens": 2048, "tokens_from": "demo", "pool_batches": 4}
+
+
+def test_training_from_models_writes_no_activations_and_registers_the_basis(warehouse_copy):
+    sets_before = rows(warehouse_copy, "SELECT name FROM activation_sets ORDER BY name")
+    files_before = {p for p in (warehouse_copy / "activations").rglob("*")}
+    result = CliRunner().invoke(cli, [
+        "--warehouse", str(warehouse_copy), "--threads", "1", "train-crosscoder", "--name",
+        "live", "--source", MODEL_BASE, "--source", MODEL_TUNED, "--tokens-from", "demo",
+        "--tokens", "2048", "--pool-batches", "4", "--dict-size", "64", "--k", "4",
+        "--batch-size", "128", "--log-every", "4", "--json", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["steps"] == 2048 // 128  # each streamed token used once
+
+    assert rows(warehouse_copy, "SELECT name FROM activation_sets ORDER BY name") == sets_before
+    assert {p for p in (warehouse_copy / "activations").rglob("*")} == files_before
+    assert not (warehouse_copy / "training" / "live").exists()
+    (basis,) = rows(warehouse_copy, "SELECT * FROM bases WHERE name = 'live'")
+    assert [(s["label"], s["run"], s["step"], s["stage"], s["activation_set"])
+            for s in basis["sources"]] == [("base", TINY_RUN, 0, "layer_2_post_mlp", None),
+                                           ("tuned", TINY_RUN, TINY_STEPS, "layer_2_post_mlp",
+                                            None)]
+    data = json.loads(basis["trainer_config"])["data"]
+    assert data["tokens"].startswith("demo task") and data["n_rows"] == 2048
+    assert data["pool_rows"] == 4 * 128
+    model = CrossCoder.load(warehouse_copy / "bases" / "live")
+    assert model.norm_scales.tolist() == pytest.approx([s["norm_scale"] for s in basis["sources"]])
+    assert rows(warehouse_copy, "SELECT count(*) AS n FROM features WHERE basis = 'live'") == [
+        {"n": 64}]
+
+
+def test_bad_model_sources_fail_clearly_and_write_nothing(warehouse_copy, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from featurestore.errors import UnknownStageError
+    from featurestore.ingest.train_model import train_model
+
+    train_model("narrow", steps=1, d_model=16, warehouse=warehouse_copy, progress=False)
+    before = snapshot(warehouse_copy)
+
+    def train(sources, **options):
+        train_crosscoder_job("x", sources, warehouse=warehouse_copy, **{**FROM_MODELS, **options})
+
+    with pytest.raises(NotFoundError, match="b=nope@0:.*unknown run 'nope'; runs in this "
+                                            "warehouse: narrow, tiny"):
+        train([MODEL_BASE, "b=nope@0:layer_2_post_mlp"])
+    with pytest.raises(NotFoundError, match="no checkpoint at step 15; its checkpoints are at"):
+        train([MODEL_BASE, f"b={TINY_RUN}@15:layer_2_post_mlp"])
+    with pytest.raises(UnknownStageError, match="unknown stage 'layer_9_post_mlp'.*valid "
+                                                "stages: embed, layer_0_post_attn"):
+        train([MODEL_BASE, f"b={TINY_RUN}@0:layer_9_post_mlp"])
+    with pytest.raises(InvalidActivationsError, match="d_model mismatch: source base .* has "
+                                                      "width 32 .* n .narrow@1. has 16"):
+        train([MODEL_BASE, "n=narrow@LAST:layer_2_post_mlp"])
+    with pytest.raises(FeaturestoreError, match="not a mix"):
+        train([MODEL_BASE, f"s={warehouse_copy / 'activations'}"])
+    with pytest.raises(FeaturestoreError, match="names a model: training from models needs "
+                                                "--tokens-from"):
+        train([f"x=hf:{tmp_path}:layer_0_post_mlp"], tokens_from=None)
+    with pytest.raises(FeaturestoreError, match="not a Hugging Face model directory"):
+        train([f"x=hf:{tmp_path}:layer_0_post_mlp"])
+    with pytest.raises(FeaturestoreError, match="exhausted before the first batch: it has 100 "
+                                                "tokens, fewer than --batch-size 128"):
+        train([MODEL_BASE], tokens=100)
+    # A tokenized dataset on disk: 1024 tokens allow 8 steps of 128, and its ids must fit.
+    ids = np.arange(1024).reshape(64, 16) % 20
+    pq.write_table(pa.table({"input_ids": ids.tolist()}), tmp_path / "tokens.parquet")
+    with pytest.raises(FeaturestoreError, match="--steps 30 .* lower --steps to at most 8"):
+        train([MODEL_BASE], tokens_from=str(tmp_path / "tokens.parquet"), tokens=None, steps=30)
+    pq.write_table(pa.table({"input_ids": (ids + 1000).tolist()}), tmp_path / "wide.parquet")
+    with pytest.raises(FeaturestoreError, match="token ids reach 1019 but the model of source "
+                                                "base .* has a vocabulary of"):
+        train([MODEL_BASE], tokens_from=str(tmp_path / "wide.parquet"), tokens=None)
+    assert snapshot(warehouse_copy) == before

@@ -1,0 +1,506 @@
+"""Training a crosscoder straight from models: an activation buffer fed by nnsight reads.
+
+Instead of stored activation sets, every source is a model (a checkpoint of a registered run, or
+a local Hugging Face folder) read at one stage. All sources run on the same token batches, so
+their rows are aligned by construction, and nothing is written to disk.
+
+The stream. A token source yields fixed-size batches of sequences, addressed by number (the demo
+task's generator seeds batch i from (seed, i); a tokenized dataset is sliced), so any part of it
+can be read again. Stream row r is token r of the concatenated batches.
+
+The pool. The buffer holds P stream rows of every source in one preallocated tensor
+[P, n_sources, d_model]. Each round shuffles the pool (seeded by the round number), serves the
+first half of that order and refills the served slots with the next P/2 stream rows; once the
+stream is exhausted the last round serves all that is left. So every stream row is served exactly
+once, and which row is served at which position depends on integers alone (`PoolSchedule`):
+the order can be computed without activations, a checkpoint needs only the pool's row numbers
+and the token-source position, and training on the same rows stored as activation sets in that
+order gives the same model. Training batches are consecutive positions, so a batch that straddles
+two rounds is still whole: the buffer never yields an empty or partial batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featurestore.activations import NORM_SAMPLE_ROWS, check_finite, norm_sample, norm_scale
+from featurestore.errors import FeaturestoreError, InvalidActivationsError
+from featurestore.ingest.collect import (
+    BATCH_SEQUENCES,
+    DEFAULT_SPLITS,
+    open_reader,
+    token_file,
+)
+from featurestore.registry import get_checkpoints, get_run, parse_steps
+from featurestore.stages import StageReader, hf_reader
+from featurestore.tasks import SyntheticTask, TaskConfig
+
+NORM_ROWS = 4 * NORM_SAMPLE_ROWS  # the norm scales are estimated on the first stream rows
+DEMO_TOKENS = "demo"  # --tokens-from value naming the demo task's generator
+
+
+# --- token sources ----------------------------------------------------------------------------
+
+
+class TokenStream:
+    """Token ids in numbered batches of `sequences` sequences of n_ctx tokens."""
+
+    n_ctx: int
+    sequences: int
+    n_rows: int | None  # tokens in the stream; None: endless
+    max_token_id: int
+    description: str
+
+    @property
+    def rows_per_batch(self) -> int:
+        return self.sequences * self.n_ctx
+
+    def batch(self, index: int) -> torch.Tensor:
+        """Token ids [sequences, n_ctx] of batch `index` (the last batch of a file may be short)."""
+        raise NotImplementedError
+
+
+class DemoTokens(TokenStream):
+    """The demo task's per-sub-task splits in equal shares: like collect's token set, they do not
+    depend on a run's task mix, so a base run and its fine-tune read the same tokens."""
+
+    def __init__(self, task_config: dict, seed: int, n_rows: int | None,
+                 sequences: int = BATCH_SEQUENCES):
+        self.task = SyntheticTask(TaskConfig.from_dict(task_config))
+        self.splits = DEFAULT_SPLITS
+        self.sequences = sequences
+        if self.sequences % len(self.splits):
+            raise ValueError(f"sequences per batch must be a multiple of {len(self.splits)}")
+        self.seed = seed
+        self.n_ctx = self.task.config.n_ctx
+        self.n_rows = n_rows
+        self.max_token_id = self.task.vocab_size - 1
+        self.description = (f"demo task splits={','.join(self.splits)} seed={seed} "
+                            f"sequences_per_batch={self.sequences}")
+
+    def batch(self, index: int) -> torch.Tensor:
+        # One seed per batch, drawn from (seed, index): batch i is the same whenever it is read.
+        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0])
+        per_split = self.sequences // len(self.splits)
+        return torch.cat([self.task.sample(split, per_split, seed).tokens
+                          for split in self.splits])
+
+
+class TensorTokens(TokenStream):
+    """Token ids held in memory [n_sequences, n_ctx], e.g. a tokenized dataset read from disk."""
+
+    def __init__(self, tokens: torch.Tensor, n_rows: int, description: str,
+                 sequences: int = BATCH_SEQUENCES):
+        if n_rows > tokens.numel():
+            raise ValueError(f"{n_rows} rows asked of {tokens.numel()} tokens")
+        self.tokens = tokens
+        self.sequences = sequences
+        self.n_ctx = tokens.shape[1]
+        self.n_rows = n_rows
+        self.max_token_id = int(tokens.max())
+        self.description = description
+
+    def batch(self, index: int) -> torch.Tensor:
+        return self.tokens[index * self.sequences:(index + 1) * self.sequences]
+
+
+def token_stream(tokens_from: str, sources: list[ModelSource], n_rows: int | None,
+                 seed: int) -> TokenStream:
+    """The token source `--tokens-from` names (demo, or a tokenized dataset), bounded by n_rows."""
+    if tokens_from == DEMO_TOKENS:
+        not_demo = [s.label for s in sources if s.task_config is None]
+        if not_demo:
+            raise FeaturestoreError(
+                f"--tokens-from demo: source {not_demo[0]} is not a demo run, so it does not read "
+                "the demo task's tokens; pass a tokenized dataset (--tokens-from PATH)")
+        settings = [{k: v for k, v in s.task_config.items() if k != "mix"} for s in sources]
+        differing = [s.label for s, other in zip(sources, settings) if other != settings[0]]
+        if differing:
+            raise FeaturestoreError(
+                f"--tokens-from demo: sources {sources[0].label} and {differing[0]} come from "
+                "demo runs with different task settings (beyond the mix), so no one token "
+                "stream suits both; pass a tokenized dataset (--tokens-from PATH)")
+        return DemoTokens(sources[0].task_config, seed, n_rows)
+    tokens, _ = token_file(tokens_from, n_rows)
+    return TensorTokens(tokens, n_rows or tokens.numel(), f"file {Path(tokens_from).resolve()}")
+
+
+# --- model sources ----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    label: str
+    reader: StageReader
+    stage: str
+    info: dict  # what the basis records: activation_set (None), run, step, stage
+    model: str  # RUN@STEP or hf:DIR, for messages and the resume check
+    task_config: dict | None  # demo runs: the task their tokens come from
+
+    def read(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The stage's activations [n_tokens, width] for token ids [n_sequences, n_ctx]."""
+        value = self.reader.read(tokens, [self.stage])[self.stage]
+        return value.reshape(-1, value.shape[-1]).float()
+
+
+def is_model_target(target: str) -> bool:
+    """Whether a --source target names a model (RUN@STEP:STAGE or hf:DIR:STAGE) by its shape."""
+    return target.startswith("hf:") or ("@" in target and ":" in target.partition("@")[2])
+
+
+def resolve_model_source(wh, con, label: str, target: str) -> ModelSource:
+    """A ModelSource from RUN@STEP:STAGE (STEP a number or LAST) or hf:DIR:STAGE."""
+    flag = f"--source {label}={target}"
+    if target.startswith("hf:"):
+        directory, _, stage = target[len("hf:"):].rpartition(":")
+        if not directory or not stage:
+            raise FeaturestoreError(f"{flag}: expected hf:DIR:STAGE, e.g. hf:~/models/gpt2:"
+                                    "layer_6_post_mlp")
+        path = Path(directory).expanduser().resolve()
+        reader = _with_flag(flag, hf_reader, path)
+        info = {"activation_set": None, "run": None, "step": None, "stage": stage}
+        model, task_config = f"hf:{path}", None
+    else:
+        run, _, rest = target.partition("@")
+        step_text, _, stage = rest.partition(":")
+        if not run or not step_text or not stage:
+            raise FeaturestoreError(
+                f"{flag}: expected RUN@STEP:STAGE (STEP a number or LAST), e.g. "
+                "demo@LAST:layer_2_post_mlp, or hf:DIR:STAGE")
+        steps = _with_flag(flag, parse_steps, step_text, flag)
+        if steps is None or len(steps) != 1:
+            raise FeaturestoreError(f"{flag}: give one step (a number or LAST), not {step_text!r}")
+        run_info = _with_flag(flag, get_run, con, run)
+        (checkpoint,) = _with_flag(flag, get_checkpoints, wh, con, run, steps)
+        reader = _with_flag(flag, open_reader, run_info, checkpoint)
+        info = {"activation_set": None, "run": run, "step": checkpoint.step, "stage": stage}
+        model, task_config = f"{run}@{checkpoint.step}", run_info.task_config
+    _with_flag(flag, reader.site, stage)
+    return ModelSource(label, reader, stage, info, model, task_config)
+
+
+def _with_flag(flag: str, function, *args):
+    """Call `function`, prefixing any FeaturestoreError with the --source flag it came from."""
+    try:
+        return function(*args)
+    except FeaturestoreError as error:
+        raise type(error)(f"{flag}: {error}") from None
+
+
+def check_vocabulary(tokens: TokenStream, tokens_from: str, sources: list[ModelSource]) -> None:
+    for source in sources:
+        vocab = source.reader.vocab_size
+        if tokens.max_token_id >= vocab:
+            raise FeaturestoreError(
+                f"--tokens-from {tokens_from}: token ids reach {tokens.max_token_id} but the model "
+                f"of source {source.label} ({source.model}) has a vocabulary of {vocab}; use "
+                "tokens of that model")
+
+
+# --- which stream row is served where: integers only -------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolRound:
+    """One round of the pool, as it starts."""
+
+    number: int
+    start: int  # position (in the buffer's output) of the first row it serves
+    ids: np.ndarray  # the stream row each pool slot holds
+    next_row: int  # the token-source position: the next stream row to read
+    served: np.ndarray  # the slots it serves, in order
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.served)
+
+
+@dataclass(frozen=True)
+class Refill:
+    """How a round's pool becomes the next one's: new rows into slots, then maybe compaction."""
+
+    slots: np.ndarray
+    rows: np.ndarray  # the stream rows read into them
+    keep: np.ndarray | None  # slots left once the stream has run dry (the rest are dropped)
+
+
+class PoolSchedule:
+    def __init__(self, pool_rows: int, n_rows: int | None, seed: int):
+        if pool_rows < 2:
+            raise FeaturestoreError(f"the pool must hold at least 2 rows, got {pool_rows}")
+        self.pool_rows = pool_rows
+        self.half = pool_rows // 2
+        self.n_rows = n_rows
+        self.seed = seed
+
+    def exhausted(self, next_row: int) -> bool:
+        return self.n_rows is not None and next_row >= self.n_rows
+
+    def round(self, number: int, start: int, ids: np.ndarray, next_row: int) -> PoolRound:
+        order = np.random.default_rng([self.seed, number]).permutation(len(ids))
+        # Refill half when half is used; with nothing left to refill from, serve the rest.
+        served = order if self.exhausted(next_row) else order[:self.half]
+        return PoolRound(number, start, ids, next_row, served)
+
+    def first(self) -> PoolRound:
+        filled = self.pool_rows if self.n_rows is None else min(self.pool_rows, self.n_rows)
+        return self.round(0, 0, np.arange(filled), filled)
+
+    def following(self, current: PoolRound) -> tuple[PoolRound, Refill] | None:
+        """The next round and the refill that makes it; None after the last round."""
+        if self.exhausted(current.next_row):
+            return None
+        left = None if self.n_rows is None else self.n_rows - current.next_row
+        take = self.half if left is None else min(self.half, left)
+        slots = current.served[:take]
+        rows = np.arange(current.next_row, current.next_row + take)
+        ids = current.ids.copy()
+        ids[slots] = rows
+        keep = None
+        if take < len(current.served):  # the stream ran dry: the pool shrinks for its last round
+            keep = np.setdiff1d(np.arange(len(ids)), current.served[take:])
+            ids = ids[keep]
+        next_row = current.next_row + take
+        return self.round(current.number + 1, current.end, ids, next_row), Refill(slots, rows, keep)
+
+    def advance(self, current: PoolRound, position: int) -> PoolRound:
+        """The round that serves `position` (or the last round, past the end)."""
+        while position >= current.end:
+            following = self.following(current)
+            if following is None:
+                break
+            current = following[0]
+        return current
+
+    def served_rows(self, stop: int) -> np.ndarray:
+        """The stream rows served at positions 0 .. stop-1."""
+        parts, current = [], self.first()
+        while True:
+            parts.append(current.ids[current.served])
+            following = self.following(current)
+            if current.end >= stop or following is None:
+                break
+            current = following[0]
+        order = np.concatenate(parts)
+        if len(order) < stop:
+            raise FeaturestoreError(f"the stream serves {len(order)} rows, fewer than {stop}")
+        return order[:stop]
+
+
+# --- the buffer -------------------------------------------------------------------------------
+
+
+class ActivationBuffer:
+    """Aligned, shuffled, normalised activations of several model sources, read on the fly.
+
+    The training loop reads it as it reads AlignedActivations: indices_for_step gives the output
+    positions of a step's batch and batch() their activations [batch, n_sources, d_model],
+    normalised by the per-source norm scales estimated at the start. Positions must be asked in
+    ascending order (the last batch may be asked again: the decoder-bias init reads step 0
+    before the loop does): the pool moves on.
+    """
+
+    def __init__(self, sources: list[ModelSource], tokens: TokenStream, pool_rows: int,
+                 seed: int = 0):
+        if not sources:
+            raise FeaturestoreError("a crosscoder needs at least one --source")
+        self.sources = sources
+        self.tokens = tokens
+        self.n_rows = tokens.n_rows
+        self.seed = seed
+        self.schedule = PoolSchedule(pool_rows, tokens.n_rows, seed)
+        self.produced = 0  # stream rows read through the models (re-reads count again)
+        self.consumed = 0  # positions served to training
+        self._cached_index, self._cached = -1, torch.empty(0)
+        self.d_model = self._stream_batch(0).shape[-1]
+        self.scales = self._estimate_norm_scales()
+        self.pool = torch.empty(pool_rows, len(sources), self.d_model)
+        self._round: PoolRound | None = None  # filled at the first batch, or by restore()
+        self._last = (np.empty(0, dtype=np.int64), torch.empty(0))  # positions, batch
+        self._ledger = self.schedule.first()  # the main thread's copy, for checkpoint states
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.sources]
+
+    @property
+    def norm_scales(self) -> torch.Tensor:
+        return torch.tensor(self.scales, dtype=torch.float32)
+
+    @property
+    def memory_bytes(self) -> int:
+        """The pool and the one stream batch kept of every source (what the pool size bounds)."""
+        return (self.pool.numel() + self.tokens.rows_per_batch * len(self.sources)
+                * self.d_model) * self.pool.element_size()
+
+    def describe(self) -> dict:
+        """What decides the data order; stored with the basis and compared on --resume."""
+        return {"tokens": self.tokens.description, "n_rows": self.n_rows,
+                "pool_rows": self.schedule.pool_rows, "seed": self.seed,
+                "sources": [f"{s.label}={s.model}:{s.stage}" for s in self.sources]}
+
+    # -- what the training loop reads ----------------------------------------------------------
+
+    def indices_for_step(self, step: int, batch_size: int) -> np.ndarray:
+        return np.arange(step * batch_size, (step + 1) * batch_size)
+
+    def batch(self, positions: np.ndarray) -> torch.Tensor:
+        """Normalised activations at the given output positions: [len, n_sources, d_model]."""
+        if np.array_equal(positions, self._last[0]):
+            return self._last[1].clone()
+        if self._round is None:
+            self._round = self.schedule.first()
+            self._load(np.arange(len(self._round.ids)), self._round.ids)
+        order = np.argsort(positions, kind="stable")
+        wanted = positions[order]
+        if len(wanted) and wanted[0] < self._round.start:
+            raise FeaturestoreError(
+                f"activation buffer: position {wanted[0]} was served before the pool moved on "
+                f"(it now starts at {self._round.start}); batches must be read in step order")
+        out = torch.empty(len(positions), len(self.sources), self.d_model)
+        done = 0
+        while done < len(wanted):
+            if wanted[done] >= self._round.end:
+                self._next_round()
+                continue
+            upto = int(np.searchsorted(wanted, self._round.end))
+            slots = self._round.served[wanted[done:upto] - self._round.start]
+            out[order[done:upto]] = self.pool[slots]
+            done = upto
+        if len(wanted):
+            self.consumed = max(self.consumed, int(wanted[-1]) + 1)
+        self._last = (positions.copy(), out.clone())
+        return out
+
+    def in_order(self, batch_size: int, max_tokens: int):
+        """The first stream rows in order, normalised (for evaluation passes after training)."""
+        end = max_tokens if self.n_rows is None else min(self.n_rows, max_tokens)
+        for start in range(0, end, batch_size):
+            yield self._rows(np.arange(start, min(start + batch_size, end))) * self._scale_column
+
+    def calibration_batches(self, after_step: int, batch_size: int, n: int):
+        """Whole batches for the BatchTopK threshold: the first stream rows again, since a
+        bounded stream has nothing left after training."""
+        return self.in_order(batch_size, n * batch_size)
+
+    def progress(self) -> dict[str, str]:
+        from tqdm import tqdm
+
+        return {"read": tqdm.format_sizeof(self.produced) + "tok",
+                "used": tqdm.format_sizeof(self.consumed) + "tok"}
+
+    # -- checkpoints: row numbers and the token-source position, never activations -------------
+
+    def state_at(self, position: int) -> dict:
+        """The pool as the round serving `position` starts (position: the next step's first)."""
+        self._ledger = self.schedule.advance(self._ledger, position)
+        current = self._ledger
+        return {"data": self.describe(), "round": current.number, "start": current.start,
+                "next_row": current.next_row, "ids": current.ids.astype(np.int64)}
+
+    def restore(self, state: dict | None) -> None:
+        """Rebuild the pool of a saved state by reading its rows through the models again."""
+        if state is None:
+            raise FeaturestoreError(
+                "--resume: the saved run trained on activation sets; resume it with the same "
+                "--source sets and without --tokens-from")
+        if state["data"] != self.describe():
+            changed = sorted(k for k, v in self.describe().items() if state["data"].get(k) != v)
+            raise FeaturestoreError(
+                f"--resume: the saved run read its data differently ({', '.join(changed)}); "
+                "resume with the same --source, --tokens-from, --tokens, --pool-batches and "
+                "--seed, or start over without --resume")
+        self._round = self.schedule.round(state["round"], state["start"], state["ids"],
+                                          state["next_row"])
+        self._ledger = self._round
+        self._load(np.arange(len(self._round.ids)), self._round.ids)
+        self.consumed = self._round.start
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def _scale_column(self) -> torch.Tensor:
+        return self.norm_scales[:, None]
+
+    def _next_round(self) -> None:
+        following = self.schedule.following(self._round)
+        if following is None:
+            raise FeaturestoreError(
+                f"activation buffer: the token source is exhausted after {self.n_rows} tokens, "
+                f"all of them served; train for fewer steps or give more --tokens")
+        self._round, refill = following
+        self._load(refill.slots, refill.rows)
+        if refill.keep is not None:
+            self.pool[:len(refill.keep)] = self.pool[refill.keep].clone()
+
+    def _load(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self.pool[slots] = self._rows(rows) * self._scale_column
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Raw activations [len(rows), n_sources, d_model] of the given stream rows."""
+        per_batch = self.tokens.rows_per_batch
+        batch_of = rows // per_batch
+        out = torch.empty(len(rows), len(self.sources), self.d_model)
+        for index in np.unique(batch_of):  # ascending, so each stream batch is read once
+            where = np.flatnonzero(batch_of == index)
+            out[where] = self._stream_batch(int(index))[rows[where] - index * per_batch]
+        return out
+
+    def _stream_batch(self, index: int) -> torch.Tensor:
+        """Every source's activations on stream batch `index`: [rows, n_sources, width]."""
+        if index != self._cached_index:
+            tokens = self.tokens.batch(index)
+            reads = [source.read(tokens) for source in self.sources]
+            first = self.sources[0]
+            for source, read in zip(self.sources, reads):
+                if read.shape[-1] != reads[0].shape[-1]:
+                    raise InvalidActivationsError(
+                        f"d_model mismatch: source {first.label} ({first.model}) has width "
+                        f"{reads[0].shape[-1]} at {first.stage} but {source.label} "
+                        f"({source.model}) has {read.shape[-1]} at {source.stage}; a crosscoder "
+                        "needs sources of equal width")
+                check_finite(read.numpy(), f"source {source.label} ({source.model}:"
+                                           f"{source.stage}) on token batch {index}")
+            self._cached, self._cached_index = torch.stack(reads, dim=1), index
+            self.produced += len(tokens) * tokens.shape[1]
+        return self._cached
+
+    def _estimate_norm_scales(self) -> list[float]:
+        """Per source, the norm scale of collect, on the first NORM_ROWS stream rows."""
+        rows = np.arange(NORM_ROWS if self.n_rows is None else min(NORM_ROWS, self.n_rows))
+        raw = self._rows(rows)
+        sample = norm_sample(rows % self.tokens.n_ctx)
+        return [norm_scale(raw[sample, s].numpy()) for s in range(len(self.sources))]
+
+
+def open_model_buffer(wh, con, parsed: list[tuple[str, str]], tokens_from: str,
+                      n_rows: int | None, pool_rows: int, seed: int, batch_size: int,
+                      steps: int | None, default_steps: int) -> tuple[ActivationBuffer, int]:
+    """The buffer of a train-crosscoder job whose --source values name models, and the steps
+    its token stream allows (checked before any model runs)."""
+    sources = [resolve_model_source(wh, con, label, target) for label, target in parsed]
+    tokens = token_stream(tokens_from, sources, n_rows, seed)
+    check_vocabulary(tokens, tokens_from, sources)
+    steps = steps_for_stream(tokens.n_rows, batch_size, steps, default_steps)
+    return ActivationBuffer(sources, tokens, pool_rows, seed), steps
+
+
+def steps_for_stream(n_rows: int | None, batch_size: int, steps: int | None,
+                     default_steps: int) -> int:
+    """Training steps a stream of n_rows tokens allows: each row is used once, batches whole."""
+    if n_rows is None:
+        return steps or default_steps
+    if n_rows < batch_size:
+        raise FeaturestoreError(
+            f"the token source is exhausted before the first batch: it has {n_rows} tokens, "
+            f"fewer than --batch-size {batch_size}; give more --tokens or a smaller batch")
+    if steps is not None and steps * batch_size > n_rows:
+        raise FeaturestoreError(
+            f"--steps {steps} x --batch-size {batch_size} needs {steps * batch_size} tokens but "
+            f"the token source has {n_rows}; lower --steps to at most {n_rows // batch_size} or "
+            "give more --tokens")
+    return steps or n_rows // batch_size
