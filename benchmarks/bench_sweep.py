@@ -20,11 +20,17 @@ run and interleaved round-robin:
                                 one feature's trajectory; one feature's token activations at one
                                 checkpoint; births in a step window; the top-20 diffs.
 
-Peak memory: the resident set of a fresh process that sweeps one checkpoint.
+Peak memory: the resident set of a fresh process that sweeps one checkpoint. Writing: the share of
+each sweep's wall time spent writing feature_activations, and its rows/s.
+
+On a machine with a GPU: encoding one checkpoint on CUDA (fp32 with TF32, and bf16 autocast)
+against the CPU encode, with utilisation against the GPU's measured matmul rates; skipped, with a
+note, where there is none.
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import resource
 import statistics
@@ -61,6 +67,10 @@ QUICK_CHECKPOINTS, QUICK_TOKENS = 4, 8_192
 SEQUENCE_LENGTH = 64
 FIT_STEPS = 100  # the basis only has to be a plausible one; its quality is not measured
 QUERY_REPEATS = 20  # queries are milliseconds: each timed sample runs this many
+# On a GPU: encode batches big enough to fill it, and a matmul size (repeated within a sample)
+# long enough to time without launch overhead.
+CUDA_ENCODE_BATCH = 65_536
+CUDA_MATMUL_N, CUDA_MATMUL_REPEATS = 8192, 10
 
 
 def run(options: RunOptions) -> BenchmarkResult:
@@ -132,6 +142,8 @@ def run(options: RunOptions) -> BenchmarkResult:
                    note="sorted by feature_id, zstd, fsync'd"),
         ]
         figures += query_figures(root, wh)
+        gpu_figures, gpu_flops, gpu_notes = cuda_encode_figures(basis, sets[0], n_tokens)
+        figures += gpu_figures
         measurements = measure(figures, options)
 
     result = BenchmarkResult(
@@ -156,10 +168,71 @@ def run(options: RunOptions) -> BenchmarkResult:
                         f"{statistics.median(rows_per_second_written):,.0f} rows/s (median)")
     result.notes.append(f"peak RSS of a process sweeping one checkpoint: {peak_rss_mb:.0f} MB")
     result.notes.append(f"feature_activations: {written.num_rows:,} rows per checkpoint")
+    result.notes += gpu_notes
+    if gpu_figures:  # utilisation: encode FLOP rate over the GPU's own matmul rate
+        rates = {m.label: m.median for m in measurements}
+        for label, flops_per_token in gpu_flops.items():
+            achieved = rates[label] * flops_per_token
+            for product in ("fp32 (TF32)", "bf16"):
+                gemm = rates[f"CUDA matmul {CUDA_MATMUL_N}, {product}"] * 1e9
+                result.notes.append(f"{label}: {achieved / 1e9:,.0f} GFLOP/s = "
+                                    f"{achieved / gemm:.0%} of the {product} matmul rate")
     for m in measurements:
         if m.unit == "queries/s":
             result.notes.append(f"{m.label}: {1000 / m.median:.2f} ms per query (median)")
     return result
+
+
+def cuda_encode_figures(basis, activations, n_tokens: int
+                        ) -> tuple[list[Figure], dict[str, int], list[str]]:
+    """On a GPU: encoding one checkpoint there (rows copied from pinned host memory, as the
+    sweep would feed them), in fp32 with TF32 matmuls and under bf16 autocast, against the CPU
+    encode; and the GPU's matmul rates, which the utilisation notes divide by. On a machine
+    without one: no figures and a note saying so."""
+    if not torch.cuda.is_available():
+        return [], {}, ["CUDA: no GPU on this machine, so the CUDA encode figures were skipped"]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = copy.copy(basis)
+    gpu.model = copy.deepcopy(basis.model).to("cuda")
+    rows = torch.from_numpy(activations.rows(np.arange(n_tokens), normalized=True)).pin_memory()
+
+    def encode(dtype: torch.dtype | None):
+        def work() -> float:
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                for start in range(0, n_tokens, CUDA_ENCODE_BATCH):
+                    batch = rows[start:start + CUDA_ENCODE_BATCH].to("cuda", non_blocking=True)
+                    gpu.encode([batch], 0)
+            torch.cuda.synchronize()
+            return n_tokens
+        return work
+
+    def matmul(dtype: torch.dtype):
+        a, b = (torch.randn(CUDA_MATMUL_N, CUDA_MATMUL_N, device="cuda", dtype=dtype)
+                for _ in range(2))
+
+        def work() -> float:
+            for _ in range(CUDA_MATMUL_REPEATS):
+                torch.mm(a, b)
+            torch.cuda.synchronize()
+            return CUDA_MATMUL_REPEATS * 2 * CUDA_MATMUL_N**3
+        return work
+
+    cpu = "encode only, one checkpoint"
+    figures = [
+        Figure(f"CUDA matmul {CUDA_MATMUL_N}, fp32 (TF32)", "GFLOP/s", matmul(torch.float32),
+               1e-9, note="the GPU's rate, for utilisation"),
+        Figure(f"CUDA matmul {CUDA_MATMUL_N}, bf16", "GFLOP/s", matmul(torch.bfloat16), 1e-9,
+               note="the GPU's rate, for utilisation"),
+        Figure("encode only, one checkpoint, CUDA fp32", "tokens/s", encode(None), baseline=cpu),
+        Figure("encode only, one checkpoint, CUDA bf16 autocast", "tokens/s",
+               encode(torch.bfloat16), baseline=cpu),
+    ]
+    # A dense encoder and decoder matmul per token: 2*d*h FLOPs each.
+    flops = 4 * activations.d_model * basis.d_hidden
+    encode_labels = [figure.label for figure in figures[2:]]
+    return figures, dict.fromkeys(encode_labels, flops), [
+        f"CUDA: {torch.cuda.get_device_name(0)}; encode batches of {CUDA_ENCODE_BATCH:,} tokens, "
+        f"counted as {flops:,} matmul FLOPs per token"]
 
 
 def query_figures(root: Path, wh: Warehouse) -> list[Figure]:
