@@ -399,3 +399,45 @@ def test_a_partition_value_that_cannot_name_a_folder_is_refused(tmp_path):
         with wh.writer("bad sweep") as writer:
             writer.put("feature_activations", activation_rows(5, bases=("a/../b",), steps=(0,)))
     assert not wh.exists()
+
+
+def birth_rows(seed: int, features: int, threshold: float = 0.01) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    born = rng.random(features) < 0.8
+    return pa.table({
+        "basis": pa.array(["a"] * features),
+        "feature_id": rng.permutation(features).astype(np.int32),
+        "metric": pa.array(["activation_rate"] * features),
+        "threshold": np.full(features, threshold), "persistence": np.full(features, 3, np.int32),
+        "stable_eps": np.full(features, 0.1), "stable_cos": np.full(features, 0.9),
+        "birth_step": pa.array(rng.integers(0, 50, features) * 10, mask=~born),
+        "stabilization_step": pa.nulls(features, pa.int64()),
+        "death_step": pa.nulls(features, pa.int64()), "drift": rng.random(features),
+        "present_at_init": np.zeros(features, dtype=bool)})
+
+
+def test_a_table_is_stored_in_its_declared_order_and_row_groups(tmp_path):
+    # births declares sort_by (..., birth_step, feature_id) and 4096-row groups, so a step
+    # window is read from the row groups whose birth_step min/max overlap it.
+    births = table_specs()["births"]
+    assert births.sort_by[-2:] == ("birth_step", "feature_id") and births.row_group_size == 4096
+    wh = Warehouse(tmp_path / "wh")
+    first, second = birth_rows(6, 5000), birth_rows(7, 3000, threshold=0.02)
+    with wh.writer("births") as writer:
+        writer.put("births", first)
+    with wh.writer("more births") as writer:  # merged with the rows already there
+        writer.put("births", second)
+    stored = pq.ParquetFile(wh.root / wh.live_files()["births"])
+    assert [stored.metadata.row_group(i).num_rows for i in range(stored.num_row_groups)] == [
+        4096, 3904]
+    table = stored.read()
+    order = np.lexsort([table["feature_id"].to_numpy(),
+                        table["birth_step"].fill_null(np.iinfo(np.int64).max).to_numpy(),
+                        table["threshold"].to_numpy()])
+    assert (order == np.arange(table.num_rows)).all()  # NULL birth steps last in each rule
+    window = query(wh.root, "SELECT threshold, feature_id FROM births WHERE birth_step BETWEEN "
+                            "100 AND 200 ORDER BY ALL")
+    expected = [(t, f) for rows in (first, second) for t, f, b in zip(
+        rows["threshold"].to_pylist(), rows["feature_id"].to_pylist(),
+        rows["birth_step"].to_pylist()) if b is not None and 100 <= b <= 200]
+    assert window == sorted(expected) and window

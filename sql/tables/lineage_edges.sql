@@ -1,3 +1,4 @@
+-- sort_by: basis, step, method, src_type, rank, dst_type, dst_id, src_id
 -- lineage_edges: which model components write each feature of a shared basis (feature-lineage).
 CREATE TABLE lineage_edges (
     basis VARCHAR NOT NULL,
