@@ -1,11 +1,13 @@
 """Crosscoder training throughput: featurestore's CrossCoder trainer against a plain dense one.
 
 A crosscoder trains for thousands of steps, so the time of one step bounds how many tokens a run
-can afford. Both architectures (vanilla; batchtopk with k=32) are timed at two sizes, written
+can afford. Both architectures (vanilla; batchtopk with k=32) are timed at four sizes, written
 sources x d_model / latents:
 
-    2x128/2048    2 sources of 128 dims, 2,048 latents (the only size with --quick)
+    2x64/1024     2 sources of 64 dims, 1,024 latents (the only size with --quick)
+    2x128/2048    2 sources of 128 dims, 2,048 latents
     2x256/4096    2 sources of 256 dims, 4,096 latents
+    8x128/2048    8 checkpoints of 128 dims, 2,048 latents
 
 A step is what train_crosscoder does for each batch of 1,024 tokens: forward, total_loss, backward,
 clip_grad_norm_ to 1.0, optimizer step (make_optimizer's Adam, fused where torch has it); logging,
@@ -23,16 +25,23 @@ so both train the same model.
 Also measured, interleaved with the trainers: the machine's fp32 matmul rate (one 2048x2048
 product), which the notes divide each trainer's matmul FLOP rate by (utilisation); and, before the
 timing, the peak memory a trainer's first two steps add (peak_step_memory_mb).
+
+With a GPU (torch.cuda.is_available()) the same sizes are trained there as well: both trainers in
+fp32 with TF32 matmuls, and featurestore's also under bf16 autocast, against the GPU's own TF32 and
+bf16 matmul rates. FEATURESTORE_BENCH_DEVICE=cpu or =cuda runs one device only; unset, the CPU
+always and the GPU where there is one.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from harness import BenchmarkResult, Figure, RunOptions, measure
+from harness import BenchmarkResult, Figure, Measurement, RunOptions, measure
 from torch import nn
 
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
@@ -45,14 +54,9 @@ ARCHS = ("vanilla", "batchtopk")
 # The trainer's defaults: learning rate, betas, the vanilla L1 coefficient (at the end of its
 # warm-up) and the gradient-norm clip.
 TRAINER = TrainerConfig()
-# 17 GFLOP, a fraction of a second here; a 3072 product ran no faster, so this is the BLAS's
-# full rate rather than its overhead.
-MATMUL_N = 2048
-# A step takes 0.3 to 1 s on 2 cores, far above the timer's resolution, so one per sample is
-# enough, and keeps the whole benchmark near a minute with other processes on the cores.
-STEPS_PER_SAMPLE = 1
 MEMORY_STEPS = 2  # see peak_step_memory_mb
 SEED = 0
+DEVICE_ENV = "FEATURESTORE_BENCH_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -65,22 +69,62 @@ class Size:
     def label(self) -> str:
         return f"{self.n_sources}x{self.d_model}/{self.d_hidden}"
 
-    @property
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, sparse_k: int = 0) -> int:
         """Matmul FLOPs of one training step per token.
 
-        Forward: 2*s*d*h for the encoder and as many for the decoder. Backward: the decoder needs
-        the gradients of its weights and of the latents (2 products), the encoder only that of its
-        weights, because the input activations need no gradient (1 product; autograd skips the
-        other). 5 products in all, 10*s*d*h, where the usual "backward = 2x forward" would say
-        12*s*d*h. Elementwise work, top-k, clipping and Adam are memory-bound and not counted, so
-        the utilisation this gives is that of the matmuls' share of the work.
+        Dense: forward 2*s*d*h for the encoder and as many for the decoder. Backward: the decoder
+        needs the gradients of its weights and of the latents (2 products), the encoder only that
+        of its weights, because the input activations need no gradient (1 product; autograd skips
+        the other). 5 products in all, 10*s*d*h, where the usual "backward = 2x forward" would say
+        12*s*d*h. With sparse_k, featurestore's BatchTopK: only the encoder's forward is dense
+        (2*s*d*h); the decoder both ways and the encoder's weight gradient touch k rows a token
+        (4 products of 2*s*d*k). Elementwise work, top-k, clipping and Adam are memory-bound and
+        not counted, so the utilisation this gives is that of the matmuls' share of the work.
         """
-        return 10 * self.n_sources * self.d_model * self.d_hidden
+        width = self.n_sources * self.d_model
+        if sparse_k:
+            return 2 * width * self.d_hidden + 8 * width * sparse_k
+        return 10 * width * self.d_hidden
 
 
-SIZES = [Size(2, 128, 2048), Size(2, 256, 4096)]
+SIZES = [Size(2, 64, 1024), Size(2, 128, 2048), Size(2, 256, 4096), Size(8, 128, 2048)]
 QUICK_SIZES = SIZES[:1]
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the trainers run, and how each device is timed."""
+
+    name: str  # "cpu" or "cuda"
+    # A CPU step takes 0.05 to 1 s on 2 cores, far above the timer's resolution, so one per sample
+    # is enough; a GPU step takes about a millisecond, so a sample runs many, and the timer reads
+    # after a synchronize.
+    steps_per_sample: int
+    # CPU: 17 GFLOP, a fraction of a second here; a 3072 product ran no faster, so this is the
+    # BLAS's full rate rather than its overhead. GPU: 1.1 TFLOP a product, milliseconds.
+    matmul_n: int
+    matmul_repeats: int
+    # The matmul modes measured: (label part, autocast dtype or None for fp32). On CUDA fp32
+    # matmuls run as TF32 (allowed in run below); bf16 autocast puts the products in bf16.
+    modes: tuple[tuple[str, torch.dtype | None], ...]
+
+    def synchronize(self) -> None:
+        if self.name == "cuda":
+            torch.cuda.synchronize()
+
+    def matmul_label(self, mode: str) -> str:
+        n = self.matmul_n
+        return f"fp32 matmul {n}x{n}" if self.name == "cpu" else f"CUDA matmul {n}x{n}, {mode}"
+
+    def trainer_label(self, who: str, arch: str, size: Size, mode: str) -> str:
+        # The CPU labels are those of the CPU-only benchmark, so its results compare over time.
+        suffix = "" if self.name == "cpu" else f", CUDA {mode}"
+        return f"{who}, {arch}, {size.label}{suffix}"
+
+
+CPU = Device("cpu", steps_per_sample=1, matmul_n=2048, matmul_repeats=1, modes=(("fp32", None),))
+CUDA = Device("cuda", steps_per_sample=20, matmul_n=8192, matmul_repeats=10,
+              modes=(("fp32 (TF32)", None), ("bf16", torch.bfloat16)))
 
 
 class DenseReference(nn.Module):
@@ -130,110 +174,188 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss: Callable[[torch.Tensor], torch.Tensor]
+    device: Device
+    autocast: torch.dtype | None = None  # run the loss (forward) under this autocast dtype
 
     def train(self, batches: torch.Tensor) -> int:
         """One step per batch of `batches` [n, batch, sources, d_model]; returns the tokens."""
         for x in batches:
-            loss = self.loss(x)
+            with torch.autocast(self.device.name, dtype=self.autocast,
+                                enabled=self.autocast is not None):
+                loss = self.loss(x)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), TRAINER.max_grad_norm)
             self.optimizer.step()
+        self.device.synchronize()  # on a GPU the steps were only queued
         return batches.shape[0] * batches.shape[1]
 
 
-def featurestore_trainer(model: CrossCoder) -> Trainer:
+def featurestore_trainer(model: CrossCoder, device: Device,
+                         autocast: torch.dtype | None = None) -> Trainer:
     def loss(x: torch.Tensor) -> torch.Tensor:
         return total_loss(model, x, model(x), TRAINER.l1_coeff)[0]
 
-    return Trainer(model, make_optimizer(model, TRAINER), loss)
+    return Trainer(model, make_optimizer(model, TRAINER), loss, device, autocast)
 
 
-def reference_trainer(model: CrossCoder) -> Trainer:
+def reference_trainer(model: CrossCoder, device: Device) -> Trainer:
     reference = DenseReference(model)
     optimizer = torch.optim.Adam(reference.parameters(), lr=TRAINER.lr, betas=TRAINER.betas)
-    return Trainer(reference, optimizer, lambda x: reference.loss(x, TRAINER.l1_coeff))
+    return Trainer(reference, optimizer, lambda x: reference.loss(x, TRAINER.l1_coeff), device)
 
 
 def run(options: RunOptions) -> BenchmarkResult:
     sizes = QUICK_SIZES if options.quick else SIZES
-    generator = torch.Generator().manual_seed(SEED)
-    a, b = (torch.randn(MATMUL_N, MATMUL_N, generator=generator) for _ in range(2))
-    figures = [Figure(f"fp32 matmul {MATMUL_N}x{MATMUL_N}", "GFLOP/s", lambda: matmul(a, b), 1e-9,
-                      note="the machine's rate, not a baseline for a ratio: the utilisation "
-                           "below divides by it")]
-    # By trainer figure label: what the notes and the JSON file report next to its rate.
+    devices = chosen_devices()
+    measurements: list[Measurement] = []
+    # By trainer figure label: its matmul FLOPs per token, the matmul figure its utilisation
+    # divides by, and what the notes and the JSON file report next to its rate.
     flops_per_token: dict[str, int] = {}
+    matmul_of: dict[str, str] = {}
     weights_mb: dict[str, float] = {}
     memory_mb: dict[str, float] = {}
-    for size in sizes:
-        # Distinct batches for every step of a timed sample and of the memory pass.
-        batches = torch.randn(max(STEPS_PER_SAMPLE, MEMORY_STEPS), BATCH_SIZE, size.n_sources,
-                              size.d_model, generator=generator)
-        for arch in ARCHS:
-            torch.manual_seed(SEED)  # the CrossCoder's initial weights, which the reference copies
-            model = CrossCoder(CrossCoderConfig(size.n_sources, size.d_model, size.d_hidden,
-                                                arch=arch, k=K)).train()
-            reference, ours = reference_trainer(model), featurestore_trainer(model)
-            check_same_loss(model, reference.model, batches[0])
-            reference_label = f"dense reference, {arch}, {size.label}"
-            ours_label = f"CrossCoder, {arch}, {size.label}"
-            for label, trainer in ((reference_label, reference), (ours_label, ours)):
-                flops_per_token[label] = size.flops_per_token
-                weights_mb[label] = sum(p.numel() * p.element_size()
-                                        for p in trainer.model.parameters()) / 1e6
-                memory_mb[label] = peak_step_memory_mb(trainer, batches[:MEMORY_STEPS])
-            timed = batches[:STEPS_PER_SAMPLE]
-            figures += [
-                Figure(reference_label, "tokens/s", lambda t=reference, x=timed: t.train(x)),
-                Figure(ours_label, "tokens/s", lambda t=ours, x=timed: t.train(x),
-                       baseline=reference_label),
-            ]
-    measurements = measure(figures, options)
+    notes = [f"tokens/s: training steps of {BATCH_SIZE} tokens, "
+             f"{' / '.join(f'{d.steps_per_sample} per sample on {d.name}' for d in devices)}; "
+             "both trainers of a pair of rows start from the same weights and train on the same "
+             "batches."]
+    if CUDA not in devices:
+        why = (f"{DEVICE_ENV}=cpu" if os.environ.get(DEVICE_ENV) == "cpu"
+               else "torch sees no GPU on this machine")
+        notes.append(f"CUDA: {why}, so the CUDA training figures were skipped")
+    for device in devices:
+        figures = device_figures(device, sizes, flops_per_token, matmul_of, weights_mb, memory_mb)
+        with tf32_matmuls(device):
+            measurements += measure(figures, options)
 
-    matmul_rate = measurements[0].median
-    achieved = {m.label: m.median * flops_per_token[m.label] / 1e9 for m in measurements[1:]}
-    notes = [
-        f"tokens/s: training steps of {BATCH_SIZE} tokens, {STEPS_PER_SAMPLE} per sample; both "
-        "trainers of a pair of rows start from the same weights and train on the same batches.",
-        "per trainer: its matmul GFLOP/s (10*s*d*h FLOPs per token, Size.flops_per_token) and "
-        "that as a share of the fp32 matmul rate; the peak memory torch allocates over its "
-        f"first {MEMORY_STEPS} steps on top of the weights (peak_step_memory_mb):",
+    rates = {m.label: m.median for m in measurements}
+    achieved = {label: rates[label] * flops / 1e9 for label, flops in flops_per_token.items()}
+    utilisation = {label: achieved[label] / rates[matmul_of[label]] for label in achieved}
+    notes += [
+        "per trainer: the matmul GFLOP/s it performs (Size.flops_per_token: 10*s*d*h a token for "
+        "a dense step; featurestore's BatchTopK decodes and back-propagates the encoder sparsely, "
+        "2*s*d*h + 8*s*d*k) and that as a share of its device's matmul rate; the peak memory "
+        f"torch allocates over its first {MEMORY_STEPS} steps on top of the weights "
+        "(peak_step_memory_mb). That peak is the step's activations and the gradients and Adam "
+        "moments: set by the batch and the model, never by the dataset, of which training holds "
+        "one batch at a time:",
     ]
-    notes += [f"  {label}: {rate:.1f} GFLOP/s = {rate / matmul_rate:.0%}; peak "
-              f"+{memory_mb[label]:.1f} MB over {weights_mb[label]:.1f} MB of weights"
-              for label, rate in achieved.items()]
+    notes += [f"  {label}: {achieved[label]:.1f} GFLOP/s = {utilisation[label]:.0%} of "
+              f"{matmul_of[label]}; peak +{memory_mb[label]:.1f} MB over "
+              f"{weights_mb[label]:.1f} MB of weights" for label in achieved]
     return BenchmarkResult(
         name="crosscoder",
         description=(f"crosscoder training steps of {BATCH_SIZE} tokens at "
                      f"{', '.join(s.label for s in sizes)} (sources x d_model / latents), "
-                     f"vanilla and batchtopk k={K}"),
+                     f"vanilla and batchtopk k={K}, on {' and '.join(d.name for d in devices)}"),
         measurements=measurements,
         config={"batch_size": BATCH_SIZE, "k": K, "archs": list(ARCHS),
                 "sizes": [{"label": s.label, "n_sources": s.n_sources, "d_model": s.d_model,
                            "d_hidden": s.d_hidden} for s in sizes],
-                "steps_per_sample": STEPS_PER_SAMPLE, "matmul_n": MATMUL_N,
+                "devices": [{"name": d.name, "steps_per_sample": d.steps_per_sample,
+                             "matmul_n": d.matmul_n, "matmul_repeats": d.matmul_repeats,
+                             "modes": [mode for mode, _ in d.modes]} for d in devices],
                 "memory_steps": MEMORY_STEPS,
                 "trainer": TRAINER.to_dict()},
-        details={"matmul_gflops": matmul_rate,
+        details={"matmul_gflops": {label: rates[label] for label in set(matmul_of.values())},
                  "matmul_flops_per_token": flops_per_token,
+                 "matmul_figure": matmul_of,
                  "achieved_matmul_gflops": achieved,
-                 "utilisation": {label: rate / matmul_rate for label, rate in achieved.items()},
+                 "utilisation": utilisation,
                  "peak_step_memory_mb": memory_mb,
                  "weights_mb": weights_mb},
         notes=notes,
     )
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> int:
-    """One product; returns its FLOPs (a multiply and an add per inner-product term)."""
-    torch.mm(a, b)
-    return 2 * MATMUL_N**3
+def chosen_devices() -> list[Device]:
+    """The CPU, and the GPU where torch sees one; FEATURESTORE_BENCH_DEVICE picks one of them."""
+    choice = os.environ.get(DEVICE_ENV, "")
+    if choice not in ("", "cpu", "cuda"):
+        raise RuntimeError(f"{DEVICE_ENV}={choice!r}: use cpu or cuda, or unset it for both")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no GPU here; unset it to run on "
+                           "the CPU")
+    if choice:
+        return [CPU if choice == "cpu" else CUDA]
+    return [CPU, CUDA] if torch.cuda.is_available() else [CPU]
+
+
+def device_figures(device: Device, sizes: list[Size], flops_per_token: dict[str, int],
+                   matmul_of: dict[str, str], weights_mb: dict[str, float],
+                   memory_mb: dict[str, float]) -> list[Figure]:
+    """The matmul rates and every trainer on one device; fills in the per-trainer dicts."""
+    generator = torch.Generator().manual_seed(SEED)
+    figures = []
+    for mode, dtype in device.modes:
+        a, b = (torch.randn(device.matmul_n, device.matmul_n, generator=generator)
+                .to(device.name, dtype or torch.float32) for _ in range(2))
+        figures.append(Figure(device.matmul_label(mode), "GFLOP/s",
+                              lambda a=a, b=b: matmul(device, a, b), 1e-9,
+                              note="the device's rate, not a baseline for a ratio: the "
+                                   "utilisation below divides by it"))
+    for size in sizes:
+        # Distinct batches for every step of a timed sample and of the memory pass.
+        batches = torch.randn(max(device.steps_per_sample, MEMORY_STEPS), BATCH_SIZE,
+                              size.n_sources, size.d_model, generator=generator).to(device.name)
+        for arch in ARCHS:
+            torch.manual_seed(SEED)  # the CrossCoder's initial weights, which the reference copies
+            initial = CrossCoder(CrossCoderConfig(size.n_sources, size.d_model, size.d_hidden,
+                                                  arch=arch, k=K)).to(device.name).train()
+            reference = reference_trainer(initial, device)
+            check_same_loss(initial, reference.model, batches[0])
+            fp32_mode = device.modes[0][0]
+            reference_label = device.trainer_label("dense reference", arch, size, fp32_mode)
+            trainers = {reference_label: (reference, size.flops_per_token(), fp32_mode)}
+            for mode, dtype in device.modes:
+                # Every featurestore trainer starts from the same weights as the reference.
+                model = initial if dtype is None else copy.deepcopy(initial)
+                label = device.trainer_label("CrossCoder", arch, size, mode)
+                sparse_k = K if arch == "batchtopk" else 0
+                trainers[label] = (featurestore_trainer(model, device, dtype),
+                                   size.flops_per_token(sparse_k), mode)
+            timed = batches[:device.steps_per_sample]
+            for label, (trainer, flops, mode) in trainers.items():
+                flops_per_token[label] = flops
+                matmul_of[label] = device.matmul_label(mode)
+                weights_mb[label] = sum(p.numel() * p.element_size()
+                                        for p in trainer.model.parameters()) / 1e6
+                memory_mb[label] = peak_step_memory_mb(trainer, batches[:MEMORY_STEPS])
+                figures.append(Figure(label, "tokens/s", lambda t=trainer, x=timed: t.train(x),
+                                      baseline=None if label == reference_label
+                                      else reference_label))
+    return figures
+
+
+@contextmanager
+def tf32_matmuls(device: Device):
+    """On CUDA, fp32 matmuls in TF32 (the usual training setting) while its figures run."""
+    if device.name != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def matmul(device: Device, a: torch.Tensor, b: torch.Tensor) -> int:
+    """device.matmul_repeats products; returns their FLOPs (a multiply-add is 2)."""
+    for _ in range(device.matmul_repeats):
+        torch.mm(a, b)
+    device.synchronize()
+    return device.matmul_repeats * 2 * device.matmul_n**3
 
 
 @torch.no_grad()
 def check_same_loss(model: CrossCoder, reference: DenseReference, x: torch.Tensor) -> None:
-    """Refuse to compare rates unless both compute the same loss from the same weights."""
+    """Refuse to compare rates unless both compute the same loss from the same weights.
+
+    Compared in full fp32 (TF32 is only switched on while the figures run), so the tolerance
+    is that of fp32 arithmetic on either device.
+    """
     model.eval()  # no threshold update or firing count from this check
     ours = total_loss(model, x, model(x), TRAINER.l1_coeff)[0]
     model.train()
@@ -249,12 +371,18 @@ def peak_step_memory_mb(trainer: Trainer, batches: torch.Tensor) -> float:
     The first step allocates the gradients and, in the optimizer step, Adam's two moment buffers
     (each as big as the weights); the second runs with all of them alive next to its activations
     and temporaries, which is the steady state of training. The weights and the batches exist
-    before, so they are not counted. On CPU torch keeps no allocation counters outside its
-    profiler, whose memory events (+bytes per allocation, -bytes per free) this adds up in order.
-    The process's resident memory grows more than this (glibc keeps and fragments what torch frees,
-    the BLAS has its own buffers) and by an amount that varies from run to run, so it would blur
-    the comparison between the two trainers.
+    before, so they are not counted. On a GPU torch's allocator counts its own peak. On CPU torch
+    keeps no allocation counters outside its profiler, whose memory events (+bytes per
+    allocation, -bytes per free) this adds up in order. The process's resident memory grows more
+    than this (glibc keeps and fragments what torch frees, the BLAS has its own buffers) and by an
+    amount that varies from run to run, so it would blur the comparison between the two trainers.
     """
+    if trainer.device.name == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.train(batches)
+        return (torch.cuda.max_memory_allocated() - before) / 1e6
     # Kineto, torch's profiler, logs every start and stop to stderr at a level above its errors,
     # so only level 6 (nothing) keeps them out of the report; read when the profiler first starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
