@@ -16,7 +16,11 @@ once, and which row is served at which position depends on integers alone (`Pool
 the order can be computed without activations, a checkpoint needs only the pool's row numbers
 and the token-source position, and training on the same rows stored as activation sets in that
 order gives the same model. Training batches are consecutive positions, so a batch that straddles
-two rounds is still whole: the buffer never yields an empty or partial batch.
+two rounds is still whole: the buffer never yields an empty or partial batch. A round's refill
+is read into its slots as they are served, which spreads the model reads over the steps (they
+run in the trainer's background thread) without changing what the next round holds.
+
+The norm scales are collect's (norm_sample, norm_scale), estimated on the first pool fill.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurestore.activations import NORM_SAMPLE_ROWS, check_finite, norm_sample, norm_scale
+from featurestore.activations import check_finite, norm_sample, norm_scale
+from featurestore.aligned import AlignedActivations, Source
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
 from featurestore.ingest.collect import (
     BATCH_SEQUENCES,
@@ -39,7 +44,6 @@ from featurestore.registry import get_checkpoints, get_run, parse_steps
 from featurestore.stages import StageReader, hf_reader
 from featurestore.tasks import SyntheticTask, TaskConfig
 
-NORM_ROWS = 4 * NORM_SAMPLE_ROWS  # the norm scales are estimated on the first stream rows
 DEMO_TOKENS = "demo"  # --tokens-from value naming the demo task's generator
 
 
@@ -221,11 +225,12 @@ class PoolRound:
 
 @dataclass(frozen=True)
 class Refill:
-    """How a round's pool becomes the next one's: new rows into slots, then maybe compaction."""
+    """How a round's pool becomes the next one's: new rows into served slots, then, once the
+    stream has run dry, the slots left (the rest are dropped)."""
 
     slots: np.ndarray
-    rows: np.ndarray  # the stream rows read into them
-    keep: np.ndarray | None  # slots left once the stream has run dry (the rest are dropped)
+    rows: np.ndarray  # the stream rows read into them, in order
+    keep: np.ndarray | None
 
 
 class PoolSchedule:
@@ -250,22 +255,29 @@ class PoolSchedule:
         filled = self.pool_rows if self.n_rows is None else min(self.pool_rows, self.n_rows)
         return self.round(0, 0, np.arange(filled), filled)
 
-    def following(self, current: PoolRound) -> tuple[PoolRound, Refill] | None:
-        """The next round and the refill that makes it; None after the last round."""
+    def refill(self, current: PoolRound) -> Refill | None:
+        """The refill after `current`; None after the last round."""
         if self.exhausted(current.next_row):
             return None
         left = None if self.n_rows is None else self.n_rows - current.next_row
         take = self.half if left is None else min(self.half, left)
-        slots = current.served[:take]
-        rows = np.arange(current.next_row, current.next_row + take)
-        ids = current.ids.copy()
-        ids[slots] = rows
         keep = None
         if take < len(current.served):  # the stream ran dry: the pool shrinks for its last round
-            keep = np.setdiff1d(np.arange(len(ids)), current.served[take:])
-            ids = ids[keep]
-        next_row = current.next_row + take
-        return self.round(current.number + 1, current.end, ids, next_row), Refill(slots, rows, keep)
+            keep = np.setdiff1d(np.arange(len(current.ids)), current.served[take:])
+        return Refill(current.served[:take], np.arange(current.next_row,
+                                                       current.next_row + take), keep)
+
+    def following(self, current: PoolRound) -> PoolRound | None:
+        """The next round; None after the last."""
+        refill = self.refill(current)
+        if refill is None:
+            return None
+        ids = current.ids.copy()
+        ids[refill.slots] = refill.rows
+        if refill.keep is not None:
+            ids = ids[refill.keep]
+        return self.round(current.number + 1, current.end, ids,
+                          current.next_row + len(refill.rows))
 
     def advance(self, current: PoolRound, position: int) -> PoolRound:
         """The round that serves `position` (or the last round, past the end)."""
@@ -273,18 +285,15 @@ class PoolSchedule:
             following = self.following(current)
             if following is None:
                 break
-            current = following[0]
+            current = following
         return current
 
     def served_rows(self, stop: int) -> np.ndarray:
         """The stream rows served at positions 0 .. stop-1."""
         parts, current = [], self.first()
-        while True:
+        while current is not None:
             parts.append(current.ids[current.served])
-            following = self.following(current)
-            if current.end >= stop or following is None:
-                break
-            current = following[0]
+            current = None if current.end >= stop else self.following(current)
         order = np.concatenate(parts)
         if len(order) < stop:
             raise FeaturestoreError(f"the stream serves {len(order)} rows, fewer than {stop}")
@@ -317,11 +326,9 @@ class ActivationBuffer:
         self.consumed = 0  # positions served to training
         self._cached_index, self._cached = -1, torch.empty(0)
         self.d_model = self._stream_batch(0).shape[-1]
-        self.scales = self._estimate_norm_scales()
         self.pool = torch.empty(pool_rows, len(sources), self.d_model)
-        self._round: PoolRound | None = None  # filled at the first batch, or by restore()
-        self._last = (np.empty(0, dtype=np.int64), torch.empty(0))  # positions, batch
         self._ledger = self.schedule.first()  # the main thread's copy, for checkpoint states
+        self.scales = self._begin(self.schedule.first())
 
     @property
     def labels(self) -> list[str]:
@@ -352,9 +359,6 @@ class ActivationBuffer:
         """Normalised activations at the given output positions: [len, n_sources, d_model]."""
         if np.array_equal(positions, self._last[0]):
             return self._last[1].clone()
-        if self._round is None:
-            self._round = self.schedule.first()
-            self._load(np.arange(len(self._round.ids)), self._round.ids)
         order = np.argsort(positions, kind="stable")
         wanted = positions[order]
         if len(wanted) and wanted[0] < self._round.start:
@@ -374,6 +378,7 @@ class ActivationBuffer:
         if len(wanted):
             self.consumed = max(self.consumed, int(wanted[-1]) + 1)
         self._last = (positions.copy(), out.clone())
+        self._refill_served()
         return out
 
     def in_order(self, batch_size: int, max_tokens: int):
@@ -414,10 +419,9 @@ class ActivationBuffer:
                 f"--resume: the saved run read its data differently ({', '.join(changed)}); "
                 "resume with the same --source, --tokens-from, --tokens, --pool-batches and "
                 "--seed, or start over without --resume")
-        self._round = self.schedule.round(state["round"], state["start"], state["ids"],
-                                          state["next_row"])
+        self._begin(self.schedule.round(state["round"], state["start"], state["ids"],
+                                        state["next_row"]), self.scales)
         self._ledger = self._round
-        self._load(np.arange(len(self._round.ids)), self._round.ids)
         self.consumed = self._round.start
 
     # -- reading ---------------------------------------------------------------------------------
@@ -426,25 +430,55 @@ class ActivationBuffer:
     def _scale_column(self) -> torch.Tensor:
         return self.norm_scales[:, None]
 
+    def _begin(self, first: PoolRound, scales: list[float] | None = None) -> list[float]:
+        """Start at a round by reading every slot (the first round, or a restored one), and
+        normalise them by `scales`, or by per-source norm scales estimated on these rows with
+        collect's sample and formula: the stream's first rows, which the pool needs anyway."""
+        self._round = first
+        self._refill = self.schedule.refill(first)  # loaded as the round's slots are served
+        self._refilled = 0  # rows of the refill already in the pool
+        self._last = (np.empty(0, dtype=np.int64), torch.empty(0))  # positions, their batch
+        raw = self._rows(first.ids, out=self.pool[:len(first.ids)])
+        if scales is None:
+            sample = norm_sample(first.ids % self.tokens.n_ctx)
+            scales = [norm_scale(raw[sample, s].numpy()) for s in range(len(self.sources))]
+        raw *= torch.tensor(scales, dtype=torch.float32)[:, None]
+        return scales
+
+    def _refill_served(self) -> None:
+        """Read the refill's next rows into the slots served so far. The next round's pool is
+        the same as if it were refilled all at once, but the model reads are spread over the
+        steps, in the background thread, instead of stalling one step per round."""
+        if self._refill is None:
+            return
+        served = min(len(self._refill.rows), self.consumed - self._round.start)
+        if served > self._refilled:
+            span = slice(self._refilled, served)
+            self._load(self._refill.slots[span], self._refill.rows[span])
+            self._refilled = served
+
     def _next_round(self) -> None:
-        following = self.schedule.following(self._round)
-        if following is None:
+        if self._refill is None:
             raise FeaturestoreError(
                 f"activation buffer: the token source is exhausted after {self.n_rows} tokens, "
                 f"all of them served; train for fewer steps or give more --tokens")
-        self._round, refill = following
-        self._load(refill.slots, refill.rows)
+        refill, span = self._refill, slice(self._refilled, None)
+        self._load(refill.slots[span], refill.rows[span])
         if refill.keep is not None:
             self.pool[:len(refill.keep)] = self.pool[refill.keep].clone()
+        self._round = self.schedule.following(self._round)
+        self._refill, self._refilled = self.schedule.refill(self._round), 0
 
     def _load(self, slots: np.ndarray, rows: np.ndarray) -> None:
         self.pool[slots] = self._rows(rows) * self._scale_column
 
-    def _rows(self, rows: np.ndarray) -> torch.Tensor:
-        """Raw activations [len(rows), n_sources, d_model] of the given stream rows."""
+    def _rows(self, rows: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw activations [len(rows), n_sources, d_model] of the given stream rows (into `out`
+        if given, e.g. a slice of the pool)."""
         per_batch = self.tokens.rows_per_batch
         batch_of = rows // per_batch
-        out = torch.empty(len(rows), len(self.sources), self.d_model)
+        if out is None:
+            out = torch.empty(len(rows), len(self.sources), self.d_model)
         for index in np.unique(batch_of):  # ascending, so each stream batch is read once
             where = np.flatnonzero(batch_of == index)
             out[where] = self._stream_batch(int(index))[rows[where] - index * per_batch]
@@ -469,12 +503,22 @@ class ActivationBuffer:
             self.produced += len(tokens) * tokens.shape[1]
         return self._cached
 
-    def _estimate_norm_scales(self) -> list[float]:
-        """Per source, the norm scale of collect, on the first NORM_ROWS stream rows."""
-        rows = np.arange(NORM_ROWS if self.n_rows is None else min(NORM_ROWS, self.n_rows))
-        raw = self._rows(rows)
-        sample = norm_sample(rows % self.tokens.n_ctx)
-        return [norm_scale(raw[sample, s].numpy()) for s in range(len(self.sources))]
+
+class StoredInBufferOrder(AlignedActivations):
+    """Activation sets holding a stream's rows (row r = stream row r), served in the order an
+    ActivationBuffer with the same pool size and seed serves them, and calibrated on the first
+    rows as the buffer is: training on them gives the model that training from the models
+    gives (to float tolerance), so a buffer run can be checked or replayed from stored sets."""
+
+    def __init__(self, sources: list[Source], pool_rows: int, seed: int, positions: int):
+        super().__init__(sources, seed)
+        self.order = PoolSchedule(pool_rows, self.n_tokens, seed).served_rows(positions)
+
+    def indices_for_step(self, step: int, batch_size: int) -> np.ndarray:
+        return self.order[step * batch_size:(step + 1) * batch_size]
+
+    def calibration_batches(self, after_step: int, batch_size: int, n: int):
+        return self.in_order(batch_size, n * batch_size)
 
 
 def open_model_buffer(wh, con, parsed: list[tuple[str, str]], tokens_from: str,

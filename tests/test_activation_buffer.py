@@ -16,12 +16,13 @@ from featurestore.activation_buffer import (
     ActivationBuffer,
     DemoTokens,
     PoolSchedule,
+    StoredInBufferOrder,
     TensorTokens,
     resolve_model_source,
     steps_for_stream,
 )
 from featurestore.activations import ActivationSet, norm_sample, norm_scale, write_activation_set
-from featurestore.aligned import AlignedActivations, Source
+from featurestore.aligned import Source
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
 from featurestore.errors import FeaturestoreError
@@ -139,21 +140,6 @@ def small_model(arch: str, d_model: int) -> CrossCoder:
     return CrossCoder(config)
 
 
-class InBufferOrder(AlignedActivations):
-    """Stored sets read in the buffer's order (computed without activations), calibrated on the
-    first rows as the buffer is."""
-
-    def __init__(self, sources, order: np.ndarray):
-        super().__init__(sources)
-        self.order = order
-
-    def indices_for_step(self, step, batch_size):
-        return self.order[step * batch_size:(step + 1) * batch_size]
-
-    def calibration_batches(self, after_step, batch_size, n):
-        return self.in_order(batch_size, n * batch_size)
-
-
 @pytest.mark.parametrize("arch", ["vanilla", "batchtopk"])
 def test_training_from_models_equals_training_on_the_same_tokens_collected(
         tmp_path, model_sources, arch):
@@ -168,14 +154,13 @@ def test_training_from_models_equals_training_on_the_same_tokens_collected(
     sources = []
     for source in model_sources:
         values = read_stages(source.reader, token_ids, [source.stage])[source.stage]
-        # Collect's norm scale of this set, which the buffer must have estimated too.
-        scale = norm_scale(values[norm_sample(columns.position)])
+        # Collect's norm scale, on the rows of the buffer's first pool fill.
+        scale = norm_scale(values[:POOL_ROWS][norm_sample(columns.position[:POOL_ROWS])])
         write_activation_set(tmp_path / source.label, values, columns)
         sources.append(Source(source.label, ActivationSet(tmp_path / source.label,
                                                           norm_scale=scale)))
     assert buffer.scales == pytest.approx([s.activations.norm_scale for s in sources], rel=1e-6)
-    order = PoolSchedule(POOL_ROWS, N_ROWS, 5).served_rows(TRAIN.steps * TRAIN.batch_size)
-    stored = InBufferOrder(sources, order)
+    stored = StoredInBufferOrder(sources, POOL_ROWS, 5, TRAIN.steps * TRAIN.batch_size)
     from_sets = small_model(arch, buffer.d_model)
     expected = train_crosscoder(from_sets, stored, TRAIN, tmp_path / "sets", progress=False)
 
