@@ -25,7 +25,14 @@ from featurestore.errors import (
     SchemaVersionError,
     WarehouseBusyError,
 )
-from featurestore.warehouse import Warehouse, connect, describe_table, table_specs
+from featurestore.warehouse import (
+    Warehouse,
+    connect,
+    describe_table,
+    spec,
+    table_specs,
+    write_partition_file,
+)
 
 from .conftest import query, snapshot
 
@@ -441,3 +448,22 @@ def test_a_table_is_stored_in_its_declared_order_and_row_groups(tmp_path):
         rows["threshold"].to_pylist(), rows["feature_id"].to_pylist(),
         rows["birth_step"].to_pylist()) if b is not None and 100 <= b <= 200]
     assert window == sorted(expected) and window
+
+
+def test_partition_files_are_sorted_by_every_key_column_whatever_order_rows_come_in(tmp_path):
+    # Rows tied on feature_id and sequence_id that differ only in position: the sortedness check
+    # must reach the third key, and an already-sorted input must come back unchanged.
+    table = spec("feature_activations")
+    rows = pa.table({
+        "basis": pa.array(["a"] * 6), "step": np.zeros(6, dtype=np.int64),
+        "feature_id": np.array([0, 0, 0, 1, 1, 2], dtype=np.int32),
+        "sequence_id": np.array([3, 3, 4, 0, 0, 1], dtype=np.int64),
+        "position": np.array([5, 2, 0, 7, 1, 0], dtype=np.int32),
+        "value": np.arange(6, dtype=np.float32)})
+    order = np.lexsort([rows[c].to_numpy() for c in reversed(table.sort_by)])
+    for name, given in (("unsorted", rows), ("sorted", rows.take(order)),
+                        ("reversed", rows.take(order[::-1]))):
+        path = tmp_path / f"{name}.parquet"
+        write_partition_file(table, {"basis": "a", "step": 0}, given, path)
+        stored = pq.read_table(path)
+        assert stored["value"].to_pylist() == [1.0, 0.0, 2.0, 4.0, 3.0, 5.0], name
