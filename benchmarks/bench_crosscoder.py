@@ -41,7 +41,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from harness import BenchmarkResult, Figure, Measurement, RunOptions, measure
+from harness import (
+    DEVICE_ENV,
+    BenchmarkResult,
+    Figure,
+    Measurement,
+    RunOptions,
+    benchmark_devices,
+    measure,
+)
 from torch import nn
 
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
@@ -56,7 +64,6 @@ ARCHS = ("vanilla", "batchtopk")
 TRAINER = TrainerConfig()
 MEMORY_STEPS = 2  # see peak_step_memory_mb
 SEED = 0
-DEVICE_ENV = "FEATURESTORE_BENCH_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,7 @@ def run(options: RunOptions) -> BenchmarkResult:
              "both trainers of a pair of rows start from the same weights and train on the same "
              "batches."]
     if CUDA not in devices:
-        why = (f"{DEVICE_ENV}=cpu" if os.environ.get(DEVICE_ENV) == "cpu"
+        why = (f"{DEVICE_ENV}=cpu" if torch.cuda.is_available()
                else "torch sees no GPU on this machine")
         notes.append(f"CUDA: {why}, so the CUDA training figures were skipped")
     for device in devices:
@@ -269,16 +276,8 @@ def run(options: RunOptions) -> BenchmarkResult:
 
 
 def chosen_devices() -> list[Device]:
-    """The CPU, and the GPU where torch sees one; FEATURESTORE_BENCH_DEVICE picks one of them."""
-    choice = os.environ.get(DEVICE_ENV, "")
-    if choice not in ("", "cpu", "cuda"):
-        raise RuntimeError(f"{DEVICE_ENV}={choice!r}: use cpu or cuda, or unset it for both")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no GPU here; unset it to run on "
-                           "the CPU")
-    if choice:
-        return [CPU if choice == "cpu" else CUDA]
-    return [CPU, CUDA] if torch.cuda.is_available() else [CPU]
+    """The CPU, and the GPU where torch sees one (harness.benchmark_devices)."""
+    return [CPU if name == "cpu" else CUDA for name in benchmark_devices()]
 
 
 def device_figures(device: Device, sizes: list[Size], flops_per_token: dict[str, int],

@@ -43,7 +43,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from harness import BenchmarkResult, Figure, RunOptions, measure
+from harness import BenchmarkResult, Figure, RunOptions, benchmark_devices, measure
 
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.feature_compare import compare_features
@@ -190,8 +190,9 @@ def cuda_encode_figures(basis, activations, n_tokens: int
     sweep would feed them), in fp32 with TF32 matmuls and under bf16 autocast, against the CPU
     encode; and the GPU's matmul rates, which the utilisation notes divide by. On a machine
     without one: no figures and a note saying so."""
-    if not torch.cuda.is_available():
-        return [], {}, ["CUDA: no GPU on this machine, so the CUDA encode figures were skipped"]
+    if "cuda" not in benchmark_devices():
+        why = "not asked for" if torch.cuda.is_available() else "no GPU on this machine"
+        return [], {}, [f"CUDA: {why}, so the CUDA encode figures were skipped"]
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = copy.copy(basis)
     gpu.model = copy.deepcopy(basis.model).to("cuda")

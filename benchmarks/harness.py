@@ -115,6 +115,25 @@ def measure(figures: list[Figure], options: RunOptions) -> list[Measurement]:
     return [Measurement(f.label, f.unit, samples[f.label], f.baseline, f.note) for f in figures]
 
 
+DEVICE_ENV = "FEATURESTORE_BENCH_DEVICE"
+
+
+def benchmark_devices() -> list[str]:
+    """Where the device-aware benchmarks run: "cpu", and "cuda" where torch sees a GPU;
+    FEATURESTORE_BENCH_DEVICE=cpu or =cuda picks one of them."""
+    import torch
+
+    choice = os.environ.get(DEVICE_ENV, "")
+    if choice not in ("", "cpu", "cuda"):
+        raise RuntimeError(f"{DEVICE_ENV}={choice!r}: use cpu or cuda, or unset it for both")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no GPU here; unset it to run on "
+                           "the CPU")
+    if choice:
+        return [choice]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
 def machine_info() -> dict:
     """The facts a figure depends on, recorded next to it."""
     import datasets
