@@ -15,20 +15,19 @@ buffer's order:
     buffer reads only       the same buffer with no training: how fast the data side alone is
 
 tokens/s counts training tokens (steps x batch size), so the figures compare directly. Memory:
-the process's peak RSS, the pool's own bytes, and the disk the stored sets take (what the buffer
-does not write).
+the peak RSS of a fresh process training once from the models and once from the stored sets, the
+pool's own bytes, and the disk the stored sets take (what the buffer does not write).
 """
 
 from __future__ import annotations
 
-import resource
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import BenchmarkResult, Figure, RunOptions, measure
+from harness import BenchmarkResult, Figure, RunOptions, in_fresh_process, measure
 
 from featurestore.activation_buffer import (
     ActivationBuffer,
@@ -95,6 +94,10 @@ def run(options: RunOptions) -> BenchmarkResult:
         stored = collect_sets(sources, token_ids, folder / "stored")
         stored_bytes = sum(p.stat().st_size for p in (folder / "stored").rglob("*")
                            if p.is_file())
+        # Peak memory of one training run of each kind, each in a fresh process of its own.
+        scales = [source.activations.norm_scale for source in stored.sources]
+        peak_rss = {kind: in_fresh_process(train_once, str(folder), kind, scales, n_tokens,
+                                           trainer)[1] for kind in ("buffer", "stored")}
         measurements = measure([
             Figure(STORED, "tokens/s", lambda: train(stored, "stored")),
             Figure("pre-collect, then train", "tokens/s", collect_then_train, baseline=STORED,
@@ -104,7 +107,6 @@ def run(options: RunOptions) -> BenchmarkResult:
             Figure("buffer reads only", "tokens/s", reads_only, baseline=STORED,
                    note="no training: the models' reads through nnsight and the pool"),
         ], options)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return BenchmarkResult(
         name="buffer",
         description=(f"BatchTopK crosscoder 2x64/{DICT_SIZE} k={K}, {steps} steps of {BATCH} "
@@ -114,9 +116,10 @@ def run(options: RunOptions) -> BenchmarkResult:
         config={"tokens": n_tokens, "steps": steps, "batch_size": BATCH,
                 "pool_batches": POOL_BATCHES, "dict_size": DICT_SIZE, "k": K, "stage": STAGE,
                 "sources": 2, "d_model": sources[0].reader.module.config.d_model},
-        details={"peak_rss_mb": peak_rss / 2**20, "pool_mb": max(peaks) / 2**20,
+        details={"peak_rss_mb": peak_rss, "pool_mb": max(peaks) / 2**20,
                  "stored_sets_mb": stored_bytes / 2**20},
-        notes=[f"peak RSS of the whole benchmark process {peak_rss / 2**20:.0f} MiB; the "
+        notes=[f"peak RSS of a fresh process training once: {peak_rss['buffer']:,.0f} MB from "
+               f"the models (buffer), {peak_rss['stored']:,.0f} MB from the stored sets; the "
                f"buffer's pool and stream batch {max(peaks) / 2**20:.1f} MiB; the stored sets "
                f"the buffer does not write {stored_bytes / 2**20:.1f} MiB on disk"],
     )
@@ -137,6 +140,24 @@ def crosscoder() -> CrossCoder:
     config = CrossCoderConfig(n_sources=2, d_model=64, d_hidden=DICT_SIZE, arch="batchtopk", k=K,
                               aux_k=2 * K, source_labels=("first", "last"))
     return CrossCoder(config)
+
+
+def train_once(folder: str, kind: str, scales: list[float], n_tokens: int,
+               trainer: TrainerConfig) -> int:
+    """One training run from the buffer or from the stored sets in `folder` (for a fresh
+    process: everything is opened again from the warehouse and the files)."""
+    folder = Path(folder)
+    sources = model_sources(folder / "warehouse")
+    if kind == "buffer":
+        tokens = DemoTokens(sources[0].task_config, seed=0, n_rows=n_tokens)
+        data = ActivationBuffer(sources, tokens, POOL_BATCHES * BATCH, seed=0)
+    else:
+        stored = [Source(source.label, ActivationSet(folder / "stored" / source.label,
+                                                     norm_scale=scale))
+                  for source, scale in zip(sources, scales)]
+        data = StoredInBufferOrder(stored, POOL_BATCHES * BATCH, 0, n_tokens // BATCH * BATCH)
+    return train_crosscoder(crosscoder(), data, trainer, folder / "state" / f"fresh-{kind}",
+                            progress=False).tokens
 
 
 def collect_sets(sources, token_ids: torch.Tensor, folder: Path) -> StoredInBufferOrder:

@@ -17,7 +17,6 @@ benchmark is skipped: neither command has a smaller version whose time would mea
 
 from __future__ import annotations
 
-import multiprocessing
 import re
 import resource
 import subprocess
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import BenchmarkResult, Measurement, RunOptions
+from harness import BenchmarkResult, Measurement, RunOptions, in_fresh_process
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 300.0
@@ -84,9 +83,9 @@ class CommandRun:
 
 
 def timed_command(command: list[str], cwd: str) -> CommandRun:
-    """Run `command` in a spawned process of its own, so its peak RSS is its alone."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return CommandRun(*pool.apply(_run_and_measure, (command, cwd)))
+    """Run `command` from a fresh process of its own, whose only child it is: that process's
+    accounting of its exited children is then the command's alone."""
+    return CommandRun(*in_fresh_process(_run_and_measure, command, cwd)[0])
 
 
 def _run_and_measure(command: list[str], cwd: str) -> tuple[float, int, str, float]:

@@ -31,8 +31,6 @@ note, where there is none.
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -43,7 +41,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from harness import BenchmarkResult, Figure, RunOptions, benchmark_devices, measure
+from harness import (
+    BenchmarkResult,
+    Figure,
+    RunOptions,
+    benchmark_devices,
+    in_fresh_process,
+    measure,
+)
 
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.feature_compare import compare_features
@@ -369,12 +374,9 @@ class DenseSweepReference:
         return n
 
 
-def _sweep_and_report_rss(root: str, activations_file: Path) -> float:
+def _sweep_one_checkpoint(root: str, activations_file: Path) -> None:
     sweep_checkpoint(root, BASIS, 0, activations_file)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def sweep_peak_rss_mb(root: Path, activations_file: Path) -> float:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_sweep_and_report_rss, (str(root), activations_file))
-
+    return in_fresh_process(_sweep_one_checkpoint, str(root), activations_file)[1]

@@ -134,6 +134,40 @@ def benchmark_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started, in MB (VmHWM, Linux; NaN elsewhere).
+
+    Not ru_maxrss: Linux carries that across exec, so a process spawned from a big parent would
+    report at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6  # kB
+    except OSError:
+        pass  # no /proc: not Linux
+    return float("nan")
+
+
+def in_fresh_process(function: Callable, *args):
+    """(function(*args), the peak RSS in MB of the fresh interpreter that ran it): memory of one
+    piece of work alone, without what earlier benchmarks left in this process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result = pool.apply(_call_and_measure, (function, args))
+        # Let the worker exit on its own: killed (the pool's exit terminates it), it leaves the
+        # semaphores it made (tqdm makes one) for the resource tracker to warn about.
+        pool.close()
+        pool.join()
+    return result
+
+
+def _call_and_measure(function: Callable, args: tuple):
+    return function(*args), peak_rss_mb()
+
+
 def machine_info() -> dict:
     """The facts a figure depends on, recorded next to it."""
     import datasets
