@@ -33,7 +33,7 @@ from featurestore.activation_buffer import (
     ActivationBuffer,
     DemoTokens,
     StoredInBufferOrder,
-    resolve_model_source,
+    open_model_sources,
 )
 from featurestore.activations import ActivationSet, norm_sample, norm_scale, write_activation_set
 from featurestore.aligned import Source
@@ -41,7 +41,6 @@ from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
 from featurestore.ingest.collect import _columns, read_stages
 from featurestore.ingest.train_model import train_model
-from featurestore.warehouse import Warehouse
 
 RUN = "bench"
 STAGE = "layer_2_post_mlp"
@@ -126,13 +125,8 @@ def run(options: RunOptions) -> BenchmarkResult:
 
 
 def model_sources(warehouse: Path):
-    wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
-        return [resolve_model_source(wh, con, "first", f"{RUN}@0:{STAGE}"),
-                resolve_model_source(wh, con, "last", f"{RUN}@LAST:{STAGE}")]
-    finally:
-        con.close()
+    return open_model_sources(warehouse, [("first", f"{RUN}@0:{STAGE}"),
+                                          ("last", f"{RUN}@LAST:{STAGE}")])
 
 
 def crosscoder() -> CrossCoder:

@@ -4,7 +4,7 @@
                                           # on 2 quiet cores, half of it end_to_end (the demo and
                                           # the test suite), 2 warehouse_scale (105M rows)
     python benchmarks/run.py --quick      # smaller inputs, fewer repeats, no end_to_end: a smoke
-                                          # run of about 3 minutes, not figures to quote
+                                          # run of under 2 minutes, not figures to quote
     python benchmarks/run.py --only collect --only sweep
     python benchmarks/run.py --skip end_to_end
     python benchmarks/run.py --threads 1  # torch threads (default 2)

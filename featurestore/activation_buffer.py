@@ -156,6 +156,19 @@ def is_model_target(target: str) -> bool:
     return target.startswith("hf:") or ("@" in target and ":" in target.partition("@")[2])
 
 
+def open_model_sources(warehouse, targets: list[tuple[str, str]]) -> list[ModelSource]:
+    """resolve_model_source for every (label, target), on a connection of its own (for code
+    outside a job, such as a notebook or a benchmark)."""
+    from featurestore.warehouse import Warehouse
+
+    wh = Warehouse(warehouse)
+    con = wh.connect()
+    try:
+        return [resolve_model_source(wh, con, label, target) for label, target in targets]
+    finally:
+        con.close()
+
+
 def resolve_model_source(wh, con, label: str, target: str) -> ModelSource:
     """A ModelSource from RUN@STEP:STAGE (STEP a number or LAST) or hf:DIR:STAGE."""
     flag = f"--source {label}={target}"

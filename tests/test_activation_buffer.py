@@ -18,7 +18,7 @@ from featurestore.activation_buffer import (
     PoolSchedule,
     StoredInBufferOrder,
     TensorTokens,
-    resolve_model_source,
+    open_model_sources,
     steps_for_stream,
 )
 from featurestore.activations import ActivationSet, norm_sample, norm_scale, write_activation_set
@@ -27,7 +27,6 @@ from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
 from featurestore.errors import FeaturestoreError
 from featurestore.ingest.collect import _columns, read_stages
-from featurestore.warehouse import Warehouse
 
 from .conftest import TINY_D_MODEL, TINY_RUN
 
@@ -119,13 +118,8 @@ TRAIN = TrainerConfig(steps=N_ROWS // 64, batch_size=64, warmup_steps=3, log_eve
 
 @pytest.fixture(scope="module")
 def model_sources(trained_warehouse):
-    wh = Warehouse(trained_warehouse)
-    con = wh.connect()
-    try:
-        return [resolve_model_source(wh, con, "base", f"{TINY_RUN}@0:layer_2_post_mlp"),
-                resolve_model_source(wh, con, "tuned", f"{TINY_RUN}@LAST:layer_2_post_mlp")]
-    finally:
-        con.close()
+    return open_model_sources(trained_warehouse, [
+        ("base", f"{TINY_RUN}@0:layer_2_post_mlp"), ("tuned", f"{TINY_RUN}@LAST:layer_2_post_mlp")])
 
 
 def model_buffer(sources, pool_rows=POOL_ROWS) -> ActivationBuffer:
