@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +47,9 @@ from harness import (
     Measurement,
     RunOptions,
     benchmark_devices,
+    matmul_figure,
     measure,
+    tf32_matmuls,
 )
 from torch import nn
 
@@ -232,7 +233,7 @@ def run(options: RunOptions) -> BenchmarkResult:
         notes.append(f"CUDA: {why}, so the CUDA training figures were skipped")
     for device in devices:
         figures = device_figures(device, sizes, flops_per_token, matmul_of, weights_mb, memory_mb)
-        with tf32_matmuls(device):
+        with tf32_matmuls(device.name):
             measurements += measure(figures, options)
 
     rates = {m.label: m.median for m in measurements}
@@ -285,14 +286,11 @@ def device_figures(device: Device, sizes: list[Size], flops_per_token: dict[str,
                    memory_mb: dict[str, float]) -> list[Figure]:
     """The matmul rates and every trainer on one device; fills in the per-trainer dicts."""
     generator = torch.Generator().manual_seed(SEED)
-    figures = []
-    for mode, dtype in device.modes:
-        a, b = (torch.randn(device.matmul_n, device.matmul_n, generator=generator)
-                .to(device.name, dtype or torch.float32) for _ in range(2))
-        figures.append(Figure(device.matmul_label(mode), "GFLOP/s",
-                              lambda a=a, b=b: matmul(device, a, b), 1e-9,
-                              note="the device's rate, not a baseline for a ratio: the "
-                                   "utilisation below divides by it"))
+    figures = [matmul_figure(device.matmul_label(mode), device.name, device.matmul_n,
+                             device.matmul_repeats, dtype,
+                             note="the device's rate, not a baseline for a ratio: the "
+                                  "utilisation below divides by it")
+               for mode, dtype in device.modes]
     for size in sizes:
         # Distinct batches for every step of a timed sample and of the memory pass.
         batches = torch.randn(max(device.steps_per_sample, MEMORY_STEPS), BATCH_SIZE,
@@ -324,28 +322,6 @@ def device_figures(device: Device, sizes: list[Size], flops_per_token: dict[str,
                                       baseline=None if label == reference_label
                                       else reference_label))
     return figures
-
-
-@contextmanager
-def tf32_matmuls(device: Device):
-    """On CUDA, fp32 matmuls in TF32 (the usual training setting) while its figures run."""
-    if device.name != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def matmul(device: Device, a: torch.Tensor, b: torch.Tensor) -> int:
-    """device.matmul_repeats products; returns their FLOPs (a multiply-add is 2)."""
-    for _ in range(device.matmul_repeats):
-        torch.mm(a, b)
-    device.synchronize()
-    return device.matmul_repeats * 2 * device.matmul_n**3
 
 
 @torch.no_grad()

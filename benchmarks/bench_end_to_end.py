@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import BenchmarkResult, Measurement, RunOptions, in_fresh_process
@@ -69,10 +70,12 @@ def run(options: RunOptions) -> BenchmarkResult:
     )
 
 
+@dataclass
 class CommandRun:
-    def __init__(self, seconds: float, returncode: int, output: str, peak_rss_mb: float):
-        self.seconds, self.returncode, self.output = seconds, returncode, output
-        self.peak_rss_mb = peak_rss_mb
+    seconds: float
+    returncode: int
+    output: str  # stdout and stderr
+    peak_rss_mb: float
 
     def tail(self, lines: int = 15) -> list[str]:
         return self.output.strip().splitlines()[-lines:]

@@ -47,7 +47,9 @@ from harness import (
     RunOptions,
     benchmark_devices,
     in_fresh_process,
+    matmul_figure,
     measure,
+    tf32_matmuls,
 )
 
 from featurestore.ingest.birth_analysis import analyze_births
@@ -150,7 +152,8 @@ def run(options: RunOptions) -> BenchmarkResult:
         figures += query_figures(root, wh)
         gpu_figures, gpu_flops, gpu_notes = cuda_encode_figures(basis, sets[0], n_tokens)
         figures += gpu_figures
-        measurements = measure(figures, options)
+        with tf32_matmuls("cuda" if gpu_figures else "cpu"):
+            measurements = measure(figures, options)
 
     result = BenchmarkResult(
         name="sweep",
@@ -198,7 +201,6 @@ def cuda_encode_figures(basis, activations, n_tokens: int
     if "cuda" not in benchmark_devices():
         why = "not asked for" if torch.cuda.is_available() else "no GPU on this machine"
         return [], {}, [f"CUDA: {why}, so the CUDA encode figures were skipped"]
-    torch.backends.cuda.matmul.allow_tf32 = True
     gpu = copy.copy(basis)
     gpu.model = copy.deepcopy(basis.model).to("cuda")
     rows = torch.from_numpy(activations.rows(np.arange(n_tokens), normalized=True)).pin_memory()
@@ -213,23 +215,12 @@ def cuda_encode_figures(basis, activations, n_tokens: int
             return n_tokens
         return work
 
-    def matmul(dtype: torch.dtype):
-        a, b = (torch.randn(CUDA_MATMUL_N, CUDA_MATMUL_N, device="cuda", dtype=dtype)
-                for _ in range(2))
-
-        def work() -> float:
-            for _ in range(CUDA_MATMUL_REPEATS):
-                torch.mm(a, b)
-            torch.cuda.synchronize()
-            return CUDA_MATMUL_REPEATS * 2 * CUDA_MATMUL_N**3
-        return work
-
     cpu = "encode only, one checkpoint"
     figures = [
-        Figure(f"CUDA matmul {CUDA_MATMUL_N}, fp32 (TF32)", "GFLOP/s", matmul(torch.float32),
-               1e-9, note="the GPU's rate, for utilisation"),
-        Figure(f"CUDA matmul {CUDA_MATMUL_N}, bf16", "GFLOP/s", matmul(torch.bfloat16), 1e-9,
-               note="the GPU's rate, for utilisation"),
+        matmul_figure(f"CUDA matmul {CUDA_MATMUL_N}, fp32 (TF32)", "cuda", CUDA_MATMUL_N,
+                      CUDA_MATMUL_REPEATS, note="the GPU's rate, for utilisation"),
+        matmul_figure(f"CUDA matmul {CUDA_MATMUL_N}, bf16", "cuda", CUDA_MATMUL_N,
+                      CUDA_MATMUL_REPEATS, torch.bfloat16, note="the GPU's rate, for utilisation"),
         Figure("encode only, one checkpoint, CUDA fp32", "tokens/s", encode(None), baseline=cpu),
         Figure("encode only, one checkpoint, CUDA bf16 autocast", "tokens/s",
                encode(torch.bfloat16), baseline=cpu),

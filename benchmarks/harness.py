@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,41 @@ def benchmark_devices() -> list[str]:
     if choice:
         return [choice]
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def matmul_figure(label: str, device: str, n: int, repeats: int, dtype=None,
+                  note: str = "") -> Figure:
+    """The device's matrix-multiply rate in GFLOP/s (`repeats` n x n products a sample, then a
+    synchronize on a GPU): what utilisation figures divide an achieved FLOP rate by."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype or torch.float32)
+            for _ in range(2))
+
+    def work() -> float:
+        for _ in range(repeats):
+            torch.mm(a, b)
+        if device == "cuda":  # the products were only queued
+            torch.cuda.synchronize()
+        return repeats * 2 * n**3  # a multiply-add is 2 FLOPs
+    return Figure(label, "GFLOP/s", work, 1e-9, note=note)
+
+
+@contextmanager
+def tf32_matmuls(device: str):
+    """On CUDA, fp32 matmuls in TF32 (the usual training setting) while figures run there."""
+    import torch
+
+    if device != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def peak_rss_mb() -> float:

@@ -340,8 +340,9 @@ class ActivationBuffer:
         self._cached_index, self._cached = -1, torch.empty(0)
         self.d_model = self._stream_batch(0).shape[-1]
         self.pool = torch.empty(pool_rows, len(sources), self.d_model)
-        self._ledger = self.schedule.first()  # the main thread's copy, for checkpoint states
-        self.scales = self._begin(self.schedule.first())
+        first = self.schedule.first()
+        self._ledger = first  # the main thread's copy, for checkpoint states
+        self.scales = self._begin(first)
 
     @property
     def labels(self) -> list[str]:
