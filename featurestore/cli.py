@@ -450,11 +450,17 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
               default="activation_rate", show_default=True,
               help="Trajectory column that marks a feature present (decoder_norm: crosscoder-"
                    "kind bases only).")
+@click.option("--presence", type=click.Choice(["absolute", "relative"]), default="absolute",
+              show_default=True,
+              help="How T sets each feature's threshold: T itself, or relative: T x the "
+                   "feature's own peak of the metric over the checkpoints.")
 @click.option("--threshold", type=float,
-              help="T: present when metric >= T [default: activation_rate 0.01, energy "
-                   "0.1/features, else 10% of the metric's 99th percentile].")
+              help="T: present when metric >= T [default: relative 0.2; absolute: "
+                   "activation_rate 0.01, energy 0.1/features, else 10% of the metric's 99th "
+                   "percentile].")
 @click.option("--persistence", type=click.IntRange(min=1), default=3, show_default=True,
-              help="K: checkpoints in a row the metric must stay >= T (< T for a death).")
+              help="K: checkpoints in a row the feature must stay present (absent for a death); "
+                   "in the last K-1 checkpoints, present to the end counts as a censored birth.")
 @click.option("--stable-eps", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="E: stable when within E x |final value| of the final value from then on.")
 @click.option("--stable-cos", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
@@ -464,44 +470,49 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def feature_birth_analyze_command(ctx, basis, metric, threshold, persistence, stable_eps,
-                                  stable_cos, permutations, seed, as_json):
+def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persistence,
+                                  stable_eps, stable_cos, permutations, seed, as_json):
     """Find when each feature of a shared basis is born, stabilises and dies.
 
-    Over the checkpoints in step order: a birth is the first checkpoint from which the metric
-    stays >= T for K checkpoints (features already >= T at the first checkpoint are
-    present_at_init, not births); stabilisation is the first checkpoint from which the metric
+    Over the checkpoints in step order, a feature is present where its metric is >= its
+    threshold (T, or with --presence relative T x its own peak). A birth is the first checkpoint
+    from which it stays present for K checkpoints, or, in the last K-1 checkpoints, to the last
+    one: a censored birth, flagged in births.birth_censored (features present at the first
+    checkpoint are present_at_init, not births); stabilisation is the first checkpoint from which the metric
     stays within E of its final value with direction cosine >= C; death is the first from which
-    it stays < T for K checkpoints. The same rule on shuffled checkpoint orders gives the
-    false-birth rate. Stored in `births` (per feature) and `birth_summary` (per step window);
-    re-running with the same parameters replaces them. The rule is the SQL macro
-    feature_births(basis, metric, T, K, E, C).
+    it stays absent for K checkpoints (censored likewise). The same rule on shuffled checkpoint
+    orders gives the false-birth rate. Stored in `births` (per feature) and `birth_summary` (per
+    step window); re-running with the same parameters replaces them. The rule is the SQL macro
+    feature_births(basis, metric, T, K, E, C, presence := ...).
 
     \b
     Examples:
       featurestore feature-birth-analyze --basis demo-l2
+      featurestore feature-birth-analyze --basis demo-l2 --presence absolute --threshold 0.01
       featurestore feature-birth-analyze --basis demo-l2 --metric energy --persistence 2 --json
       featurestore sql "SELECT * FROM birth_summary WHERE basis = 'demo-l2'"
     """
     from featurestore.ingest.birth_analysis import analyze_births
 
-    result = analyze_births(basis, metric=metric, threshold=threshold, persistence=persistence,
-                            stable_eps=stable_eps, stable_cos=stable_cos,
+    result = analyze_births(basis, metric=metric, threshold=threshold, presence=presence,
+                            persistence=persistence, stable_eps=stable_eps, stable_cos=stable_cos,
                             permutations=permutations, seed=seed, warehouse=_warehouse(ctx))
     if as_json:
         _emit_json(result.to_dict())
         return
-    click.echo(f"basis {basis!r}, {metric} >= {result.threshold:.4g} for {persistence} "
-               f"checkpoints: {result.births} of {result.n_features} features born, "
-               f"{result.present_at_init} present at init, {result.deaths} died "
-               f"(stored in births, birth_summary)")
-    click.echo(f"null ({permutations} shuffled orders): {result.null_births_mean:.1f} births, "
-               f"false-birth rate {result.null_false_birth_rate:.3f} "
-               f"vs birth rate {result.birth_rate:.3f}")
+    bound = (f"{result.threshold:.4g} x its peak" if presence == "relative"
+             else f"{result.threshold:.4g}")
+    click.echo(f"basis {basis!r}, {metric} >= {bound} for {persistence} "
+               f"checkpoints: {result.births} of {result.n_features} features born "
+               f"({result.censored_births} censored), {result.present_at_init} present at init, "
+               f"{result.deaths} died (stored in births, birth_summary)")
+    click.echo(f"null ({permutations} shuffled orders): {result.null_births_mean:.1f} births "
+               f"({result.null_censored_births_mean:.1f} censored), false-birth rate "
+               f"{result.null_false_birth_rate:.3f} vs birth rate {result.birth_rate:.3f}")
     click.echo(format_table(
-        ["window", "births", "null mean"],
+        ["window", "births", "censored", "null mean"],
         [[f"({w['window_start']}, {w['window_end']}]", str(w["births"]),
-          f"{w['null_births_mean']:.2f}"] for w in result.windows]))
+          str(w["censored_births"]), f"{w['null_births_mean']:.2f}"] for w in result.windows]))
     if result.first_born:
         click.echo(f"first {len(result.first_born)} born:")
         click.echo(format_table(
@@ -509,6 +520,10 @@ def feature_birth_analyze_command(ctx, basis, metric, threshold, persistence, st
             [[str(f["feature_id"]), *(_cell(f[c]) for c in ("birth_step", "stabilization_step",
                                                           "death_step", "drift"))]
              for f in result.first_born]))
+    if any(f["birth_censored"] for f in result.last_born):
+        click.echo("censored births (present to the last checkpoint, fewer than K observed): "
+                   + ", ".join(f"feature {f['feature_id']} at step {f['birth_step']}"
+                               for f in result.last_born if f["birth_censored"]))
 
 
 @cli.command("feature-compare")

@@ -86,6 +86,13 @@ class Column:
     type: str
     nullable: bool
     comment: str
+    # SQL expression of the DDL's DEFAULT: what files written before the column existed hold
+    default: str | None = None
+
+    def select(self, present: bool) -> str:
+        """The view's expression for this column, from a file that has it or not."""
+        value = self.name if present else (self.default or "NULL")
+        return f"CAST({value} AS {self.type}) AS {self.name}"
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,10 @@ def table_specs() -> dict[str, TableSpec]:
             if not comment:
                 raise RuntimeError(f"sql/tables/{name}.sql must create a table named {name}")
             columns = tuple(
-                Column(n, t, nullable, c or "")
-                for n, t, nullable, c in scratch.execute(
-                    "SELECT column_name, data_type, is_nullable, comment FROM duckdb_columns() "
+                Column(n, t, nullable, c or "", default)
+                for n, t, nullable, c, default in scratch.execute(
+                    "SELECT column_name, data_type, is_nullable, comment, column_default "
+                    "FROM duckdb_columns() "
                     "WHERE table_name = ? ORDER BY column_index",
                     [name],
                 ).fetchall()
@@ -195,12 +203,16 @@ def spec(table: str) -> TableSpec:
 # Building the catalog: views over the live files, then sql/views and sql/macros
 
 
-def _table_view_sql(table: TableSpec, paths: list[str], hive: bool) -> str:
-    # Explicit casts keep the view's types fixed by the DDL whatever the file holds.
+def _table_view_sql(table: TableSpec, paths: list[str], hive: bool,
+                    file_columns: set[str] | None = None) -> str:
+    """The view over a table's files. Explicit casts keep the view's types fixed by the DDL
+    whatever the file holds; a column the DDL added after a file was written (not in
+    `file_columns`, given for unpartitioned tables) reads as its DEFAULT, or NULL."""
     if not paths:
         select = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in table.columns)
         return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} WHERE false"
-    select = ", ".join(f"CAST({c.name} AS {c.type}) AS {c.name}" for c in table.columns)
+    select = ", ".join(c.select(file_columns is None or c.name in file_columns)
+                       for c in table.columns)
     files = ", ".join(_sql_string(p) for p in paths)
     options = ""
     if hive:
@@ -217,11 +229,16 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest) -> None:
-    """Create every table view (over its live files, or empty), with comments, views and macros."""
+def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest, root: Path) -> None:
+    """Create every table view (over its live files, or empty), with comments, views and macros.
+    `root`: the warehouse folder the manifest's paths are relative to."""
     for table in table_specs().values():
         hive = bool(table.partition_by) and not live.legacy_partitions(table)
-        con.execute(_table_view_sql(table, live.paths(table.name), hive))
+        paths = live.paths(table.name)
+        file_columns = None
+        if paths and not table.partition_by:
+            file_columns = set(pq.read_schema(root / paths[0]).names)
+        con.execute(_table_view_sql(table, paths, hive, file_columns))
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
@@ -350,7 +367,7 @@ class Warehouse:
         # the 3M-row trajectories file (a 350 kB footer of 200 row groups) drops from 12.8 to
         # 9.9 ms. Safe because a live file never changes: a commit writes new files.
         con.execute("SET parquet_metadata_cache = true")
-        build_catalog(con, live)
+        build_catalog(con, live, self.root)
         check_schema_version(con, self.root)
         from featurestore.queries.udfs import register_udfs
 
@@ -450,7 +467,7 @@ class Warehouse:
                             [table, key, path, rows, utc_now()],
                         )
                 con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
-                build_catalog(con, live)
+                build_catalog(con, live, self.root)
                 check_schema_version(con, self.root)
                 con.execute("CHECKPOINT")
             finally:
@@ -676,7 +693,7 @@ class Writer:
                 self._expired = [p for (p,) in con.execute(
                     f"DELETE FROM {RETIRED} WHERE retired_at < ? RETURNING path",
                     [now - RETIRED_GRACE]).fetchall()]
-                build_catalog(con, live)
+                build_catalog(con, live, wh.root)
                 con.execute("COMMIT")
                 self._committed = True
                 con.execute("USE memory")
@@ -780,7 +797,7 @@ def _merge(existing: Path | None, new: pa.Table, table: TableSpec,
             f"rows for {table.name} repeat a key ({', '.join(table.key)}); each must be unique"
         )
     if existing is not None:
-        old = pq.read_table(existing).select(table.arrow_schema.names).cast(table.arrow_schema)
+        old = _read_table_file(existing, table)
         replaced = set(keys)
         keep = [k not in replaced for k in zip(*(old[c].to_pylist() for c in table.key))]
         for where in replace_where:
@@ -788,6 +805,20 @@ def _merge(existing: Path | None, new: pa.Table, table: TableSpec,
             keep = [k and m != tuple(where.values()) for k, m in zip(keep, matches)]
         new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
     return new.sort_by([(c, "ascending") for c in table.sort_by or table.key])
+
+
+def _read_table_file(path: Path, table: TableSpec) -> pa.Table:
+    """A table's file in the DDL's schema, columns added since it was written at their DEFAULT."""
+    present = set(pq.read_schema(path).names)
+    if present >= set(table.arrow_schema.names):
+        return pq.read_table(path).select(table.arrow_schema.names).cast(table.arrow_schema)
+    con = duckdb.connect(":memory:")
+    try:
+        select = ", ".join(c.select(c.name in present) for c in table.columns)
+        rows = con.sql(f"SELECT {select} FROM read_parquet({_sql_string(str(path))})")
+        return rows.to_arrow_table().cast(table.arrow_schema)
+    finally:
+        con.close()
 
 
 @cache

@@ -32,11 +32,14 @@ from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.warehouse import Warehouse
 
 METRICS = ("activation_rate", "mean_activation", "energy", "decoder_norm")
+PRESENCE = ("absolute", "relative")
 DEFAULT_ACTIVATION_RATE = 0.01
 # energy: this fraction of an even share (1 / number of features) of the reconstruction.
 DEFAULT_ENERGY_SHARE = 0.1
 # mean_activation, decoder_norm: this fraction of the metric's 99th percentile over the basis.
 DEFAULT_RELATIVE_THRESHOLD = 0.1
+# presence relative: this share of the feature's own peak.
+DEFAULT_PEAK_SHARE = 0.2
 DEFAULT_STABLE_EPS = 0.1
 DEFAULT_STABLE_COS = 0.9
 # Born features listed in the result (earliest births first).
@@ -47,6 +50,7 @@ SHOWN_FEATURES = 10
 class BirthAnalysisResult:
     basis: str
     metric: str
+    presence: str  # absolute | relative (threshold = a share of each feature's peak)
     threshold: float  # the threshold used (resolved from the default when none was given)
     persistence: int
     stable_eps: float
@@ -54,15 +58,18 @@ class BirthAnalysisResult:
     n_features: int
     n_checkpoints: int
     births: int
+    censored_births: int  # of births: in the last persistence-1 checkpoints, present to the end
     present_at_init: int
     deaths: int
     birth_rate: float  # births / n_features
     null_births_mean: float  # mean births per permutation of the checkpoint order
+    null_censored_births_mean: float
     null_false_birth_rate: float  # null_births_mean / n_features
     permutations: int
     seed: int
     windows: list[dict]  # birth_summary rows: window_start, window_end, births, null_births_*
     first_born: list[dict]  # the earliest born features with their steps and drift
+    last_born: list[dict]  # the latest born features (censored births are among them)
     seconds: float
 
     def to_dict(self) -> dict:
@@ -70,13 +77,14 @@ class BirthAnalysisResult:
 
 
 def analyze_births(basis: str, metric: str = "activation_rate", threshold: float | None = None,
-                   persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
+                   presence: str = "absolute", persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
                    stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
                    warehouse: str | None = None) -> BirthAnalysisResult:
     """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order
     null; store them in `births` and `birth_summary`, replacing rows of the same parameters."""
     started = time.monotonic()
-    _check_parameters(metric, threshold, persistence, stable_eps, stable_cos, permutations)
+    _check_parameters(metric, presence, threshold, persistence, stable_eps, stable_cos,
+                      permutations)
 
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-birth-analyze {basis}") as writer:
@@ -85,16 +93,18 @@ def analyze_births(basis: str, metric: str = "activation_rate", threshold: float
         try:
             n_features, n_checkpoints = _check_trajectories(con, basis, metric, persistence)
             if threshold is None:
-                threshold = _default_threshold(con, basis, metric, n_features)
+                threshold = _default_threshold(con, basis, metric, presence, n_features)
             rng = np.random.default_rng(seed)
             orders = [rng.permutation(n_checkpoints).tolist() for _ in range(permutations)]
-            params = {"basis": basis, "metric": metric, "threshold": threshold,
+            params = {"basis": basis, "metric": metric, "presence": presence,
+                      "threshold": threshold,
                       "persistence": persistence, "stable_eps": stable_eps,
                       "stable_cos": stable_cos}
             # Real order (ordering 0) and every permutation in one call of the one rule.
             con.execute(
                 "CREATE TEMP TABLE all_births AS SELECT * FROM feature_births($basis, $metric, "
-                "$threshold, $persistence, $stable_eps, $stable_cos, permutations := $orders)",
+                "$threshold, $persistence, $stable_eps, $stable_cos, presence := $presence, "
+                "permutations := $orders)",
                 {**params, "orders": orders})
             births = con.sql(_BIRTHS_SQL, params=params).to_arrow_table()
             summary = con.sql(_SUMMARY_SQL, params={**params, "permutations": permutations,
@@ -106,30 +116,35 @@ def analyze_births(basis: str, metric: str = "activation_rate", threshold: float
 
     born = [row for row in births.to_pylist() if row["birth_step"] is not None]
     born.sort(key=lambda row: (row["birth_step"], row["feature_id"]))
-    windows = summary.select(["window_start", "window_end", "births", "null_births_mean",
+    windows = summary.select(["window_start", "window_end", "births", "censored_births",
+                              "null_births_mean", "null_censored_births_mean",
                               "null_births_sd"]).to_pylist()
+    shown = ("feature_id", "birth_step", "birth_censored", "stabilization_step", "death_step",
+             "drift")
     return BirthAnalysisResult(
-        basis=basis, metric=metric, threshold=threshold, persistence=persistence,
-        stable_eps=stable_eps, stable_cos=stable_cos,
+        basis=basis, metric=metric, presence=presence, threshold=threshold,
+        persistence=persistence, stable_eps=stable_eps, stable_cos=stable_cos,
         n_features=n_features, n_checkpoints=n_checkpoints, births=len(born),
+        censored_births=sum(bool(row["birth_censored"]) for row in born),
         present_at_init=sum(births["present_at_init"].to_pylist()),
         deaths=births.num_rows - births["death_step"].null_count,
         birth_rate=len(born) / n_features,
         null_births_mean=math.fsum(w["null_births_mean"] for w in windows),
+        null_censored_births_mean=math.fsum(w["null_censored_births_mean"] for w in windows),
         null_false_birth_rate=summary["null_false_birth_rate"][0].as_py(),
         permutations=permutations, seed=seed, windows=windows,
-        first_born=[{k: row[k] for k in ("feature_id", "birth_step", "stabilization_step",
-                                         "death_step", "drift")}
-                    for row in born[:SHOWN_FEATURES]],
+        first_born=[{k: row[k] for k in shown} for row in born[:SHOWN_FEATURES]],
+        last_born=[{k: row[k] for k in shown} for row in born[-SHOWN_FEATURES:][::-1]],
         seconds=time.monotonic() - started,
     )
 
 
 # The real order's rows, with the parameters that key them.
 _BIRTHS_SQL = """
-SELECT $basis AS basis, feature_id, $metric AS metric, $threshold AS threshold,
-       $persistence AS persistence, $stable_eps AS stable_eps, $stable_cos AS stable_cos,
-       birth_step, stabilization_step, death_step, drift, present_at_init
+SELECT $basis AS basis, feature_id, $metric AS metric, $presence AS presence,
+       $threshold AS threshold, $persistence AS persistence, $stable_eps AS stable_eps,
+       $stable_cos AS stable_cos, feature_threshold, birth_step, birth_censored,
+       stabilization_step, death_step, death_censored, drift, present_at_init
 FROM all_births
 WHERE ordering = 0
 ORDER BY feature_id
@@ -154,7 +169,8 @@ windows AS (
     WHERE window_start IS NOT NULL
 ),
 counts AS (
-    SELECT w.window_start, w.window_end, o.ordering, count(b.feature_id) AS births
+    SELECT w.window_start, w.window_end, o.ordering, count(b.feature_id) AS births,
+           count(b.feature_id) FILTER (WHERE b.birth_censored) AS censored
     FROM windows AS w
     CROSS JOIN (SELECT DISTINCT ordering FROM all_births) AS o
     LEFT JOIN all_births AS b ON b.ordering = o.ordering AND b.birth_step = w.window_end
@@ -164,7 +180,9 @@ counts AS (
 per_window AS (
     SELECT window_start, window_end,
            sum(births) FILTER (WHERE ordering = 0)::INTEGER AS births,
+           sum(censored) FILTER (WHERE ordering = 0)::INTEGER AS censored_births,
            avg(births) FILTER (WHERE ordering > 0) AS null_births_mean,
+           avg(censored) FILTER (WHERE ordering > 0) AS null_censored_births_mean,
            -- in a fixed order: a float aggregate split between threads can differ in the last
            -- digit from run to run
            stddev_samp(births ORDER BY ordering) FILTER (WHERE ordering > 0) AS null_births_sd
@@ -179,29 +197,41 @@ totals AS (
                SELECT feature_id FROM candidates)) / $permutations AS null_births
     FROM all_births
 )
-SELECT $basis AS basis, $metric AS metric, $threshold AS threshold,
+SELECT $basis AS basis, $metric AS metric, $presence AS presence, $threshold AS threshold,
        $persistence AS persistence, $stable_eps AS stable_eps, $stable_cos AS stable_cos,
-       window_start, window_end, births, null_births_mean, null_births_sd,
+       window_start, window_end, births, censored_births, null_births_mean,
+       null_censored_births_mean, null_births_sd,
        n_features, n_present_at_init,
        real_births / n_features AS birth_rate,
        null_births / n_features AS null_false_birth_rate,
-       $permutations AS permutations, $seed AS seed
+       $permutations AS permutations, $seed AS seed,
+       NULL::DOUBLE AS seed_births_agreement, NULL::INTEGER AS seed_matched_features
 FROM per_window, totals
 ORDER BY window_end
 """
 
 
-def _check_parameters(metric: str, threshold: float | None, persistence: int, stable_eps: float,
-                      stable_cos: float, permutations: int) -> None:
+def _check_parameters(metric: str, presence: str, threshold: float | None, persistence: int,
+                      stable_eps: float, stable_cos: float, permutations: int) -> None:
     if metric not in METRICS:
         raise NotFoundError(
             f"--metric {metric!r} is not a trajectory metric; use one of: {', '.join(METRICS)}."
+        )
+    if presence not in PRESENCE:
+        raise FeaturestoreError(
+            f"--presence {presence!r}: use absolute (the threshold itself) or relative (a share "
+            "of each feature's own peak of the metric)."
         )
     if threshold is not None:
         if not math.isfinite(threshold) or threshold <= 0:
             raise FeaturestoreError(
                 f"--threshold {threshold}: give a number > 0 (every metric is >= 0, so a "
                 "threshold <= 0 makes every feature present from the first checkpoint)."
+            )
+        if presence == "relative" and threshold > 1:
+            raise FeaturestoreError(
+                f"--threshold {threshold}: with --presence relative the threshold is a share of "
+                "each feature's peak, in (0, 1]; above 1 no feature is ever present."
             )
         if metric == "activation_rate" and threshold > 1:
             raise FeaturestoreError(
@@ -266,8 +296,10 @@ def _check_trajectories(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
     return n_features, n_checkpoints
 
 
-def _default_threshold(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
+def _default_threshold(con: duckdb.DuckDBPyConnection, basis: str, metric: str, presence: str,
                        n_features: int) -> float:
+    if presence == "relative":
+        return DEFAULT_PEAK_SHARE
     if metric == "activation_rate":
         return DEFAULT_ACTIVATION_RATE
     if metric == "energy":

@@ -28,14 +28,22 @@ RULE = {"threshold": 0.1, "persistence": 2, "stable_eps": 0.1, "stable_cos": 0.9
 
 
 def reference(values, cos_previous, cos_final, steps, threshold, persistence, stable_eps,
-              stable_cos) -> dict:
+              stable_cos, presence="absolute") -> dict:
     n = len(values)
+    limit = threshold * max(values) if presence == "relative" else threshold
 
-    def holds(j, present):  # K checkpoints j..j+K-1, all existing, on the given side of T
-        return j + persistence <= n and all(
-            (values[i] >= threshold) == present for i in range(j, j + persistence))
+    def is_present(i):
+        return values[i] >= limit and values[i] > 0
 
-    present_at_init = values[0] >= threshold
+    def holds(j, present):
+        """Present (or absent) at the K checkpoints j..j+K-1, or at every one to the last when
+        fewer than K are left: then the run is censored."""
+        return all(is_present(i) == present for i in range(j, min(j + persistence, n)))
+
+    def censored(j):
+        return None if j is None else j + persistence > n
+
+    present_at_init = is_present(0)
     birth = None if present_at_init else next((j for j in range(n) if holds(j, True)), None)
     start = 0 if present_at_init else birth
     stabilization = death = None
@@ -52,8 +60,10 @@ def reference(values, cos_previous, cos_final, steps, threshold, persistence, st
     defined = [c for c in cos_previous if c is not None]
     step = lambda j: None if j is None else steps[j]  # noqa: E731
     return {"present_at_init": present_at_init, "birth_step": step(birth),
-            "stabilization_step": step(stabilization), "death_step": step(death),
-            "drift": sum(1 - c for c in defined) if defined else None}
+            "birth_censored": censored(birth), "stabilization_step": step(stabilization),
+            "death_step": step(death), "death_censored": censored(death),
+            "drift": sum(1 - c for c in defined) if defined else None,
+            "feature_threshold": limit}
 
 
 # --- building warehouses --------------------------------------------------------------------------
@@ -109,7 +119,8 @@ def stored_births(root: Path, **where) -> dict[int, dict]:
     return {row["feature_id"]: row for row in rows}
 
 
-RULE_FIELDS = ("present_at_init", "birth_step", "stabilization_step", "death_step", "drift")
+RULE_FIELDS = ("present_at_init", "birth_step", "birth_censored", "stabilization_step",
+               "death_step", "death_censored", "drift", "feature_threshold")
 
 
 def assert_matches_reference(stored: dict, features: dict, steps, rule: dict) -> None:
@@ -142,10 +153,15 @@ HAND = {
     7: feature([0, .3, .3, .3, .3, .3, .3], cos_previous=[None, .9, .8, None, 1.0, .95, .99]),
     # dies at 100 after two checkpoints below; the rebirth at 1000 is not a second birth
     8: feature([0, .3, .3, 0, 0, .3, .3]),
-    # above only at the last checkpoint: K = 2 checkpoints do not exist, so no birth
+    # above only at the last checkpoint: K = 2 checkpoints do not exist there, but it is present
+    # at every one left, so it is born there, censored
     9: feature([0, 0, 0, 0, 0, 0, .3]),
     # present at init, gone for good from 10
     10: feature([.3, 0, 0, 0, 0, 0, 0]),
+    # present at init, and absent only at the last checkpoint: a censored death
+    11: feature([.3, .3, .3, .3, .3, .3, 0]),
+    # a blip at the second-to-last checkpoint, absent at the last: not a birth
+    12: feature([0, 0, 0, 0, 0, .3, 0]),
 }
 
 
@@ -164,21 +180,26 @@ def test_hand_examples_follow_the_rule(hand_root):
     # The statement itself, spelled out for the cases the examples are about.
     birth = {f: row["birth_step"] for f, row in stored.items()}
     assert birth == {0: 30, 1: 300, 2: None, 3: None, 4: 10, 5: 10, 6: 10, 7: 10, 8: 10,
-                     9: None, 10: None}
-    assert [f for f, row in stored.items() if row["present_at_init"]] == [3, 10]
+                     9: 3000, 10: None, 11: None, 12: None}
+    assert [f for f, row in stored.items() if row["birth_censored"]] == [9]
+    assert [f for f, row in stored.items() if row["present_at_init"]] == [3, 10, 11]
     assert {f: row["death_step"] for f, row in stored.items() if row["death_step"]} == {
-        4: 300, 8: 100, 10: 10}
+        4: 300, 8: 100, 10: 10, 11: 3000}
+    assert [f for f, row in stored.items() if row["death_censored"]] == [11]
     stabilization = {f: row["stabilization_step"] for f, row in stored.items()}
     assert (stabilization[0], stabilization[3], stabilization[4]) == (30, 0, 3000)
     assert (stabilization[5], stabilization[6], stabilization[2]) == (300, 1000, None)
     assert stored[7]["drift"] == pytest.approx(0.36)
     assert stored[9]["drift"] is None  # silent but at the end: no cosine between checkpoints
+    assert stabilization[9] == 3000
 
 
 @pytest.mark.parametrize("rule", [
     {"threshold": 0.1, "persistence": 1, "stable_eps": 0.0, "stable_cos": 0.9},
     {"threshold": 0.25, "persistence": 3, "stable_eps": 0.2, "stable_cos": 0.5},
     {"threshold": 0.9, "persistence": 2, "stable_eps": 0.1, "stable_cos": -1.0},
+    {"threshold": 0.5, "persistence": 3, "stable_eps": 0.1, "stable_cos": 0.9,
+     "presence": "relative"},
 ])
 def test_other_parameters_follow_the_rule(hand_root, rule):
     analyze_births("hand", **rule, permutations=1, warehouse=hand_root)
@@ -198,9 +219,12 @@ def test_random_trajectories_follow_the_rule(tmp_path):
                                  for c in rng.uniform(0.5, 1.0, len(steps) - 1)]
         features[f] = feature(values.round(3).tolist(), cos_previous, cos_final)
     write_basis(tmp_path, "random", features, steps=steps)
-    rule = {"threshold": 0.1, "persistence": 2, "stable_eps": 0.3, "stable_cos": 0.8}
-    analyze_births("random", **rule, permutations=1, warehouse=tmp_path)
-    assert_matches_reference(stored_births(tmp_path, basis="random"), features, steps, rule)
+    for rule in ({"threshold": 0.1, "persistence": 2, "stable_eps": 0.3, "stable_cos": 0.8},
+                 {"threshold": 0.4, "persistence": 3, "stable_eps": 0.3, "stable_cos": 0.8,
+                  "presence": "relative"}):
+        analyze_births("random", **rule, permutations=1, warehouse=tmp_path)
+        assert_matches_reference(stored_births(tmp_path, basis="random", **rule), features,
+                                 steps, rule)
 
 
 # --- a planted run --------------------------------------------------------------------------------
@@ -254,7 +278,13 @@ def test_planted_births_are_found_and_the_null_finds_far_fewer(planted_root):
                      for f, step in zip(born, found))
     assert within_one >= 0.9 * len(born)
     assert {f for f, row in stored.items() if row["present_at_init"]} == present
-    assert all(stored[f]["birth_step"] is None for f in stored if f >= 140)  # blips only
+    # Blips only: no birth, but for a blip at the last checkpoint, which is a censored birth
+    # there (present at every checkpoint left, fewer than K of them).
+    for f in range(140, 200):
+        row = stored[f]
+        assert row["birth_step"] is None or (row["birth_step"] == PLANTED_STEPS[-1]
+                                             and row["birth_censored"]), row
+    assert any(stored[f]["birth_censored"] for f in range(140, 200))
 
     assert result.births == sum(row["birth_step"] is not None for row in stored.values())
     assert result.present_at_init == len(present)
@@ -356,21 +386,28 @@ def test_bad_input_is_refused_and_writes_nothing(small_root, kwargs, error, mess
 def test_cli_json_and_text(hand_root):
     runner = CliRunner()
     base = ["--warehouse", str(hand_root), "feature-birth-analyze", "--basis", "hand",
-            "--threshold", "0.2", "--persistence", "2", "--permutations", "4", "--seed", "1"]
+            "--presence", "absolute", "--threshold", "0.2", "--persistence", "2",
+            "--permutations", "4", "--seed", "1"]
     result = runner.invoke(cli, [*base, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["threshold"] == 0.2 and payload["persistence"] == 2
-    assert payload["births"] == 7 and payload["present_at_init"] == 2
+    assert payload["births"] == 8 and payload["present_at_init"] == 3
+    assert payload["censored_births"] == 1 and payload["presence"] == "absolute"
     assert payload["n_features"] == len(HAND) and payload["permutations"] == 4
     assert [w["window_end"] for w in payload["windows"]] == STEPS[1:]
     assert payload["first_born"][0] == {"feature_id": 4, "birth_step": 10,
-                                        "stabilization_step": 3000, "death_step": 300,
-                                        "drift": pytest.approx(0.1)}
+                                        "birth_censored": False, "stabilization_step": 3000,
+                                        "death_step": 300, "drift": pytest.approx(0.1)}
+    assert payload["last_born"][0] == {"feature_id": 9, "birth_step": 3000,
+                                       "birth_censored": True, "stabilization_step": 3000,
+                                       "death_step": None, "drift": None}
 
     result = runner.invoke(cli, base, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "7 of 11 features born, 2 present at init" in result.output
+    assert "8 of 13 features born (1 censored), 3 present at init" in result.output
+    assert "censored births (present to the last checkpoint" in result.output
+    assert "feature 9 at step 3000" in result.output
     assert "false-birth rate" in result.output and "(10, 30]" in result.output
 
     result = runner.invoke(cli, ["--warehouse", str(hand_root), "feature-birth-analyze",
