@@ -141,16 +141,30 @@ class AlignedActivations:
 class PooledActivations(AlignedActivations):
     """Several checkpoints' activations on the same tokens, pooled into one source.
 
-    Row r is token r % n of checkpoint r // n (n tokens per checkpoint), normalised by its own
-    checkpoint's norm scale, so every checkpoint contributes equally and in comparable units. The
-    shuffle covers all checkpoints' rows at once, as for any single source.
+    Each checkpoint is normalised by its own norm scale, so checkpoints contribute in comparable
+    units. By default every checkpoint contributes all n of its tokens; `weights` (one per
+    checkpoint, in [0, 1]) lets a checkpoint contribute round(w * n) of them instead, spread
+    evenly over its rows: a random-initialisation checkpoint, whose activations are unlike every
+    trained one, would otherwise take a large share of the dictionary. Pooled rows are numbered
+    checkpoint by checkpoint, and the shuffle covers all of them at once.
     """
 
-    def __init__(self, sources: list[Source], seed: int = 0, label: str = "pooled"):
+    def __init__(self, sources: list[Source], seed: int = 0, label: str = "pooled",
+                 weights: list[float] | None = None):
         super().__init__(sources, seed)  # validates that the checkpoints hold the same tokens
         self.label = label
-        self.tokens_per_checkpoint = self.n_tokens
-        self.n_tokens = self.tokens_per_checkpoint * len(sources)
+        n = self.tokens_per_checkpoint = self.n_tokens
+        weights = [1.0] * len(sources) if weights is None else weights
+        if len(weights) != len(sources) or not all(0 <= w <= 1 for w in weights):
+            raise ValueError(f"need one weight in [0, 1] per checkpoint, got {weights}")
+        # The rows each checkpoint contributes, evenly strided over its token set.
+        self.checkpoint_rows = [np.floor(np.arange(round(w * n)) * (n / max(round(w * n), 1)))
+                                .astype(np.int64) for w in weights]
+        counts = np.array([len(rows) for rows in self.checkpoint_rows])
+        if counts.sum() == 0:
+            raise ValueError("every checkpoint has weight 0: nothing to fit on")
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.n_tokens = int(self.starts[-1])
 
     @property
     def labels(self) -> list[str]:
@@ -164,9 +178,10 @@ class PooledActivations(AlignedActivations):
         """Normalised activations of the given pooled rows: [len(index), 1, d_model]."""
         if not normalized:
             raise ValueError("pooled rows exist only normalised (checkpoints differ in scale)")
-        checkpoint, row = np.divmod(index, self.tokens_per_checkpoint)
+        checkpoint = np.searchsorted(self.starts, index, side="right") - 1
         out = np.empty((len(index), 1, self.d_model), dtype=np.float32)
         for c in np.unique(checkpoint):
             where = np.flatnonzero(checkpoint == c)
-            out[where, 0] = self.sources[c].activations.rows(row[where], normalized=True)
+            rows = self.checkpoint_rows[c][index[where] - self.starts[c]]
+            out[where, 0] = self.sources[c].activations.rows(rows, normalized=True)
         return torch.from_numpy(out)

@@ -16,7 +16,7 @@ Everything here is in normalised units (each checkpoint's activations times its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,12 @@ class SharedBasis:
     stage: str
     model: CrossCoder
     checkpoints: list[BasisCheckpoint]
+    # shared-feature-fit --seeds N: the dictionaries of the other seeds, by seed
+    seed_models: dict[int, CrossCoder] = field(default_factory=dict)
+
+    def seed_basis(self, seed: int) -> SharedBasis:
+        """The same basis with another seed's dictionary, to encode checkpoints in."""
+        return replace(self, model=self.seed_models[seed], seed_models={})
 
     @property
     def d_hidden(self) -> int:
@@ -136,19 +142,24 @@ def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
     """The registered shared basis `name` and its checkpoints' activation sets (in step order)."""
     from featurestore.registry import get_activation_set_row, open_activation_set
 
-    cursor = con.execute("SELECT kind, run, stage, path, sources FROM bases WHERE name = ?", [name])
+    cursor = con.execute("SELECT kind, run, stage, path, sources, seeds FROM bases WHERE name = ?",
+                         [name])
     row = cursor.fetchall()
     if not row:
         shared = [n for (n,) in con.execute(
             "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
         raise NotFoundError(f"--basis: no basis named {name!r}; shared bases: "
                             f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
-    kind, run, stage, path, sources = row[0]
+    kind, run, stage, path, sources, seeds = row[0]
     if run is None:
         raise FeaturestoreError(
             f"--basis {name} was trained by train-crosscoder on a pair of sources, not fitted on "
             "a run's checkpoints; trajectories need a shared-feature-fit basis")
+    from featurestore.ingest.shared_feature_fit import seed_folder
+
     model = CrossCoder.load(warehouse.path(path))
+    seed_models = {seed: CrossCoder.load(warehouse.path(path) / seed_folder(seed))
+                   for seed in (seeds or [])[1:]}
     checkpoints = [BasisCheckpoint(s["step"], s["activation_set"], s["norm_scale"])
                    for s in sorted(sources, key=lambda s: s["step"])]
     sets = []
@@ -157,4 +168,4 @@ def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
         acts = open_activation_set(warehouse, row)
         acts.norm_scale = checkpoint.norm_scale  # the scale the basis was trained with
         sets.append(acts)
-    return SharedBasis(name, kind, run, stage, model, checkpoints), sets
+    return SharedBasis(name, kind, run, stage, model, checkpoints, seed_models), sets

@@ -29,6 +29,7 @@ import duckdb
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.ingest.shared_feature_fit import MATCH_COSINE
 from featurestore.warehouse import Warehouse
 
 METRICS = ("activation_rate", "mean_activation", "energy", "decoder_norm")
@@ -65,6 +66,10 @@ class BirthAnalysisResult:
     null_births_mean: float  # mean births per permutation of the checkpoint order
     null_censored_births_mean: float
     null_false_birth_rate: float  # null_births_mean / n_features
+    # --seeds N fits: share of features matched across seeds whose births agree within one
+    # checkpoint, and how many matched pairs that is over (None with one seed)
+    seed_births_agreement: float | None
+    seed_matched_features: int | None
     permutations: int
     seed: int
     windows: list[dict]  # birth_summary rows: window_start, window_end, births, null_births_*
@@ -107,8 +112,10 @@ def analyze_births(basis: str, metric: str = "activation_rate", threshold: float
                 "permutations := $orders)",
                 {**params, "orders": orders})
             births = con.sql(_BIRTHS_SQL, params=params).to_arrow_table()
-            summary = con.sql(_SUMMARY_SQL, params={**params, "permutations": permutations,
-                                                    "seed": seed}).to_arrow_table()
+            agreement, matched = _seed_agreement(con, params)
+            summary = con.sql(_SUMMARY_SQL, params={
+                **params, "permutations": permutations, "seed": seed,
+                "agreement": agreement, "matched": matched}).to_arrow_table()
         finally:
             con.close()
         writer.put("births", births, replace_where=params)
@@ -132,6 +139,8 @@ def analyze_births(basis: str, metric: str = "activation_rate", threshold: float
         null_births_mean=math.fsum(w["null_births_mean"] for w in windows),
         null_censored_births_mean=math.fsum(w["null_censored_births_mean"] for w in windows),
         null_false_birth_rate=summary["null_false_birth_rate"][0].as_py(),
+        seed_births_agreement=summary["seed_births_agreement"][0].as_py(),
+        seed_matched_features=summary["seed_matched_features"][0].as_py(),
         permutations=permutations, seed=seed, windows=windows,
         first_born=[{k: row[k] for k in shown} for row in born[:SHOWN_FEATURES]],
         last_born=[{k: row[k] for k in shown} for row in born[-SHOWN_FEATURES:][::-1]],
@@ -205,9 +214,66 @@ SELECT $basis AS basis, $metric AS metric, $presence AS presence, $threshold AS 
        real_births / n_features AS birth_rate,
        null_births / n_features AS null_false_birth_rate,
        $permutations AS permutations, $seed AS seed,
-       NULL::DOUBLE AS seed_births_agreement, NULL::INTEGER AS seed_matched_features
+       $agreement::DOUBLE AS seed_births_agreement, $matched::INTEGER AS seed_matched_features
 FROM per_window, totals
 ORDER BY window_end
+"""
+
+
+def _seed_agreement(con: duckdb.DuckDBPyConnection, params: dict
+                    ) -> tuple[float | None, int | None]:
+    """(agreement, matched pairs) of births across the basis's seeds, or (None, None) for a
+    basis fitted with one seed (or swept before its other seeds were).
+
+    The same rule runs on every other seed's trajectories; each feature of a seed is paired with
+    the basis feature it matches (seed_trajectories.matched_feature_id, decoder cosine >=
+    MATCH_COSINE). A pair agrees when both are present at init, both are never born, or both are
+    born within one checkpoint of each other.
+    """
+    seeds = [s for (s,) in con.execute(
+        "SELECT DISTINCT seed FROM seed_trajectories WHERE basis = $basis ORDER BY seed",
+        {"basis": params["basis"]}).fetchall()]
+    if not seeds:
+        return None, None
+    agree = pairs = 0
+    for other in seeds:
+        ((one, both),) = con.execute(_SEED_AGREEMENT_SQL, {
+            **params, "other": other, "cosine": MATCH_COSINE}).fetchall()
+        agree, pairs = agree + (one or 0), pairs + both
+    return (agree / pairs if pairs else None), pairs
+
+
+# A birth's place in the checkpoint order (not its step) is what "within one checkpoint" counts.
+_SEED_AGREEMENT_SQL = """
+WITH positions AS (
+    SELECT step, (row_number() OVER (ORDER BY step) - 1) AS position
+    FROM (SELECT DISTINCT step FROM trajectories WHERE basis = $basis)
+),
+theirs AS (
+    SELECT b.*, p.position AS birth_position
+    FROM feature_births($basis, $metric, $threshold, $persistence, $stable_eps, $stable_cos,
+                        presence := $presence, other_seed := $other) AS b
+    LEFT JOIN positions AS p ON p.step = b.birth_step
+),
+ours AS (
+    SELECT a.*, p.position AS birth_position
+    FROM all_births AS a LEFT JOIN positions AS p ON p.step = a.birth_step
+    WHERE a.ordering = 0
+),
+pairs AS (
+    SELECT DISTINCT feature_id, matched_feature_id FROM seed_trajectories
+    WHERE basis = $basis AND seed = $other AND match_cosine >= $cosine
+)
+SELECT count_if(
+           (o.present_at_init AND t.present_at_init)
+           OR (NOT o.present_at_init AND NOT t.present_at_init
+               AND o.birth_step IS NULL AND t.birth_step IS NULL)
+           OR (NOT o.present_at_init AND NOT t.present_at_init
+               AND abs(o.birth_position - t.birth_position) <= 1)),
+       count(*)
+FROM pairs
+JOIN theirs AS t ON t.feature_id = pairs.feature_id
+JOIN ours AS o ON o.feature_id = pairs.matched_feature_id
 """
 
 

@@ -23,6 +23,7 @@ from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.queries.artifacts import DEFAULT_OUT, export_artifacts
+from featurestore.queries.graphs import births_rule_where
 from featurestore.queries.report import write_report
 from featurestore.warehouse import connect
 
@@ -59,18 +60,27 @@ SUMMARY_QUERIES = {
         "round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction FROM checkpoint_summary "
         "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) IN (1, 8) "
         "OR step = max(step) OVER (PARTITION BY basis) ORDER BY basis, step"),
-    "births (activation rate >= 0.01 for 3 checkpoints) against the shuffled-order null": (
-        "SELECT basis, sum(births) AS births, any_value(n_present_at_init) AS present_at_init, "
+    # The demo's own rule (analyze_births with feature-birth-analyze's defaults), not every rule
+    # stored: births of several rules would be summed.
+    "births per basis under the demo's rule (feature-birth-analyze's defaults) against the "
+    "shuffled-order null; censored: born in the last K-1 checkpoints, present to the last": (
+        "SELECT basis, metric || ' >= ' || threshold || CASE WHEN presence = 'relative' "
+        "THEN ' x peak' ELSE '' END || ', K = ' || persistence AS rule, "
+        "sum(births) AS births, sum(censored_births) AS censored, "
+        "any_value(n_present_at_init) AS present_at_init, "
         "round(any_value(birth_rate), 4) AS birth_rate, "
         "round(any_value(null_false_birth_rate), 4) AS null_false_birth_rate "
-        "FROM birth_summary GROUP BY basis ORDER BY basis"),
-    "top born features (most active at the last checkpoint)": (
-        "SELECT b.basis, b.feature_id, b.birth_step, b.stabilization_step, "
-        "round(t.activation_rate, 3) AS final_rate, "
+        f"FROM birth_summary WHERE {births_rule_where()} "
+        "GROUP BY basis, metric, presence, threshold, persistence, stable_eps, stable_cos "
+        "ORDER BY basis, rule"),
+    "top born features under that rule (most active at the last checkpoint)": (
+        "SELECT b.basis, b.feature_id, b.birth_step, b.birth_censored AS censored, "
+        "b.stabilization_step, round(t.activation_rate, 3) AS final_rate, "
         "map_keys(t.split_activation_rates)[list_position(map_values(t.split_activation_rates), "
         "list_max(map_values(t.split_activation_rates)))] AS top_split "
         "FROM births b JOIN trajectories t USING (basis, feature_id) "
-        "WHERE b.birth_step IS NOT NULL AND t.step = (SELECT max(step) FROM trajectories "
+        f"WHERE {births_rule_where(alias='b')} AND b.birth_step IS NOT NULL "
+        "AND t.step = (SELECT max(step) FROM trajectories "
         "WHERE basis = b.basis) ORDER BY t.activation_rate DESC LIMIT 8"),
     "patching demo-l2's most changed features into the last checkpoint (largest loss changes)": (
         "SELECT feature_set, split, round(clean, 3) AS clean_loss, round(delta, 3) AS delta, "

@@ -26,6 +26,10 @@ MIN_CHECKPOINTS = 3
 EVAL_TOKENS_PER_CHECKPOINT = 16_384
 EVAL_BATCH = 4096
 MATCH_COSINE = 0.9  # features of two seeds' bases count as the same above this decoder cosine
+# The step-0 checkpoint's share of tokens in a pooled fit, relative to every other checkpoint.
+DEFAULT_INIT_WEIGHT = 1.0
+# Above this share of the dictionary spent on the first checkpoint, the fit says so.
+FIRST_CHECKPOINT_SHARE_WARNING = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,12 @@ class FitBounds:
     max_dead_fraction: float = 0.5  # share of features never active on the evaluation tokens
 
     def failures(self, report: dict) -> list[str]:
+        """The bounds the report misses. Explained variance is bounded at the checkpoints the
+        basis was fitted on; one left out of the fit (--init-weight 0) is reported, not bounded."""
         failed = []
-        worst = min(report["explained_variance"].items(), key=lambda kv: kv[1])
+        fitted = {step: ev for step, ev in report["explained_variance"].items()
+                  if step not in report.get("unfitted_steps", [])}
+        worst = min(fitted.items(), key=lambda kv: kv[1])
         if worst[1] < self.min_explained_variance:
             failed.append(
                 f"explained variance {worst[1]:.3f} at step {worst[0]} is below "
@@ -70,6 +78,7 @@ class SharedFitResult:
     stability: float | None
     seconds: float
     seeds: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +99,7 @@ def shared_feature_fit(
     l1_coeff: float | None = None,
     seeds: int = 1,
     seed: int = 0,
+    init_weight: float = DEFAULT_INIT_WEIGHT,
     min_explained_variance: float = FitBounds.min_explained_variance,
     max_active_fraction: float = FitBounds.max_active_fraction,
     max_dead_fraction: float = FitBounds.max_dead_fraction,
@@ -107,6 +117,10 @@ def shared_feature_fit(
         raise FeaturestoreError(f"--kind must be pooled or crosscoder, got {kind!r}")
     if seeds < 1:
         raise FeaturestoreError(f"--seeds must be at least 1, got {seeds}")
+    if not 0 <= init_weight <= 1:
+        raise FeaturestoreError(
+            f"--init-weight {init_weight}: give a share in [0, 1] of the tokens the step-0 "
+            "checkpoint contributes to the fit (1: as many as every other checkpoint, 0: none)")
     bounds = FitBounds(min_explained_variance, max_active_fraction, max_dead_fraction)
     started = time.perf_counter()
     wh = Warehouse(warehouse)
@@ -117,8 +131,13 @@ def shared_feature_fit(
         finally:
             con.close()
         sources = [source for source, _ in chosen]
-        data_class = PooledActivations if kind == "pooled" else AlignedActivations
-        data = data_class(sources, seed=seed)
+        steps_chosen = [row["step"] for _, row in chosen]
+        if kind == "pooled":
+            weights = [init_weight if step == 0 else 1.0 for step in steps_chosen]
+            data = PooledActivations(sources, seed=seed, weights=weights)
+        else:
+            weights = [1.0] * len(sources)  # a crosscoder's code is joint: every step, every row
+            data = AlignedActivations(sources, seed=seed)
         defaults = TrainerConfig()
         trainer = TrainerConfig(
             steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
@@ -150,6 +169,9 @@ def shared_feature_fit(
                              for _, row in chosen])
         report, stats = fit_report(basis, sources)
         report["bounds"] = asdict(bounds)
+        report["checkpoint_weights"] = {str(step): w for step, w in zip(steps_chosen, weights)}
+        report["unfitted_steps"] = [str(step) for step, w in zip(steps_chosen, weights)
+                                    if w == 0]
         failed = bounds.failures(report)
         if failed:
             raise FeaturestoreError(
@@ -165,7 +187,12 @@ def shared_feature_fit(
         )
 
         relative = f"bases/{name}"
-        model.save(writer.stage_dir(relative))
+        staged = writer.stage_dir(relative)
+        model.save(staged)
+        # The other seeds' weights go with the basis: the sweep encodes every checkpoint in them
+        # too, so that feature-birth-analyze can say how far births agree across seeds.
+        for offset, other in enumerate(models[1:], start=1):
+            other.save(staged / seed_folder(seed + offset))
         writer.put("bases", [{
             "name": name, "kind": kind, "arch": arch, "n_sources": config.n_sources,
             "d_model": data.d_model, "d_hidden": config.d_hidden,
@@ -177,7 +204,8 @@ def shared_feature_fit(
             "trainer_config": json.dumps(trainer.to_dict()),
             "path": relative, "steps": result.steps, "tokens": result.tokens,
             "final_metrics": json.dumps(result.final), "run": run, "stage": stage,
-            "fit_quality": json.dumps(report), "stability": stability, "created_at": utc_now(),
+            "fit_quality": json.dumps(report), "stability": stability,
+            "seeds": list(range(seed, seed + seeds)), "created_at": utc_now(),
         }])
         writer.put("features", feature_rows(name, model, stats), replace_where={"basis": name})
         writer.put("decoder_directions", direction_rows(name, model),
@@ -186,11 +214,20 @@ def shared_feature_fit(
                    replace_where={"basis": name})
         # A basis of this name may have been swept before: its analyses described other weights.
         for table in ("trajectories", "feature_directions", "feature_examples",
-                      "checkpoint_summary", "split_profiles", "feature_activations"):
+                      "checkpoint_summary", "split_profiles", "feature_activations",
+                      "seed_trajectories"):
             writer.put(table, [], replace_where={"basis": name})
-    return SharedFitResult(name, run, stage, kind, arch, [row["step"] for _, row in chosen],
-                           config.d_hidden, report, stability, time.perf_counter() - started,
-                           list(range(seed, seed + seeds)))
+    warnings = []
+    share = report["first_checkpoint_feature_share"]
+    if share > FIRST_CHECKPOINT_SHARE_WARNING:
+        warnings.append(
+            f"{share:.0%} of the dictionary fires mostly at the first checkpoint (step "
+            f"{steps_chosen[0]}): features of that checkpoint alone, which die after it. At a "
+            "random initialisation they are not learned features; refit with a lower "
+            "--init-weight (0 leaves step 0 out of the fit; it is still swept).")
+    return SharedFitResult(name, run, stage, kind, arch, steps_chosen, config.d_hidden, report,
+                           stability, time.perf_counter() - started,
+                           list(range(seed, seed + seeds)), warnings)
 
 
 def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]:
@@ -250,6 +287,7 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
     h = basis.d_hidden
     n = min(len(sources[0].activations), EVAL_TOKENS_PER_CHECKPOINT)
     count, total, peak = np.zeros(h), np.zeros(h), np.zeros(h)
+    first_count = np.zeros(h)  # firings at the first checkpoint
     sums = [ReconstructionSums() for _ in basis.checkpoints]
     for start in range(0, n, EVAL_BATCH):
         index = np.arange(start, min(start + EVAL_BATCH, n))
@@ -257,6 +295,8 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
                 for source in sources]
         for c, (values, x_hat) in enumerate(basis.encode_all(rows)):
             f = values.double().numpy()
+            if c == 0:
+                first_count += (f > 0).sum(axis=0)
             count += (f > 0).sum(axis=0)
             total += f.sum(axis=0)
             peak = np.maximum(peak, f.max(axis=0))
@@ -266,25 +306,41 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
     report = {"explained_variance": {str(checkpoint.step): s.explained_variance
                                      for checkpoint, s in zip(basis.checkpoints, sums)},
               "l0": float(l0), "active_fraction": float(l0 / h),
-              "dead_fraction": float((count == 0).mean()), "eval_tokens_per_checkpoint": n}
+              "dead_fraction": float((count == 0).mean()), "eval_tokens_per_checkpoint": n,
+              # features whose firings are mostly at the first checkpoint: what it took of the
+              # dictionary (at a random initialisation, features no trained checkpoint has)
+              "first_checkpoint_feature_share": float(
+                  ((count > 0) & (first_count > 0.5 * count)).mean())}
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     return report, {"frequency": count / seen, "mean": mean, "max": peak}
 
 
+def seed_folder(seed: int) -> str:
+    """Where a basis keeps the weights of one of its other seeds, under its own folder."""
+    return f"seed_{seed}"
+
+
 def seed_stability(models) -> float:
     """Mean over the other seeds of the share of the first seed's features matched (Hungarian
     assignment on decoder cosine) at cosine >= MATCH_COSINE."""
+    shares = [float((match_features(models[0], other)[1] >= MATCH_COSINE).mean())
+              for other in models[1:]]
+    return float(math.fsum(shares) / len(shares))
+
+
+def match_features(reference, other) -> tuple[np.ndarray, np.ndarray]:
+    """(feature of `reference` paired with each feature of `other`, their decoder cosine): the
+    one-to-one assignment (Hungarian) that maximises the summed cosine of the two dictionaries'
+    decoders, every source's slice together."""
     from scipy.optimize import linear_sum_assignment
 
     def unit_decoder(model) -> np.ndarray:
         decoder = model.decoder().detach().double().numpy().reshape(model.config.d_hidden, -1)
         return decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
 
-    reference = unit_decoder(models[0])
-    shares = []
-    for other in models[1:]:
-        cosine = reference @ unit_decoder(other).T
-        rows, cols = linear_sum_assignment(cosine, maximize=True)
-        shares.append(float((cosine[rows, cols] >= MATCH_COSINE).mean()))
-    return float(math.fsum(shares) / len(shares))
+    cosine = unit_decoder(other) @ unit_decoder(reference).T
+    rows, cols = linear_sum_assignment(cosine, maximize=True)
+    matched = np.empty(len(rows), dtype=np.int64)
+    matched[rows] = cols
+    return matched, cosine[np.arange(len(matched)), matched]

@@ -71,6 +71,8 @@ class CheckpointSweep:
     activations_file: Path
     activation_rows: int
     write_seconds: float
+    # other seeds of the basis: seed -> per-feature activation_rate, mean_activation, energy
+    seed_trajectories: dict[int, dict[str, np.ndarray]]
 
 
 def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int = 1,
@@ -114,6 +116,7 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
                                                          for c in indices])
 
         tables = sweep_tables(basis, sweeps)
+        tables["seed_trajectories"] = seed_trajectory_rows(shared, sweeps)
         for table, rows in tables.items():
             writer.put(table, rows)
         for sweep in sweeps:
@@ -158,9 +161,8 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
     n, h, d = len(tokens), basis.d_hidden, sets[c].d_model
     splits = np.asarray(tokens.split).astype(str)
     split_names = sorted(set(splits))
-    # Pooled bases: a feature writes f_i * d_i; crosscoder values already carry ||d_ic||.
     decoder_norms = np.linalg.norm(basis.decoder_directions(c), axis=1)
-    weight = decoder_norms if basis.kind == "pooled" else np.ones(h)
+    weight = energy_weights(basis, c)
 
     # One pass over the tokens keeps only the sparse codes (row, feature, value), the sums the
     # direction refit needs from the dense activations, and the reconstruction sums; every
@@ -168,6 +170,9 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
     gram, cross = np.zeros((h + 1, h + 1)), np.zeros((h + 1, d))
     reconstruction = ReconstructionSums()
     parts = []
+    # The other seeds' dictionaries see the same batches; only their per-feature sums are kept.
+    seed_bases = {seed: basis.seed_basis(seed) for seed in basis.seed_models}
+    seed_sums = {seed: np.zeros((3, other.d_hidden)) for seed, other in seed_bases.items()}
     wanted = range(len(sets)) if basis.kind == "crosscoder" else [c]
     for start in range(0, n, SWEEP_BATCH):
         index = np.arange(start, min(start + SWEEP_BATCH, n))
@@ -182,6 +187,10 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
         cross[:h] += codes.T @ x
         cross[h] += x.sum(axis=0)
         parts.append((index[token], feature, value))
+        for seed, other in seed_bases.items():
+            seed_values = other.encode(rows, c)[0].double().numpy()
+            seed_sums[seed] += [(seed_values > 0).sum(axis=0), seed_values.sum(axis=0),
+                                ((seed_values * energy_weights(other, c)) ** 2).sum(axis=0)]
     token_row = np.concatenate([p[0] for p in parts])
     feature = np.concatenate([p[1] for p in parts])
     value = np.concatenate([p[2] for p in parts])
@@ -229,6 +238,10 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
             "decoder_norm": decoder_norms if basis.kind == "crosscoder" else np.full(h, np.nan),
         }
     split_tokens = {s: int((splits == s).sum()) for s in split_names}
+    seed_trajectories = {
+        seed: {"activation_rate": sums[0] / n, "mean_activation": sums[1] / n,
+               "energy": sums[2] / max(sums[2].sum(), 1e-300)}
+        for seed, sums in seed_sums.items()}
     return CheckpointSweep(
         step=step, n_tokens=n, trajectory=trajectory,
         split_rates={s: split_count[s] / split_tokens[s] for s in split_names},
@@ -241,7 +254,16 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
                  "l0": float(count.sum() / n), "active_fraction": float(count.sum() / n / h),
                  "dead_fraction": float((count == 0).mean())},
         activations_file=activations_file, activation_rows=len(token_row),
-        write_seconds=write_seconds)
+        write_seconds=write_seconds, seed_trajectories=seed_trajectories)
+
+
+def energy_weights(basis: SharedBasis, c: int) -> np.ndarray:
+    """What multiplies a feature's value to give the size of what it writes at checkpoint c:
+    on a pooled basis its decoder norm (it writes f_i * d_i); crosscoder values already carry
+    ||d_ic||."""
+    if basis.kind == "pooled":
+        return np.linalg.norm(basis.decoder_directions(c), axis=1)
+    return np.ones(basis.d_hidden)
 
 
 def top_examples(row: np.ndarray, feature: np.ndarray, value: np.ndarray, h: int
@@ -334,6 +356,25 @@ def sweep_tables(basis: str, sweeps: list[CheckpointSweep]) -> dict[str, list[di
     return {"trajectories": trajectories, "feature_directions": directions,
             "split_profiles": splits, "feature_examples": examples,
             "checkpoint_summary": summaries}
+
+
+def seed_trajectory_rows(basis: SharedBasis, sweeps: list[CheckpointSweep]) -> list[dict]:
+    """seed_trajectories rows: every other seed's features at every swept checkpoint, each
+    with the basis's feature it is paired with."""
+    from featurestore.ingest.shared_feature_fit import match_features
+
+    rows = []
+    for seed, other in basis.seed_models.items():
+        matched, cosine = match_features(basis.model, other)
+        for sweep in sweeps:
+            t = sweep.seed_trajectories[seed]
+            rows += [{"basis": basis.name, "seed": seed, "feature_id": i,
+                      "matched_feature_id": int(matched[i]), "match_cosine": float(cosine[i]),
+                      "step": sweep.step, "activation_rate": float(t["activation_rate"][i]),
+                      "mean_activation": float(t["mean_activation"][i]),
+                      "energy": float(t["energy"][i])}
+                     for i in range(other.config.d_hidden)]
+    return rows
 
 
 def _finite(value) -> float | None:

@@ -189,3 +189,60 @@ def test_changed_files_fail_the_fit_and_register_nothing(registered, tmp_path, t
     assert message in " ".join(result.output.split())
     assert f"{RUN}@{STEPS[5]}:{STAGE}" in result.output
     assert snapshot(root) == before
+
+
+# --- births across seeds ---------------------------------------------------------------------------
+
+
+def test_births_agree_across_seeds(registered, tmp_path):
+    """--seeds 2 keeps the second seed's dictionary; the sweep encodes every checkpoint in it and
+    birth-analyze reports how often matched features' births agree, checked here against the
+    plain-Python statement of the rule applied to the stored seed trajectories."""
+    from .test_births import reference
+
+    root = tmp_path / "warehouse"
+    shutil.copytree(registered, root)
+    fit = invoke(root, "shared-feature-fit", "--run", RUN, "--stage", STAGE, "--name", BASIS,
+                 "--dict-size", "32", "--k", str(ACTIVE_PER_TOKEN), "--steps", "600",
+                 "--batch-size", "512", "--lr", "3e-3", "--max-active-fraction", "0.2",
+                 "--seeds", "2", "--quiet")
+    assert fit["seeds"] == [0, 1]
+    invoke(root, "feature-trajectory-sweep", "--basis", BASIS, "--quiet")
+    births = invoke(root, "feature-birth-analyze", "--basis", BASIS, "--presence", "absolute",
+                    "--permutations", "2")
+
+    con = connect(root)
+    try:
+        seed_rows = con.execute(
+            "SELECT feature_id, matched_feature_id, match_cosine, activation_rate "
+            "FROM seed_trajectories WHERE basis = ? AND seed = 1 ORDER BY feature_id, step",
+            [BASIS]).fetchall()
+        ours = {f: (init, step) for f, init, step in con.execute(
+            "SELECT feature_id, present_at_init, birth_step FROM births WHERE basis = ?",
+            [BASIS]).fetchall()}
+    finally:
+        con.close()
+    assert len(seed_rows) == 32 * len(STEPS)
+    rule = {"threshold": births["threshold"], "persistence": 3, "stable_eps": 0.1,
+            "stable_cos": 0.9}
+    position = {step: j for j, step in enumerate(STEPS)}
+    agree = pairs = 0
+    for f in range(32):
+        rows = seed_rows[f * len(STEPS):(f + 1) * len(STEPS)]
+        _, matched, cosine, _ = rows[0]
+        if cosine < 0.9:
+            continue
+        values = [r[3] for r in rows]
+        theirs = reference(values, [None] * len(STEPS), [None] * len(STEPS), STEPS, **rule)
+        our_init, our_birth = ours[matched]
+        pairs += 1
+        if our_init or theirs["present_at_init"]:
+            agree += our_init and theirs["present_at_init"]
+        elif our_birth is None or theirs["birth_step"] is None:
+            agree += our_birth is None and theirs["birth_step"] is None
+        else:
+            agree += abs(position[our_birth] - position[theirs["birth_step"]]) <= 1
+    # Every planted direction is found by both seeds, so at least 24 pairs match.
+    assert births["seed_matched_features"] == pairs >= N_PRESENT + N_BORN
+    assert births["seed_births_agreement"] == pytest.approx(agree / pairs)
+    assert births["seed_births_agreement"] >= 0.9

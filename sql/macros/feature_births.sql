@@ -33,10 +33,23 @@
 -- stay where they were measured; the peak, and so T_f, is the same in every order). The rule is
 -- the same for every ordering, censoring included, so births in the permuted orders are the
 -- births the rule finds when the checkpoint order carries no signal.
+-- `other_seed` reads the trajectories of the basis's other seed of that number
+-- (seed_trajectories) instead of the basis's own; they have no direction cosines, so their
+-- stabilization_step and drift mean little.
 CREATE OR REPLACE MACRO feature_births(basis_name, metric_name, threshold, persistence,
                                        stable_eps, stable_cos, presence := 'absolute',
-                                       permutations := []) AS TABLE
-WITH series AS (
+                                       permutations := [], other_seed := NULL) AS TABLE
+WITH measured AS (
+    SELECT feature_id, step, activation_rate, mean_activation, energy, decoder_norm,
+           direction_cosine_previous, direction_cosine_final
+    FROM trajectories
+    WHERE basis = basis_name AND other_seed IS NULL
+    UNION ALL
+    SELECT feature_id, step, activation_rate, mean_activation, energy, NULL, NULL, NULL
+    FROM seed_trajectories
+    WHERE basis = basis_name AND seed = other_seed
+),
+series AS (
     SELECT
         feature_id,
         step,
@@ -51,8 +64,7 @@ WITH series AS (
         END AS value,
         direction_cosine_previous,
         direction_cosine_final
-    FROM trajectories
-    WHERE basis = basis_name
+    FROM measured
 ),
 thresholds AS (
     SELECT feature_id,
