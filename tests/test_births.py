@@ -301,6 +301,15 @@ def test_planted_births_are_found_and_the_null_finds_far_fewer(planted_root):
     finally:
         con.close()
     assert [(s, e) for s, e, *_ in windows] == list(zip(PLANTED_STEPS, PLANTED_STEPS[1:]))
+    # Censored births fall in the last K-1 windows only, in the real order and in the null.
+    censored = con_rows(planted_root, "SELECT window_end, censored_births, "
+                        "null_censored_births_mean FROM birth_summary WHERE basis = 'planted' "
+                        "AND persistence = 3 ORDER BY window_end")
+    assert sum(c for _, c, _ in censored) == result.censored_births == sum(
+        bool(row["birth_censored"]) for row in stored.values()) > 0
+    assert all(c == 0 and n == 0 for _, c, n in censored[:-2])
+    assert sum(n for *_, n in censored) == pytest.approx(result.null_censored_births_mean)
+    assert result.null_censored_births_mean > 0
     assert sum(w[2] for w in windows) == result.births
     assert sum(w[3] for w in windows) == pytest.approx(result.null_births_mean)
     assert windows[0][4] == pytest.approx(result.birth_rate)
@@ -310,6 +319,14 @@ def test_planted_births_are_found_and_the_null_finds_far_fewer(planted_root):
     other = analyze_births("planted", threshold=THRESHOLD, persistence=3, seed=1,
                            warehouse=planted_root)
     assert other.births == result.births and other.windows != result.windows
+
+
+def con_rows(root: Path, sql: str) -> list[tuple]:
+    con = connect(root)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
 
 
 # --- writes ---------------------------------------------------------------------------------------
@@ -413,3 +430,46 @@ def test_cli_json_and_text(hand_root):
     result = runner.invoke(cli, ["--warehouse", str(hand_root), "feature-birth-analyze",
                                  "--basis", "nope"])
     assert result.exit_code == 1 and "no such basis" in result.output
+
+
+# --- warehouses written before censoring and presence ---------------------------------------------
+
+NEW_BIRTH_COLUMNS = {"births": ["presence", "feature_threshold", "birth_censored",
+                                "death_censored"],
+                     "birth_summary": ["presence", "censored_births",
+                                       "null_censored_births_mean", "seed_births_agreement",
+                                       "seed_matched_features"]}
+
+
+def test_births_of_an_older_release_read_with_the_new_columns_defaulted(tmp_path):
+    """An older release wrote births without presence or censoring: its rows read as absolute
+    (what they were) with unknown censoring, and a new analysis merges beside them."""
+    import pyarrow.parquet as pq
+
+    write_basis(tmp_path, "hand", HAND)
+    analyze_births("hand", **RULE, presence="absolute", permutations=1, warehouse=tmp_path)
+    live = Warehouse(tmp_path).live_files()
+    for table, columns in NEW_BIRTH_COLUMNS.items():
+        path = tmp_path / live[table]
+        old = pq.read_table(path)
+        pq.write_table(old.drop_columns(columns), path)  # as the older release wrote it
+
+    old_rows = stored_births(tmp_path)
+    assert {row["presence"] for row in old_rows.values()} == {"absolute"}
+    assert {row["birth_censored"] for row in old_rows.values()} == {None}
+    assert old_rows[0]["birth_step"] == 30
+
+    analyze_births("hand", **{**RULE, "threshold": 0.5}, presence="relative", permutations=1,
+                   warehouse=tmp_path)
+    con = connect(tmp_path)
+    try:
+        rules = con.execute("SELECT presence, threshold, count(*), count(birth_censored) "
+                            "FROM births GROUP BY ALL ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+    # the older rows kept (censoring unknown), the new ones complete: censoring is known for
+    # every birth
+    relative = {**RULE, "threshold": 0.5, "presence": "relative"}
+    born = sum(reference(series["values"], series["cos_previous"], series["cos_final"], STEPS,
+                         **relative)["birth_step"] is not None for series in HAND.values())
+    assert rules == [("absolute", 0.1, len(HAND), 0), ("relative", 0.5, len(HAND), born)]
