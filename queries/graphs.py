@@ -15,8 +15,11 @@ With a step the names end in `_step<N>` (e.g. `tiny-l2_graph_step20.json`). The 
 
 Nodes (id: attributes; every node has `node_type` and `label`)
 ------------------------------------------------------------------
-    feature:<basis>:<id>     basis, stage, feature_id, birth_step, stabilization_step, death_step,
-                             present_at_init (from `births` under one rule, below), top_tokens (the
+    feature:<basis>:<id>     basis, stage, feature_id, birth_step, birth_censored,
+                             stabilization_step, death_step, death_censored, present_at_init,
+                             feature_threshold (from `births` under one rule, below: a censored
+                             birth or death falls in the last persistence - 1 checkpoints, so its
+                             persistence could not be observed in full), top_tokens (the
                              most frequent activating token ids of its top `feature_examples` at
                              `examples_step`), top_context_tokens (the same over the whole context
                              windows), examples_step, activation_rate, mean_active_activation,
@@ -47,7 +50,10 @@ Edges (every edge has edge_type, weight, method and step; keys are unique string
                   basis named by that row's pruning JSON "upstream"; rank, upstream.
     dla           feature -> logit:<token>: method dla; rank.
     born_at       feature -> checkpoint:<birth_step>: weight 1.0, method "births:<metric>",
-                  step = birth_step; for every `births` row of the chosen rule with a birth_step.
+                  step = birth_step, censored (births.birth_censored: present from birth to the
+                  last checkpoint, fewer than persistence checkpoints observed; left out on rows
+                  written before births recorded it); for every `births` row of the chosen rule
+                  with a birth_step.
     patch_effect  feature -> checkpoint:<target_step>: single-feature `patches` rows; weight =
                   delta, method = the patch mode, step = target_step; metric, split, mode,
                   source_step, scale, clean, patched, recon_rel_error, error_norm_share,
@@ -57,12 +63,15 @@ lineage, flows_to, dla and patch_effect edges are per step: `step=None` takes ev
 `lineage_edges` or `patches` rows for the basis; an int takes that step only. born_at edges do
 not depend on the step selection.
 
-Births rule: `births` holds one row set per parameter set (metric, threshold, persistence,
-stable_eps, stable_cos). The graph uses the set of feature-birth-analyze's defaults
-(activation_rate, threshold 0.01, persistence 3, stable_eps 0.1, stable_cos 0.9) when it is there;
-otherwise the first set ordered by: metric activation_rate first, persistence 3 first, then
-threshold, persistence, stable_eps, stable_cos, metric. The chosen set is recorded in the graph
-attribute `births_rule` (with `chosen_by` and the number of sets there were).
+Births rule: `births` holds one row set per parameter set (metric, presence, threshold,
+persistence, stable_eps, stable_cos). The graph uses the set of feature-birth-analyze's defaults
+(`default_births_rule()`, read from featurestore.ingest.birth_analysis: activation_rate, its
+default presence and the threshold that goes with it, persistence 3, stable_eps 0.1, stable_cos
+0.9) when it is there; otherwise the first set ordered by: the default metric first, the default
+presence first, the default persistence first, then threshold, persistence, stable_eps,
+stable_cos, metric, presence (`births_rule_sets`, which the plots use too). The chosen set is
+recorded in the graph attribute `births_rule` (with `chosen_by`, the number of sets there were,
+and its births and censored_births).
 
 Graph attributes: schema_version (GRAPH_SCHEMA_VERSION, the layout of these exports),
 warehouse_schema_version, generator ("featurestore <version>"), basis, stage, run, kind, steps
@@ -110,7 +119,7 @@ axis of a viewer becomes the training axis). `prompt` says so in words.
               node; nodes sorted by that mass, largest first; influence = the running sum / total,
               so the strongest node has the smallest value); activation: a feature's
               trajectories.mean_active_activation at that step (null otherwise); plus step,
-              basis / feature_id / birth_step where they apply.
+              basis / feature_id / birth_step / birth_censored where they apply.
     links     source, target (node_ids), weight, plus step, ctx_idx, edge_type, method, rank.
 
 born_at and patch_effect edges, and checkpoint nodes, are not attributions and stay out of this
@@ -299,35 +308,93 @@ def _listed(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
+# The columns that key one birth-rule parameter set in `births` and `birth_summary`.
+BIRTH_RULE_COLUMNS = ("metric", "presence", "threshold", "persistence", "stable_eps",
+                      "stable_cos")
+
+
+def default_births_rule() -> dict:
+    """feature-birth-analyze's default parameter set: analyze_births's defaults, with the
+    threshold it resolves for them (None where that depends on the basis's data: mean_activation,
+    energy or decoder_norm under absolute presence)."""
+    import inspect
+
+    from featurestore.ingest import birth_analysis
+
+    defaults = {name: p.default for name, p in
+                inspect.signature(birth_analysis.analyze_births).parameters.items()}
+    metric, presence, threshold = defaults["metric"], defaults["presence"], defaults["threshold"]
+    if threshold is None:
+        if presence == "relative":
+            threshold = birth_analysis.DEFAULT_PEAK_SHARE
+        elif metric == "activation_rate":
+            threshold = birth_analysis.DEFAULT_ACTIVATION_RATE
+    return {"metric": metric, "presence": presence, "threshold": threshold,
+            "persistence": defaults["persistence"], "stable_eps": defaults["stable_eps"],
+            "stable_cos": defaults["stable_cos"]}
+
+
+def births_rule_sets(con: duckdb.DuckDBPyConnection, basis: str,
+                     table: str = "births") -> list[dict]:
+    """Every birth-rule parameter set stored for `basis` in `table` (births or birth_summary),
+    preferred first (see the module docstring), each with `default` (whether it is
+    feature-birth-analyze's default set) and `n_rows` (its rows in `table`)."""
+    if table not in ("births", "birth_summary"):
+        raise ValueError(f"births_rule_sets: table {table!r} is not births or birth_summary")
+    columns = ", ".join(BIRTH_RULE_COLUMNS)
+    sets = records(con, f"SELECT {columns}, count(*) AS n_rows FROM {table} WHERE basis = ? "
+                        "GROUP BY ALL", [basis])
+    default = default_births_rule()
+    for candidate in sets:
+        candidate["default"] = all(
+            default[k] is None or _same(candidate[k], default[k]) for k in BIRTH_RULE_COLUMNS)
+    sets.sort(key=lambda r: (not r["default"], r["metric"] != default["metric"],
+                             r["presence"] != default["presence"],
+                             r["persistence"] != default["persistence"], r["threshold"],
+                             r["persistence"], r["stable_eps"], r["stable_cos"], r["metric"],
+                             r["presence"]))
+    return sets
+
+
+def births_rule_where(rule: dict | None = None, alias: str = "") -> str:
+    """A SQL condition (literals inlined) selecting the rows of one birth-rule parameter set in
+    births or birth_summary: `rule` (default: `default_births_rule()`); a None value is not
+    filtered on. `alias` qualifies the columns (e.g. "b")."""
+    rule = default_births_rule() if rule is None else rule
+    prefix = f"{alias}." if alias else ""
+    terms = []
+    for column in BIRTH_RULE_COLUMNS:
+        value = rule.get(column)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            literal = "'" + value.replace("'", "''") + "'"
+        elif isinstance(value, float):
+            literal = f"{value!r}::DOUBLE"
+        else:
+            literal = str(int(value))
+        terms.append(f"{prefix}{column} = {literal}")
+    return " AND ".join(terms) or "true"
+
+
 def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
     """The births parameter set the graph uses (see the module docstring), or None."""
-    from featurestore.ingest.birth_analysis import (
-        DEFAULT_ACTIVATION_RATE,
-        DEFAULT_STABLE_COS,
-        DEFAULT_STABLE_EPS,
-    )
-
-    sets = records(con, """
-        SELECT * FROM (
-            SELECT metric, threshold, persistence, stable_eps, stable_cos,
-                   count(*) AS n_features
-            FROM births WHERE basis = ? GROUP BY ALL)
-        ORDER BY metric <> 'activation_rate', persistence <> 3, threshold, persistence,
-                 stable_eps, stable_cos, metric""", [basis])
+    sets = births_rule_sets(con, basis, "births")
     if not sets:
         return None
-    default = {"metric": "activation_rate", "threshold": DEFAULT_ACTIVATION_RATE,
-               "persistence": 3, "stable_eps": DEFAULT_STABLE_EPS,
-               "stable_cos": DEFAULT_STABLE_COS}
-    chosen, chosen_by = sets[0], "closest to the default (activation_rate, persistence 3)"
-    for candidate in sets:
-        if all(_same(candidate[k], v) for k, v in default.items()):
-            chosen, chosen_by = candidate, "default parameters"
-            break
-    return {"basis": basis, "metric": chosen["metric"], "threshold": float(chosen["threshold"]),
-            "persistence": int(chosen["persistence"]),
+    chosen = sets[0]
+    chosen_by = ("default parameters" if chosen["default"] else
+                 "closest to the default ({metric}, presence {presence}, persistence "
+                 "{persistence})".format(**default_births_rule()))
+    (births, censored), = con.execute(
+        f"SELECT count(birth_step), count_if(birth_censored) FROM births "
+        f"WHERE basis = ? AND {' AND '.join(f'{c} = ?' for c in BIRTH_RULE_COLUMNS)}",
+        [basis, *(chosen[c] for c in BIRTH_RULE_COLUMNS)]).fetchall()
+    return {"basis": basis, "metric": chosen["metric"], "presence": chosen["presence"],
+            "threshold": float(chosen["threshold"]), "persistence": int(chosen["persistence"]),
             "stable_eps": _float(chosen["stable_eps"]), "stable_cos": _float(chosen["stable_cos"]),
-            "n_features": int(chosen["n_features"]), "chosen_by": chosen_by,
+            "n_features": int(chosen["n_rows"]), "births": int(births),
+            "censored_births": int(censored), "chosen_by": chosen_by,
             "parameter_sets": len(sets)}
 
 
@@ -348,12 +415,14 @@ def _births(con: duckdb.DuckDBPyConnection, rule: dict | None) -> dict[int, dict
     if rule is None:
         return {}
     rows = records(con, """
-        SELECT feature_id, birth_step, stabilization_step, death_step, present_at_init, drift
+        SELECT feature_id, birth_step, birth_censored, stabilization_step, death_step,
+               death_censored, present_at_init, feature_threshold, drift
         FROM births
-        WHERE basis = ? AND metric = ? AND threshold = ? AND persistence = ?
+        WHERE basis = ? AND metric = ? AND presence = ? AND threshold = ? AND persistence = ?
           AND stable_eps IS NOT DISTINCT FROM ? AND stable_cos IS NOT DISTINCT FROM ?
-        ORDER BY feature_id""", [rule["basis"], rule["metric"], rule["threshold"],
-                                 rule["persistence"], rule["stable_eps"], rule["stable_cos"]])
+        ORDER BY feature_id""", [rule["basis"], rule["metric"], rule["presence"],
+                                 rule["threshold"], rule["persistence"], rule["stable_eps"],
+                                 rule["stable_cos"]])
     return {int(r.pop("feature_id")): r for r in rows}
 
 
@@ -416,9 +485,12 @@ def _feature_attrs(basis: str, stage: str, feature_id: int, births: dict, tokens
     top = tokens.get(feature_id, {})
     attrs = {"node_type": "feature", "basis": basis, "stage": stage, "feature_id": feature_id,
              "birth_step": born.get("birth_step"),
+             "birth_censored": born.get("birth_censored"),
              "stabilization_step": born.get("stabilization_step"),
              "death_step": born.get("death_step"),
+             "death_censored": born.get("death_censored"),
              "present_at_init": born.get("present_at_init"),
+             "feature_threshold": _float(born.get("feature_threshold")),
              "top_tokens": top.get("top_tokens", []),
              "top_context_tokens": top.get("top_context_tokens", []),
              "examples_step": examples_step}
@@ -483,13 +555,15 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
         birth = births.get(f, {}).get("birth_step")
         if birth is None:
             continue
+        censored = births[f].get("birth_censored")
         target = checkpoint_node(birth)
         if target not in G:
             G.add_node(target, node_type="checkpoint", run=run, step=int(birth),
                        label=f"{run} step {birth}")
         source = feature_node(basis, f)
         G.add_edge(source, target, key=f"born_at:{source}", edge_type="born_at", weight=1.0,
-                   method=f"births:{rule['metric']}", step=int(birth))
+                   method=f"births:{rule['metric']}", step=int(birth),
+                   censored=None if censored is None else bool(censored))
 
     # lineage, flows_to, dla.
     pruning_values, upstream_features = _add_lineage_edges(con, G, basis, steps)
@@ -807,7 +881,8 @@ def _attribution_node(G: nx.MultiDiGraph, n: str, step: int, ctx_idx: int, n_lay
     if kind == "feature":
         feature = data.get("feature_id", -1)
         layer = _stage_layer(data.get("stage"), n_layers)
-        for k in ("basis", "feature_id", "birth_step", "present_at_init", "top_tokens"):
+        for k in ("basis", "feature_id", "birth_step", "birth_censored", "present_at_init",
+                  "top_tokens"):
             if k in data:
                 extra[k] = data[k]
         activation = None

@@ -88,34 +88,41 @@ def feature_trajectories(con: duckdb.DuckDBPyConnection, basis: str,
 
 def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
     """Activation rate of every feature at every checkpoint, features in order of birth: present
-    at initialisation first, then by birth step, then those never born. Checkpoints are columns of
-    equal width (they are log-spaced, so a linear step axis would squash the early ones)."""
+    at initialisation first, then by birth step, then those never born. A censored birth (in the
+    last K-1 checkpoints, present from it to the last) is labelled "born at step S (censored)" in
+    the tooltip and counted in the subtitle. Checkpoints are columns of equal width (they are
+    log-spaced, so a linear step axis would squash the early ones)."""
     info = _basis(con, basis)
     params = _birth_parameters(con, "births", basis)
     where, values = _parameter_filter(params)
     rows = json_records(con, f"""
         WITH born AS (
-            SELECT feature_id, birth_step, present_at_init FROM births
+            SELECT feature_id, birth_step, birth_censored, present_at_init FROM births
             WHERE basis = ? {where}),
         features AS (
             SELECT DISTINCT feature_id FROM trajectories WHERE basis = ?),
         ordered AS (
-            SELECT feature_id, birth_step, present_at_init,
+            SELECT feature_id, birth_step, birth_censored, present_at_init,
                    row_number() OVER (ORDER BY coalesce(present_at_init, false) DESC,
                                                birth_step NULLS LAST, feature_id) AS birth_order
             FROM features LEFT JOIN born USING (feature_id))
         SELECT t.feature_id, t.step, t.activation_rate, o.birth_order,
                CASE WHEN o.present_at_init THEN 'present at init'
+                    WHEN o.birth_censored THEN 'born at step ' || o.birth_step || ' (censored)'
                     WHEN o.birth_step IS NOT NULL THEN 'born at step ' || o.birth_step
-                    ELSE 'not born' END AS birth
+                    ELSE 'not born' END AS birth,
+               coalesce(o.birth_censored, false) AS birth_censored
         FROM trajectories AS t JOIN ordered AS o USING (feature_id)
         WHERE t.basis = ?
         ORDER BY o.birth_order, t.step""", [basis, *values, basis, basis])
     _require(rows, _missing(info, "trajectories", "feature-trajectory-sweep"))
     n_features = len({r["feature_id"] for r in rows})
     n_steps = len({r["step"] for r in rows})
-    order = (f"births: {_describe_parameters(params)}" if params
-             else "no births stored (feature-birth-analyze), so in feature order")
+    censored = len({r["feature_id"] for r in rows if r["birth_censored"]})
+    order = (f"births: {_describe_parameters(params)}"
+             + (f"; {censored} censored (present from birth to the last checkpoint, fewer than "
+                f"K = {params['persistence']} observed)" if censored else "")
+             if params else "no births stored (feature-birth-analyze), so in feature order")
     return (
         alt.Chart(_inline(rows))
         .mark_rect()
@@ -137,15 +144,27 @@ def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
     )
 
 
+# birth_timeline's bar colours: births confirmed over K checkpoints, and censored births.
+CONFIRMED_BIRTHS = "confirmed (present at K checkpoints)"
+CENSORED_BIRTHS = "censored (present to the last checkpoint, < K observed)"
+
+
 def birth_timeline(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChart:
-    """Feature births per step window against the shuffled-order null: bars are real births, the
+    """Feature births per step window against the shuffled-order null: bars are real births,
+    stacked as confirmed births (present at K checkpoints) under censored ones (present from the
+    birth to the last checkpoint with fewer than K left, so only in the last K-1 windows); the
     grey band is the null's mean +- sd. Bars well above the band are births the order explains."""
     info = _basis(con, basis)
     params = _birth_parameters(con, "birth_summary", basis)
     _require(params, _missing(info, "birth_summary rows", "feature-birth-analyze"))
     where, values = _parameter_filter(params)
+    # censored_births is NULL on rows written before births could be censored: the rule of then
+    # found none, so they count as 0.
     rows = json_records(con, f"""
-        SELECT window_start, window_end, births, null_births_mean,
+        SELECT window_start, window_end, births,
+               coalesce(censored_births, 0) AS censored_births,
+               births - coalesce(censored_births, 0) AS confirmed_births,
+               null_births_mean, null_censored_births_mean,
                coalesce(null_births_sd, 0) AS null_births_sd,
                greatest(null_births_mean - coalesce(null_births_sd, 0), 0) AS null_low,
                null_births_mean + coalesce(null_births_sd, 0) AS null_high,
@@ -156,22 +175,42 @@ def birth_timeline(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChart
     base = alt.Chart().transform_calculate(
         x0="datum.window_start + 1", x1="datum.window_end + 1"
     ).encode(x=_log_step_axis("x0"), x2="x1:Q")
-    # A bar ranged in x does not start at zero by itself: y2 pins its foot.
-    bars = base.mark_bar(color="#4c78a8", stroke="white", opacity=0.85).encode(
-        y=alt.Y("births:Q", title="features born in the window"), y2=alt.datum(0),
+    # One bar segment per window and kind, stacked by hand: confirmed from 0, censored on top.
+    # A bar ranged in x does not start at zero by itself: y2 pins each segment's foot.
+    bars = base.transform_fold(
+        ["confirmed_births", "censored_births"], as_=["kind", "count"]
+    ).transform_filter("datum.count > 0").transform_calculate(
+        censored="datum.kind == 'censored_births'",
+        birth_kind=f"datum.kind == 'censored_births' ? '{CENSORED_BIRTHS}' : '{CONFIRMED_BIRTHS}'",
+        foot="datum.kind == 'censored_births' ? datum.confirmed_births : 0",
+        top="datum.kind == 'censored_births' ? datum.births : datum.confirmed_births",
+    ).mark_bar(stroke="white", opacity=0.85).encode(
+        y=alt.Y("top:Q", title="features born in the window"), y2="foot:Q",
+        color=alt.Color("birth_kind:N", title="births",
+                        scale=alt.Scale(domain=[CONFIRMED_BIRTHS, CENSORED_BIRTHS],
+                                        range=["#4c78a8", "#f58518"]),
+                        legend=alt.Legend(orient="bottom", direction="vertical",
+                                          labelLimit=400)),
         tooltip=["window_start:Q", "window_end:Q", "births:Q",
+                 alt.Tooltip("confirmed_births:Q", title="confirmed births"),
+                 alt.Tooltip("censored_births:Q", title="censored births"),
                  alt.Tooltip("null_births_mean:Q", format=".2f"),
+                 alt.Tooltip("null_censored_births_mean:Q", format=".2f"),
                  alt.Tooltip("null_births_sd:Q", format=".2f"), "permutations:Q"])
     # The band goes over the bars, see-through and outlined, so both stay readable.
     null_band = base.mark_rect(color="#555555", opacity=0.35, stroke="black", strokeWidth=1
                                ).encode(y="null_low:Q", y2="null_high:Q")
     null_mean = base.mark_rule(color="black", strokeDash=[4, 3]).encode(y="null_births_mean:Q")
     first = rows[0]
+    censored = sum(r["censored_births"] for r in rows)
     return alt.layer(bars, null_band, null_mean, data=_inline(rows)).properties(
         title=alt.Title(
             f"{basis}: feature births per checkpoint window",
             subtitle=[f"{_describe_parameters(params)}; {first['n_features']} features, "
-                      f"{first['n_present_at_init']} present at init",
+                      f"{first['n_present_at_init']} present at init, "
+                      f"{sum(r['births'] for r in rows)} born ({censored} censored)",
+                      f"censored: born in the last K-1 = {params['persistence'] - 1} window(s), "
+                      "present to the last checkpoint, persistence not observed in full",
                       f"grey: shuffled-order null mean +- sd ({first['permutations']} "
                       "permutations); dashed: null mean"]),
         width=WIDTH, height=HEIGHT)
@@ -489,18 +528,14 @@ def _require(rows, reason: str) -> None:
         raise NoPlotData(reason)
 
 
-_BIRTH_PARAMETERS = ("metric", "threshold", "persistence", "stable_eps", "stable_cos")
-
-
 def _birth_parameters(con: duckdb.DuckDBPyConnection, table: str, basis: str) -> dict | None:
     """One birth-rule parameter set stored for the basis (births and birth_summary can hold
-    several): activation_rate and the default persistence 3 first, then the lowest settings."""
-    found = con.execute(f"""
-        SELECT * FROM (SELECT DISTINCT {', '.join(_BIRTH_PARAMETERS)} FROM {table}
-                       WHERE basis = ?)
-        ORDER BY metric <> 'activation_rate', persistence <> 3, {', '.join(_BIRTH_PARAMETERS)}
-        LIMIT 1""", [basis]).fetchall()
-    return dict(zip(_BIRTH_PARAMETERS, found[0])) if found else None
+    several): the one the graphs use too, feature-birth-analyze's defaults when stored, else the
+    closest (`featurestore.queries.graphs.births_rule_sets`). Its keys are BIRTH_RULE_COLUMNS."""
+    from featurestore.queries.graphs import BIRTH_RULE_COLUMNS, births_rule_sets
+
+    sets = births_rule_sets(con, basis, table)
+    return {k: sets[0][k] for k in BIRTH_RULE_COLUMNS} if sets else None
 
 
 def _parameter_filter(params: dict | None) -> tuple[str, list]:
@@ -510,8 +545,9 @@ def _parameter_filter(params: dict | None) -> tuple[str, list]:
 
 
 def _describe_parameters(params: dict) -> str:
-    return (f"{params['metric']} >= {params['threshold']:g} for K = {params['persistence']} "
-            "checkpoints")
+    bound = (f"{params['threshold']:g} x its peak" if params["presence"] == "relative"
+             else f"{params['threshold']:g}")
+    return f"{params['metric']} >= {bound} for K = {params['persistence']} checkpoints"
 
 
 def _log_step_axis(column: str) -> alt.X:

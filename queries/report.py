@@ -4,7 +4,9 @@ Each section is a question, the SQL that answers it, the answer as a table, and 
 helps:
 
     Fit quality           how well the basis explains each checkpoint (checkpoint_summary)
-    Births                which features are born when, against the shuffled-order null
+    Births                which features are born when, against the shuffled-order null;
+                          censored births (in the last K-1 windows) counted apart
+    Births across seeds   whether fits with other seeds find the same births (birth_summary)
     Stability             how many features a fit with another seed finds again (bases)
     Causal importance     which features matter at which checkpoints, with the reconstruction
                           error each effect must be judged against (patches)
@@ -38,6 +40,7 @@ class Section:
     sql: str
     missing: str  # what to run when the query returns nothing
     plots: tuple[str, ...] = ()
+    note: str = ""  # how to read the answer, shown under the question
 
 
 SECTIONS = (
@@ -51,20 +54,43 @@ SECTIONS = (
         ("checkpoint_summary",)),
     Section(
         "Births", "Which features are born when, and how many would a shuffled order give?",
-        "SELECT s.window_start, s.window_end, s.births,\n"
+        "SELECT s.window_start, s.window_end, s.births, s.censored_births,\n"
         "       round(s.null_births_mean, 2) AS null_births_mean,\n"
         "       round(s.null_births_sd, 2) AS null_births_sd,\n"
+        "       round(s.null_censored_births_mean, 2) AS null_censored_births_mean,\n"
         "       list(b.feature_id ORDER BY b.feature_id)\n"
         "           FILTER (WHERE b.feature_id IS NOT NULL)[1:8] AS first_born_features,\n"
-        "       s.metric, s.threshold, s.persistence\n"
+        "       s.metric, s.presence, s.threshold, s.persistence\n"
         "FROM birth_summary s LEFT JOIN births b\n"
-        "  ON b.basis = s.basis AND b.metric = s.metric AND b.threshold = s.threshold\n"
-        " AND b.persistence = s.persistence AND b.stable_eps = s.stable_eps\n"
-        " AND b.stable_cos = s.stable_cos AND b.birth_step = s.window_end\n"
+        "  ON b.basis = s.basis AND b.metric = s.metric AND b.presence = s.presence\n"
+        " AND b.threshold = s.threshold AND b.persistence = s.persistence\n"
+        " AND b.stable_eps = s.stable_eps AND b.stable_cos = s.stable_cos\n"
+        " AND b.birth_step = s.window_end\n"
         "WHERE s.basis = $basis GROUP BY ALL\n"
-        "ORDER BY s.metric, s.threshold, s.persistence, s.window_end",
+        "ORDER BY s.metric, s.presence, s.threshold, s.persistence, s.window_end",
         "featurestore feature-birth-analyze --basis {basis}",
-        ("birth_timeline", "activation_heatmap", "feature_trajectories")),
+        ("birth_timeline", "activation_heatmap", "feature_trajectories"),
+        note="A birth needs the feature present at K = persistence checkpoints in a row. Births "
+             "in the last K-1 windows are kept and flagged as censored (censored_births, "
+             "births.birth_censored): the feature is present at every checkpoint from its birth "
+             "to the last, but fewer than K were left, so its persistence could not be observed "
+             "in full. births counts them; the shuffled-order null applies the same rule "
+             "(null_censored_births_mean)."),
+    Section(
+        "Births across seeds",
+        "Do fits of the basis with other seeds find the same births?",
+        "SELECT metric, presence, threshold, persistence,\n"
+        "       round(any_value(seed_births_agreement), 3) AS seed_births_agreement,\n"
+        "       any_value(seed_matched_features) AS seed_matched_features\n"
+        "FROM birth_summary\n"
+        "WHERE basis = $basis AND seed_births_agreement IS NOT NULL\n"
+        "GROUP BY ALL ORDER BY metric, presence, threshold, persistence",
+        "featurestore shared-feature-fit ... --seeds 3, then featurestore "
+        "feature-birth-analyze --basis {basis} (births are compared across seeds only for a "
+        "basis fitted with several)",
+        note="seed_births_agreement: of the features matched across seeds, the share whose "
+             "birth agrees within one checkpoint under the same rule; seed_matched_features: "
+             "the matched pairs it is a share of, summed over the other seeds."),
     Section(
         "Stability", "How stable is the basis across seeds?",
         "SELECT name, kind, arch, d_hidden, k,\n"
@@ -162,6 +188,8 @@ def _markdown(title: str, basis: str, answers, plots: dict) -> str:
     for section, header, rows in answers:
         lines += [f"## {section.title}", "", f"*{section.question}*", "", "```sql",
                   section.sql.replace("$basis", f"'{basis}'"), "```", ""]
+        if section.note:
+            lines += [section.note, ""]
         if not rows:
             lines += [f"No data yet: run `{section.missing.format(basis=basis)}`.", ""]
         else:
@@ -184,6 +212,8 @@ def _html(title: str, basis: str, answers, plots: dict) -> str:
                  f"<p><em>{html.escape(section.question)}</em></p>",
                  f"<pre><code>{html.escape(section.sql.replace('$basis', repr(basis)))}"
                  "</code></pre>"]
+        if section.note:
+            body.append(f"<p>{html.escape(section.note)}</p>")
         if not rows:
             body.append(f"<p>No data yet: run <code>"
                         f"{html.escape(section.missing.format(basis=basis))}</code>.</p>")

@@ -14,11 +14,14 @@ from safetensors.numpy import load_file
 
 from featurestore.cli import cli
 from featurestore.errors import NotFoundError
+from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.queries.artifacts import export_artifacts
+from featurestore.queries.graphs import births_rule_where, default_births_rule
 from featurestore.queries.report import SECTIONS, write_report
-from featurestore.warehouse import Warehouse
+from featurestore.warehouse import Warehouse, connect
 
 from .conftest import TINY_RUN, query
+from .test_graphs import PLANTED, write_censored_basis
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +116,10 @@ def test_the_report_answers_every_section(analysed_warehouse, tmp_path):
         assert section.sql.splitlines()[0] in markdown  # the SQL behind it is shown
     assert result.sections["Causal importance"] > 0 and result.sections["Lineage"] > 0
     assert result.sections["Births"] > 0 and result.sections["Fit quality"] > 0
-    # tiny-l2 was fitted with one seed: the section says how to measure stability.
+    # tiny-l2 was fitted with one seed: the section says how to measure stability, and there is
+    # no agreement of births across seeds.
     assert result.sections["Stability"] == 0 and "--seeds 3" in markdown
+    assert result.sections["Births across seeds"] == 0
     assert page.count("data:image/png;base64,") >= 3 and "<script src=" not in page
     assert "(plots/birth_timeline.png)" in markdown
     assert (tmp_path / "plots" / "birth_timeline.png").exists()
@@ -123,6 +128,85 @@ def test_the_report_answers_every_section(analysed_warehouse, tmp_path):
                                                   "FROM checkpoint_summary WHERE basis = "
                                                   "'tiny-l2' ORDER BY step LIMIT 1")
     assert f"| {step} | {variance:.4g} |" in markdown
+
+
+@pytest.fixture(scope="module")
+def planted_root(tmp_path_factory):
+    """The planted basis of test_graphs (censored births at the last two checkpoints under the
+    default rule, a K = 1 rule beside it), a third rule that differs from the default only in its
+    presence (the same births), and a seed agreement written onto the default rule's summary as
+    feature-birth-analyze writes it for a basis fitted with several seeds."""
+    root = tmp_path_factory.mktemp("planted") / "warehouse"
+    write_censored_basis(root)
+    default = default_births_rule()
+    other = "relative" if default["presence"] == "absolute" else "absolute"
+    analyze_births(PLANTED, presence=other, threshold=default["threshold"], permutations=3,
+                   warehouse=root)
+    con = connect(root)
+    try:
+        rows = con.sql(f"SELECT * FROM birth_summary WHERE basis = '{PLANTED}' AND "
+                       f"{births_rule_where()}").to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    assert len(rows) == 4
+    with Warehouse(root).writer("test: seed agreement") as writer:
+        writer.put("birth_summary", [{**r, "seed_births_agreement": 0.75,
+                                      "seed_matched_features": 12} for r in rows])
+    return root
+
+
+def test_the_report_shows_censored_births_and_seed_agreement(planted_root, tmp_path):
+    result = write_report(PLANTED, out=tmp_path, warehouse=planted_root)
+    markdown = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    # Every rule's windows: 4 of the default rule (K = 3), 4 of the K = 1 rule, 4 of the default
+    # rule under the other presence.
+    assert result.sections["Births"] == 12
+    births = markdown.split("## Births\n")[1].split("\n## ")[0]
+    assert "censored" in births and "last K-1 windows are kept and flagged" in births
+    assert "last K-1 windows are kept and flagged" in page
+    header = next(line for line in births.splitlines() if line.startswith("| window_start"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:4] == ["window_start", "window_end", "births", "censored_births"]
+    assert "presence" in columns
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in births.splitlines()
+             if line.startswith("| ") and line != header]
+    persistence, presence = columns.index("persistence"), columns.index("presence")
+    default = [row for row in table if row[persistence] == "3"
+               and row[presence] == default_births_rule()["presence"]]
+    assert [(r[1], r[2], r[3]) for r in default] == [
+        ("10", "1", "0"), ("30", "1", "0"), ("100", "1", "1"), ("300", "1", "1")]
+    assert {r[presence] for r in default} == {default_births_rule()["presence"]}
+    # The features born in a window are those of its own rule: the join keys on presence too.
+    assert [r[columns.index("first_born_features")] for r in default] == [
+        "[0]", "[1]", "[2]", "[3]"]
+    assert all(r[3] == "0" for r in table if r[persistence] == "1")  # K = 1: never censored
+    assert result.sections["Births across seeds"] == 1
+    seeds = markdown.split("## Births across seeds\n")[1].split("\n## ")[0]
+    assert "| 0.75 | 12 |" in seeds
+
+
+def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
+    from featurestore.ingest.demo import SUMMARY_QUERIES
+
+    (title,) = [t for t in SUMMARY_QUERIES if t.startswith("births per basis")]
+    con = connect(planted_root)
+    try:
+        cursor = con.execute(SUMMARY_QUERIES[title])
+        header = [d[0] for d in cursor.description]
+        rows = [dict(zip(header, row)) for row in cursor.fetchall()]
+        (top,) = [q for t, q in SUMMARY_QUERIES.items() if t.startswith("top born features")]
+        born = con.execute(top).fetchall()
+    finally:
+        con.close()
+    # The K = 1 rule and the other presence's rule stored beside it (4 more births each) are
+    # not summed in.
+    (row,) = rows
+    assert (row["basis"], row["births"], row["censored"], row["present_at_init"]) == (
+        PLANTED, 4, 2, 2)
+    assert row["rule"].startswith("activation_rate >= ") and row["rule"].endswith("K = 3")
+    assert "censored" in title
+    assert len(born) == 4 and sum(1 for r in born if r[3]) == 2  # one row per born feature
 
 
 def test_cli_exports_report_json(analysed_warehouse, tmp_path):

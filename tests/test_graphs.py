@@ -16,18 +16,74 @@ import networkx as nx
 import pytest
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.queries.graphs import (
     ATTRIBUTION_GRAPH_REQUIRED,
     EDGE_TYPES,
     NODE_TYPES,
     build_graph,
+    default_births_rule,
     export_graphs,
     read_graphml,
 )
-from featurestore.warehouse import connect
+from featurestore.warehouse import Warehouse, connect
 
 BASES = ("tiny-l2", "tiny-fn")
 COMPONENTS = "('attention_head', 'mlp_neuron', 'embedding')"
+
+# A planted shared basis with censored births, for the graph, plot and report tests: five
+# checkpoints, so the default persistence K = 3 leaves the last K-1 = 2 to censored births.
+# activation_rate per feature, in step order. The same births under either presence: every
+# feature that fires fires at 0.3, far above 0.01 and above 0.2 x its peak.
+PLANTED = "planted"
+PLANTED_STEPS = [0, 10, 30, 100, 300]
+PLANTED_FEATURES = {
+    0: [0, .3, .3, .3, .3],  # born at 10, present at K = 3 checkpoints: confirmed
+    1: [0, 0, .3, .3, .3],  # born at 30: exactly K checkpoints to the end, confirmed
+    2: [0, 0, 0, .3, .3],  # born at 100, two checkpoints left: censored
+    3: [0, 0, 0, 0, .3],  # present at the last checkpoint only: born there, censored
+    4: [.3, .3, .3, 0, 0],  # present at init; absent at the last two: a censored death at 100
+    5: [0, 0, 0, 0, 0],  # never present
+    6: [.3, .3, .3, .3, .3],  # present at init throughout
+}
+PLANTED_BIRTHS = {0: (10, False), 1: (30, False), 2: (100, True), 3: (300, True)}
+
+
+def write_censored_basis(root: Path) -> None:
+    """Add basis PLANTED (a shared basis of run planted-run at layer_2_post_mlp) to the warehouse
+    at `root` with the trajectories of PLANTED_FEATURES, and analyse its births twice: under
+    feature-birth-analyze's defaults (persistence 3: features 2 and 3 are censored births) and
+    with persistence 1 (no censoring possible), so two rules are stored."""
+    from datetime import datetime, timezone
+
+    run, stage = "planted-run", "layer_2_post_mlp"
+    rows = []
+    for f, values in PLANTED_FEATURES.items():
+        for j, (step, value) in enumerate(zip(PLANTED_STEPS, values)):
+            live = value > 0 and values[-1] > 0
+            rows.append({
+                "basis": PLANTED, "feature_id": f, "step": step, "n_tokens": 1000,
+                "activation_rate": value, "mean_activation": value / 2,
+                "mean_active_activation": None, "max_activation": value, "energy": value / 10,
+                "split_activation_rates": {},
+                "direction_cosine_previous": (0.95 if j and value > 0 and values[j - 1] > 0
+                                              else None),
+                "direction_cosine_final": ((1.0 if j == len(values) - 1 else 0.95) if live
+                                           else None),
+                "decoder_norm": None})
+    with Warehouse(root).writer("test: planted censored births") as writer:
+        writer.put("bases", [{
+            "name": PLANTED, "kind": "pooled", "arch": "batchtopk",
+            "n_sources": len(PLANTED_STEPS), "d_model": 8, "d_hidden": len(PLANTED_FEATURES),
+            "k": 2, "sources": [{"label": f"step_{s}", "activation_set": f"{run}@{s}:{stage}",
+                                 "run": run, "step": s, "stage": stage, "norm_scale": 1.0}
+                                for s in PLANTED_STEPS],
+            "config": "{}", "trainer_config": "{}", "path": f"bases/{PLANTED}", "steps": 10,
+            "tokens": 1000, "run": run, "stage": stage,
+            "created_at": datetime(2026, 1, 2, tzinfo=timezone.utc)}])
+        writer.put("trajectories", rows)
+    analyze_births(PLANTED, permutations=3, warehouse=root)
+    analyze_births(PLANTED, persistence=1, permutations=3, warehouse=root)
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -256,15 +312,19 @@ def test_born_at_edges_match_births(con, graphs, basis):
     # The fixture stored one parameter set: it is the one used, not the defaults.
     assert (rule["metric"], rule["threshold"], rule["persistence"]) == (
         "activation_rate", 0.05, 1)
+    assert rule["presence"] == default_births_rule()["presence"]
     assert rule["parameter_sets"] == 1 and rule["chosen_by"].startswith("closest")
     births = con.execute("""
-        SELECT feature_id, birth_step FROM births
-        WHERE basis = ? AND metric = ? AND threshold = ? AND persistence = ?
+        SELECT feature_id, birth_step, birth_censored FROM births
+        WHERE basis = ? AND metric = ? AND presence = ? AND threshold = ? AND persistence = ?
           AND birth_step IS NOT NULL""",
-        [basis, rule["metric"], rule["threshold"], rule["persistence"]]).fetchall()
-    assert births
-    edges = {(u, v, d["step"]) for u, v, _, d in edges_of(G, "born_at")}
-    assert edges == {(f"feature:{basis}:{f}", f"checkpoint:{s}", s) for f, s in births}
+        [basis, rule["metric"], rule["presence"], rule["threshold"],
+         rule["persistence"]]).fetchall()
+    assert births and rule["births"] == len(births)
+    edges = {(u, v, d["step"], d["censored"]) for u, v, _, d in edges_of(G, "born_at")}
+    # K = 1: a birth is confirmed at its own checkpoint, so none is censored.
+    assert edges == {(f"feature:{basis}:{f}", f"checkpoint:{s}", s, c) for f, s, c in births}
+    assert rule["censored_births"] == 0 and not any(c for *_, c in edges)
     present = {f for (f,) in con.execute(
         "SELECT feature_id FROM births WHERE basis = ? AND present_at_init", [basis]).fetchall()}
     for f in present:
@@ -318,6 +378,44 @@ def test_reconstruction_error_and_feature_labels(con, graphs, last_step):
     node = G.nodes[f"feature:tiny-l2:{feature}"]
     assert node["top_tokens"][0] == token and node["examples_step"] == last_step
     assert str(token) in node["label"]
+
+
+def test_censored_births_are_flagged_on_nodes_and_edges(tmp_path):
+    root = tmp_path / "warehouse"
+    write_censored_basis(root)
+    con = connect(root)
+    try:
+        G = build_graph(con, PLANTED)
+    finally:
+        con.close()
+    rule = G.graph["births_rule"]
+    default = default_births_rule()
+    # Two rules stored (K = 3 and K = 1): the defaults are chosen, presence included.
+    assert rule["parameter_sets"] == 2 and rule["chosen_by"] == "default parameters"
+    assert {k: rule[k] for k in default} == pytest.approx(default)
+    assert (rule["births"], rule["censored_births"]) == (4, 2)
+    features = {d["feature_id"]: d for n, d in G.nodes(data=True)
+                if d["node_type"] == "feature"}
+    assert {f: (d["birth_step"], d["birth_censored"]) for f, d in features.items()
+            if "birth_step" in d} == PLANTED_BIRTHS
+    # No birth, no censoring flag; a death in the last K-1 checkpoints is censored.
+    assert "birth_censored" not in features[5] and "birth_censored" not in features[4]
+    assert (features[4]["death_step"], features[4]["death_censored"]) == (100, True)
+    assert features[4]["present_at_init"] is True and features[2]["feature_threshold"] > 0
+    born = {u: (v, d["step"], d["censored"]) for u, v, _, d in edges_of(G, "born_at")}
+    assert born == {f"feature:{PLANTED}:{f}": (f"checkpoint:{s}", s, c)
+                    for f, (s, c) in PLANTED_BIRTHS.items()}
+    # The flags survive GraphML (scalar booleans) and node-link JSON.
+    result = export_graphs(PLANTED, out=tmp_path / "graphs", warehouse=str(root))
+    H = read_graphml(result.files["all"]["graphml"])
+    assert H.nodes[f"feature:{PLANTED}:3"]["birth_censored"] is True
+    assert H.nodes[f"feature:{PLANTED}:0"]["birth_censored"] is False
+    assert {d["censored"] for *_, d in H.edges(data=True) if d["edge_type"] == "born_at"} == {
+        True, False}
+    linked = json.loads(Path(result.files["all"]["node_link"]).read_text())
+    assert linked["births_rule"]["censored_births"] == 2
+    assert [n["id"] for n in linked["nodes"] if n.get("birth_censored")] == [
+        f"feature:{PLANTED}:2", f"feature:{PLANTED}:3"]
 
 
 # -- step selection and bad input ---------------------------------------------------------------

@@ -22,16 +22,22 @@ import pandas as pd
 import pytest
 
 from featurestore.errors import NotFoundError
+from featurestore.queries.graphs import default_births_rule
 from featurestore.queries.plots import (
+    CENSORED_BIRTHS,
+    CONFIRMED_BIRTHS,
     FORMATS,
     PLOTS,
     NoPlotData,
     activation_heatmap,
+    birth_timeline,
     export_plots,
     relative_norm_histogram,
     save_plot,
 )
 from featurestore.warehouse import Warehouse, connect
+
+from .test_graphs import PLANTED, PLANTED_BIRTHS, write_censored_basis
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +222,10 @@ def test_other_plots_say_what_the_warehouse_says(root, exports):
     assert plotted == stored
 
     spec = document(exports["tiny-l2"].written["birth_timeline"])["spec"]
-    plotted = [(r["window_end"], r["births"]) for r in dataset_with(spec, "births")]
-    assert plotted == query(root, "SELECT window_end, births FROM birth_summary "
-                                  "WHERE basis = 'tiny-l2' ORDER BY window_end", [])
+    plotted = [(r["window_end"], r["births"], r["censored_births"])
+               for r in dataset_with(spec, "births")]
+    assert plotted == query(root, "SELECT window_end, births, censored_births FROM "
+                                  "birth_summary WHERE basis = 'tiny-l2' ORDER BY window_end", [])
 
     spec = document(exports["tiny-diff"].written["relative_norm_histogram"])["spec"]
     bars = dataset_with(spec, "n_features")
@@ -303,3 +310,45 @@ def test_save_plot_takes_a_large_dataframe_without_touching_altairs_settings(tmp
     assert len(dataset_with(document(files)["spec"], "x")) == 6000
     with pytest.raises(alt.MaxRowsError):  # the limit still holds for everyone else
         chart.to_dict()
+
+
+def test_censored_births_are_drawn_apart(tmp_path):
+    """A planted basis with two censored births (features 2 and 3, in the last K-1 = 2 windows)
+    under the default rule, and a second rule (K = 1) stored beside it."""
+    root = tmp_path / "warehouse"
+    write_censored_basis(root)
+    con = connect(root)
+    try:
+        timeline, heatmap = birth_timeline(con, PLANTED), activation_heatmap(con, PLANTED)
+    finally:
+        con.close()
+    files = save_plot(timeline, tmp_path / "out", "birth_timeline")
+    spec = document(files)["spec"]
+    rows = dataset_with(spec, "censored_births")
+    # The default rule's windows only (not the K = 1 rule's), censored births counted apart.
+    assert [(r["window_end"], r["births"], r["censored_births"], r["confirmed_births"])
+            for r in rows] == [(10, 1, 0, 1), (30, 1, 0, 1), (100, 1, 1, 0), (300, 1, 1, 0)]
+    # The bars are coloured by kind: confirmed and censored, in the legend's order.
+    bars = spec["layer"][0]
+    assert bars["encoding"]["color"]["scale"]["domain"] == [CONFIRMED_BIRTHS, CENSORED_BIRTHS]
+    colours = bars["encoding"]["color"]["scale"]["range"]
+    assert "censored" in CENSORED_BIRTHS and len(set(colours)) == 2
+    assert any(t.get("fold") == ["confirmed_births", "censored_births"]
+               for t in bars["transform"])
+    assert {t["field"] for t in bars["encoding"]["tooltip"]} >= {"births", "censored_births",
+                                                                 "confirmed_births"}
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "4 born (2 censored)" in subtitle and "K = 3" in subtitle
+    if default_births_rule()["presence"] == "relative":
+        assert "x its peak" in subtitle
+    # Drawn: the censored colour is in the image.
+    assert b"#f58518" in files["svg"].read_bytes()
+
+    spec = heatmap.to_dict()
+    rows = dataset_with(spec, "birth_order")
+    labels = {r["feature_id"]: r["birth"] for r in rows}
+    assert {f: labels[f] for f in PLANTED_BIRTHS} == {
+        0: "born at step 10", 1: "born at step 30", 2: "born at step 100 (censored)",
+        3: "born at step 300 (censored)"}
+    assert labels[4] == labels[6] == "present at init" and labels[5] == "not born"
+    assert "2 censored (present from birth to the last checkpoint" in spec["title"]["subtitle"]
