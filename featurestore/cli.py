@@ -363,11 +363,14 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--init-weight", type=click.FloatRange(0, 1), default=None,
-              help="Pooled: share of its tokens the step-0 checkpoint (random init) adds to the "
-                   "fit, relative to every other checkpoint; 0 leaves it out of the fit, but it "
-                   "is still encoded and swept [default: "
-                   "featurestore.ingest.shared_feature_fit.DEFAULT_INIT_WEIGHT].")
+@click.option("--weighting", type=click.Choice(["novelty", "equal"]), default="novelty",
+              show_default=True,
+              help="Pooled: tokens each checkpoint adds to the fit. novelty: in proportion to "
+                   "how far its activations moved since the checkpoint before (a log-spaced "
+                   "series crowds barely trained checkpoints at the start); equal: all.")
+@click.option("--init-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Pooled: multiplies the step-0 (random init) checkpoint's weight; 0 leaves "
+                   "it out of the fit, but it is still encoded and swept.")
 @click.option("--min-explained-variance", type=float, default=0.8, show_default=True,
               help="Fail unless every fitted checkpoint reaches this.")
 @click.option("--max-active-fraction", type=float, default=0.05, show_default=True,
@@ -378,7 +381,8 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k, dict_size,
-                               steps, batch_size, lr, l1_coeff, seeds, seed, init_weight,
+                               steps, batch_size, lr, l1_coeff, seeds, seed, weighting,
+                               init_weight,
                                min_explained_variance, max_active_fraction, max_dead_fraction,
                                as_json, quiet):
     """Fit one shared feature basis for a stage on activations pooled from many checkpoints.
@@ -393,14 +397,13 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
       featurestore shared-feature-fit --run demo --stage final_norm --name demo-fn \\
           --checkpoints 0,100,400,LAST --kind crosscoder --seeds 3
     """
-    from featurestore.ingest.shared_feature_fit import DEFAULT_INIT_WEIGHT, shared_feature_fit
+    from featurestore.ingest.shared_feature_fit import shared_feature_fit
 
     _threads(ctx)
     result = shared_feature_fit(
         run, stage, name, checkpoints=checkpoints, kind=kind, arch=arch, k=k,
         dict_size=dict_size, steps=steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff,
-        seeds=seeds, seed=seed,
-        init_weight=DEFAULT_INIT_WEIGHT if init_weight is None else init_weight,
+        seeds=seeds, seed=seed, weighting=weighting, init_weight=init_weight,
         min_explained_variance=min_explained_variance,
         max_active_fraction=max_active_fraction, max_dead_fraction=max_dead_fraction,
         warehouse=_warehouse(ctx), progress=not quiet)

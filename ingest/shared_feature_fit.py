@@ -26,10 +26,16 @@ MIN_CHECKPOINTS = 3
 EVAL_TOKENS_PER_CHECKPOINT = 16_384
 EVAL_BATCH = 4096
 MATCH_COSINE = 0.9  # features of two seeds' bases count as the same above this decoder cosine
-# The step-0 checkpoint's share of tokens in a pooled fit, relative to every other checkpoint.
+# How checkpoints are weighted in a pooled fit (see checkpoint_weights), and the step-0
+# checkpoint's weight on top of that.
+WEIGHTINGS = ("novelty", "equal")
+DEFAULT_WEIGHTING = "novelty"
 DEFAULT_INIT_WEIGHT = 1.0
-# Above this share of the dictionary spent on the first checkpoint, the fit says so.
-FIRST_CHECKPOINT_SHARE_WARNING = 0.1
+NOVELTY_TOKENS = 4096  # tokens compared between consecutive checkpoints
+MIN_NOVELTY_WEIGHT = 0.05  # every checkpoint adds something to the fit
+# Above this share of the dictionary active at the first checkpoint and silent at the last,
+# the fit says so.
+FIRST_NOT_LAST_WARNING = 0.25
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ def shared_feature_fit(
     l1_coeff: float | None = None,
     seeds: int = 1,
     seed: int = 0,
+    weighting: str = DEFAULT_WEIGHTING,
     init_weight: float = DEFAULT_INIT_WEIGHT,
     min_explained_variance: float = FitBounds.min_explained_variance,
     max_active_fraction: float = FitBounds.max_active_fraction,
@@ -117,6 +124,10 @@ def shared_feature_fit(
         raise FeaturestoreError(f"--kind must be pooled or crosscoder, got {kind!r}")
     if seeds < 1:
         raise FeaturestoreError(f"--seeds must be at least 1, got {seeds}")
+    if weighting not in WEIGHTINGS:
+        raise FeaturestoreError(
+            f"--weighting {weighting!r}: use novelty (each checkpoint weighted by how much its "
+            "activations changed since the one before) or equal")
     if not 0 <= init_weight <= 1:
         raise FeaturestoreError(
             f"--init-weight {init_weight}: give a share in [0, 1] of the tokens the step-0 "
@@ -133,7 +144,7 @@ def shared_feature_fit(
         sources = [source for source, _ in chosen]
         steps_chosen = [row["step"] for _, row in chosen]
         if kind == "pooled":
-            weights = [init_weight if step == 0 else 1.0 for step in steps_chosen]
+            weights = checkpoint_weights(sources, steps_chosen, weighting, init_weight)
             data = PooledActivations(sources, seed=seed, weights=weights)
         else:
             weights = [1.0] * len(sources)  # a crosscoder's code is joint: every step, every row
@@ -218,16 +229,43 @@ def shared_feature_fit(
                       "seed_trajectories"):
             writer.put(table, [], replace_where={"basis": name})
     warnings = []
-    share = report["first_checkpoint_feature_share"]
-    if share > FIRST_CHECKPOINT_SHARE_WARNING:
+    share = report["first_not_last_share"]
+    if share > FIRST_NOT_LAST_WARNING:
         warnings.append(
-            f"{share:.0%} of the dictionary fires mostly at the first checkpoint (step "
-            f"{steps_chosen[0]}): features of that checkpoint alone, which die after it. At a "
-            "random initialisation they are not learned features; refit with a lower "
-            "--init-weight (0 leaves step 0 out of the fit; it is still swept).")
+            f"{share:.0%} of the dictionary fires at the first checkpoint (step "
+            f"{steps_chosen[0]}) and never at the last: features of early training that the "
+            "model left behind. If the early checkpoints are a barely trained model, they may "
+            "crowd out the features you are looking for: fit with --weighting novelty, or a "
+            "lower --init-weight.")
     return SharedFitResult(name, run, stage, kind, arch, steps_chosen, config.d_hidden, report,
                            stability, time.perf_counter() - started,
                            list(range(seed, seed + seeds)), warnings)
+
+
+def checkpoint_weights(sources, steps: list[int], weighting: str, init_weight: float
+                       ) -> list[float]:
+    """The share of its tokens each checkpoint adds to a pooled fit.
+
+    equal: every checkpoint all of them. novelty: checkpoint c in proportion to how far its
+    activations moved since checkpoint c-1 on the same tokens, mean ||x_c - x_c-1|| / mean
+    ||x_c|| (normalised units), relative to the checkpoint that moved most; the first checkpoint
+    counts as new. Log-spaced checkpoints crowd the start of training, where the model has
+    barely moved from its initialisation: with equal weights, four checkpoints of a near-random
+    model take a quarter of the dictionary, spent on features that die as training starts.
+    Then the step-0 checkpoint's weight is multiplied by init_weight.
+    """
+    weights = [1.0] * len(sources)
+    if weighting == "novelty":
+        n = len(sources[0].activations)
+        sample = np.unique(np.linspace(0, n - 1, min(n, NOVELTY_TOKENS)).astype(np.int64))
+        rows = [source.activations.rows(sample, normalized=True).astype(np.float64)
+                for source in sources]
+        moved = [float(np.linalg.norm(b - a, axis=1).mean()
+                       / max(np.linalg.norm(b, axis=1).mean(), 1e-12))
+                 for a, b in zip(rows, rows[1:])]
+        most = max(moved) if moved and max(moved) > 0 else 1.0
+        weights = [1.0] + [max(m / most, MIN_NOVELTY_WEIGHT) for m in moved]
+    return [w * init_weight if step == 0 else w for w, step in zip(weights, steps)]
 
 
 def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]:
@@ -287,7 +325,7 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
     h = basis.d_hidden
     n = min(len(sources[0].activations), EVAL_TOKENS_PER_CHECKPOINT)
     count, total, peak = np.zeros(h), np.zeros(h), np.zeros(h)
-    first_count = np.zeros(h)  # firings at the first checkpoint
+    first_count, last_count = np.zeros(h), np.zeros(h)  # firings at the first and last checkpoint
     sums = [ReconstructionSums() for _ in basis.checkpoints]
     for start in range(0, n, EVAL_BATCH):
         index = np.arange(start, min(start + EVAL_BATCH, n))
@@ -297,6 +335,8 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
             f = values.double().numpy()
             if c == 0:
                 first_count += (f > 0).sum(axis=0)
+            if c == len(sources) - 1:
+                last_count += (f > 0).sum(axis=0)
             count += (f > 0).sum(axis=0)
             total += f.sum(axis=0)
             peak = np.maximum(peak, f.max(axis=0))
@@ -307,10 +347,9 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
                                      for checkpoint, s in zip(basis.checkpoints, sums)},
               "l0": float(l0), "active_fraction": float(l0 / h),
               "dead_fraction": float((count == 0).mean()), "eval_tokens_per_checkpoint": n,
-              # features whose firings are mostly at the first checkpoint: what it took of the
-              # dictionary (at a random initialisation, features no trained checkpoint has)
-              "first_checkpoint_feature_share": float(
-                  ((count > 0) & (first_count > 0.5 * count)).mean())}
+              # features active at the first checkpoint and silent at the last: what the fit
+              # spent on a state of the model that training left behind
+              "first_not_last_share": float(((first_count > 0) & (last_count == 0)).mean())}
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     return report, {"frequency": count / seen, "mean": mean, "max": peak}
