@@ -363,7 +363,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--weighting", type=click.Choice(["novelty", "equal"]), default="novelty",
+@click.option("--weighting", type=click.Choice(["equal", "novelty"]), default="equal",
               show_default=True,
               help="Pooled: tokens each checkpoint adds to the fit. novelty: in proportion to "
                    "how far its activations moved since the checkpoint before (a log-spaced "

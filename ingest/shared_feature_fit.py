@@ -29,7 +29,7 @@ MATCH_COSINE = 0.9  # features of two seeds' bases count as the same above this 
 # How checkpoints are weighted in a pooled fit (see checkpoint_weights), and the step-0
 # checkpoint's weight on top of that.
 WEIGHTINGS = ("novelty", "equal")
-DEFAULT_WEIGHTING = "novelty"
+DEFAULT_WEIGHTING = "equal"
 DEFAULT_INIT_WEIGHT = 1.0
 NOVELTY_TOKENS = 4096  # tokens compared between consecutive checkpoints
 MIN_NOVELTY_WEIGHT = 0.05  # every checkpoint adds something to the fit

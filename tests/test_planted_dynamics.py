@@ -182,9 +182,12 @@ def test_changed_files_fail_the_fit_and_register_nothing(registered, tmp_path, t
         con.close()
     write_activations(Path(path), tamper(checkpoint_activations(5)))
     before = snapshot(root)
-    result = CliRunner().invoke(cli, [
-        "--warehouse", str(root), "shared-feature-fit", "--run", RUN, "--stage", STAGE,
-        "--name", "tampered", "--dict-size", "32", "--k", "3", "--steps", "5", "--quiet"])
+    try:
+        result = CliRunner().invoke(cli, [
+            "--warehouse", str(root), "shared-feature-fit", "--run", RUN, "--stage", STAGE,
+            "--name", "tampered", "--dict-size", "32", "--k", "3", "--steps", "5", "--quiet"])
+    finally:  # the file is the module fixture's: later tests read it
+        write_activations(Path(path), checkpoint_activations(5))
     assert result.exit_code == 1
     assert message in " ".join(result.output.split())
     assert f"{RUN}@{STEPS[5]}:{STAGE}" in result.output
