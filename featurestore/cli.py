@@ -457,17 +457,17 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
 
 @cli.command("feature-birth-analyze")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
-@click.option("--metric", type=click.Choice(["activation_rate", "mean_activation", "energy",
+@click.option("--metric", type=click.Choice(["energy", "activation_rate", "mean_activation",
                                              "decoder_norm"]),
-              default="activation_rate", show_default=True,
+              default="energy", show_default=True,
               help="Trajectory column that marks a feature present (decoder_norm: crosscoder-"
                    "kind bases only).")
-@click.option("--presence", type=click.Choice(["absolute", "relative"]), default="absolute",
+@click.option("--presence", type=click.Choice(["relative", "absolute"]), default="relative",
               show_default=True,
-              help="How T sets each feature's threshold: T itself, or relative: T x the "
-                   "feature's own peak of the metric over the checkpoints.")
+              help="How T sets each feature's threshold: relative: T x the feature's own peak "
+                   "of the metric over the checkpoints; absolute: T itself.")
 @click.option("--threshold", type=float,
-              help="T: present when metric >= T [default: relative 0.2; absolute: "
+              help="T: present when metric >= T (x the peak) [default: relative 0.4; absolute: "
                    "activation_rate 0.01, energy 0.1/features, else 10% of the metric's 99th "
                    "percentile].")
 @click.option("--persistence", type=click.IntRange(min=1), default=3, show_default=True,
@@ -487,10 +487,11 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
     """Find when each feature of a shared basis is born, stabilises and dies.
 
     Over the checkpoints in step order, a feature is present where its metric is >= its
-    threshold (T, or with --presence relative T x its own peak). A birth is the first checkpoint
-    from which it stays present for K checkpoints, or, in the last K-1 checkpoints, to the last
-    one: a censored birth, flagged in births.birth_censored (features present at the first
-    checkpoint are present_at_init, not births); stabilisation is the first checkpoint from which the metric
+    threshold (by default T x its own peak of the metric; --presence absolute: T). A birth is
+    the first checkpoint from which it stays present for K checkpoints, or, in the last K-1
+    checkpoints, to the last one (a censored birth, flagged in births.birth_censored), having
+    been absent at every checkpoint before (features present at the first checkpoint are
+    present_at_init, not births); stabilisation is the first checkpoint from which the metric
     stays within E of its final value with direction cosine >= C; death is the first from which
     it stays absent for K checkpoints (censored likewise). The same rule on shuffled checkpoint
     orders gives the false-birth rate. Stored in `births` (per feature) and `birth_summary` (per
@@ -500,7 +501,8 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
     \b
     Examples:
       featurestore feature-birth-analyze --basis demo-l2
-      featurestore feature-birth-analyze --basis demo-l2 --presence absolute --threshold 0.01
+      featurestore feature-birth-analyze --basis demo-l2 --metric activation_rate \\
+          --presence absolute --threshold 0.01
       featurestore feature-birth-analyze --basis demo-l2 --metric energy --persistence 2 --json
       featurestore sql "SELECT * FROM birth_summary WHERE basis = 'demo-l2'"
     """

@@ -39,8 +39,15 @@ DEFAULT_ACTIVATION_RATE = 0.01
 DEFAULT_ENERGY_SHARE = 0.1
 # mean_activation, decoder_norm: this fraction of the metric's 99th percentile over the basis.
 DEFAULT_RELATIVE_THRESHOLD = 0.1
-# presence relative: this share of the feature's own peak.
-DEFAULT_PEAK_SHARE = 0.2
+# The default rule: present where the feature's share of the reconstruction's energy is at least
+# DEFAULT_PEAK_SHARE of its own peak over the checkpoints. On planted data with superposed
+# features, varying rates and late births (featurestore.planted, benchmarks/bench_births.py), an
+# absolute activation rate counted the weak firing a latent shows before its direction exists as
+# presence, and flagged most late-born features present at init; energy relative to the peak
+# does not.
+DEFAULT_METRIC = "energy"
+DEFAULT_PRESENCE = "relative"
+DEFAULT_PEAK_SHARE = 0.4
 DEFAULT_STABLE_EPS = 0.1
 DEFAULT_STABLE_COS = 0.9
 # Born features listed in the result (earliest births first).
@@ -81,8 +88,8 @@ class BirthAnalysisResult:
         return asdict(self)
 
 
-def analyze_births(basis: str, metric: str = "activation_rate", threshold: float | None = None,
-                   presence: str = "absolute", persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
+def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | None = None,
+                   presence: str = DEFAULT_PRESENCE, persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
                    stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
                    warehouse: str | None = None) -> BirthAnalysisResult:
     """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order
@@ -152,7 +159,8 @@ def analyze_births(basis: str, metric: str = "activation_rate", threshold: float
 _BIRTHS_SQL = """
 SELECT $basis AS basis, feature_id, $metric AS metric, $presence AS presence,
        $threshold AS threshold, $persistence AS persistence, $stable_eps AS stable_eps,
-       $stable_cos AS stable_cos, feature_threshold, birth_step, birth_censored,
+       $stable_cos AS stable_cos, feature_threshold, first_present_step, birth_step,
+       birth_censored,
        stabilization_step, death_step, death_censored, drift, present_at_init
 FROM all_births
 WHERE ordering = 0

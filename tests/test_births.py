@@ -21,14 +21,17 @@ from .conftest import snapshot
 NOW = datetime(2026, 1, 2, tzinfo=timezone.utc)
 # Log-spaced like real checkpoints: births are read off the order, not the spacing.
 STEPS = [0, 10, 30, 100, 300, 1000, 3000]
-RULE = {"threshold": 0.1, "persistence": 2, "stable_eps": 0.1, "stable_cos": 0.9}
+RULE = {"metric": "activation_rate", "presence": "absolute", "threshold": 0.1,
+        "persistence": 2, "stable_eps": 0.1, "stable_cos": 0.9}
 
 
 # --- the rule in plain Python: the statement the SQL is checked against ---------------------------
 
 
 def reference(values, cos_previous, cos_final, steps, threshold, persistence, stable_eps,
-              stable_cos, presence="absolute") -> dict:
+              stable_cos, presence="absolute", metric="activation_rate") -> dict:
+    """`values` are the metric's values (write_basis stores them as the activation rate)."""
+    assert metric == "activation_rate"
     n = len(values)
     limit = threshold * max(values) if presence == "relative" else threshold
 
@@ -44,7 +47,10 @@ def reference(values, cos_previous, cos_final, steps, threshold, persistence, st
         return None if j is None else j + persistence > n
 
     present_at_init = is_present(0)
-    birth = None if present_at_init else next((j for j in range(n) if holds(j, True)), None)
+    first_present = next((j for j in range(n) if is_present(j)), None)
+    # a birth needs a clean onset: absent at every checkpoint before it
+    birth = None if present_at_init or first_present is None or not holds(
+        first_present, True) else first_present
     start = 0 if present_at_init else birth
     stabilization = death = None
     if start is not None:
@@ -63,7 +69,7 @@ def reference(values, cos_previous, cos_final, steps, threshold, persistence, st
             "birth_censored": censored(birth), "stabilization_step": step(stabilization),
             "death_step": step(death), "death_censored": censored(death),
             "drift": sum(1 - c for c in defined) if defined else None,
-            "feature_threshold": limit}
+            "feature_threshold": limit, "first_present_step": step(first_present)}
 
 
 # --- building warehouses --------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def stored_births(root: Path, **where) -> dict[int, dict]:
 
 
 RULE_FIELDS = ("present_at_init", "birth_step", "birth_censored", "stabilization_step",
-               "death_step", "death_censored", "drift", "feature_threshold")
+               "death_step", "death_censored", "drift", "feature_threshold", "first_present_step")
 
 
 def assert_matches_reference(stored: dict, features: dict, steps, rule: dict) -> None:
@@ -136,7 +142,8 @@ def assert_matches_reference(stored: dict, features: dict, steps, rule: dict) ->
 HAND = {
     # born at 30 (two checkpoints >= T in a row), stays: stable from birth
     0: feature([0, 0, .3, .3, .3, .3, .3]),
-    # a one-checkpoint blip at 10 is shorter than K = 2: the birth is at 300
+    # a one-checkpoint blip at 10 is shorter than K = 2, and it spoils the onset at 300: no clean
+    # onset, so no birth (first present at 10)
     1: feature([0, .3, 0, 0, .3, .3, .3]),
     # only blips: never born
     2: feature([0, 0, .3, 0, 0, .3, 0]),
@@ -179,8 +186,9 @@ def test_hand_examples_follow_the_rule(hand_root):
 
     # The statement itself, spelled out for the cases the examples are about.
     birth = {f: row["birth_step"] for f, row in stored.items()}
-    assert birth == {0: 30, 1: 300, 2: None, 3: None, 4: 10, 5: 10, 6: 10, 7: 10, 8: 10,
+    assert birth == {0: 30, 1: None, 2: None, 3: None, 4: 10, 5: 10, 6: 10, 7: 10, 8: 10,
                      9: 3000, 10: None, 11: None, 12: None}
+    assert (stored[1]["first_present_step"], stored[2]["first_present_step"]) == (10, 30)
     assert [f for f, row in stored.items() if row["birth_censored"]] == [9]
     assert [f for f, row in stored.items() if row["present_at_init"]] == [3, 10, 11]
     assert {f: row["death_step"] for f, row in stored.items() if row["death_step"]} == {
@@ -200,8 +208,11 @@ def test_hand_examples_follow_the_rule(hand_root):
     {"threshold": 0.9, "persistence": 2, "stable_eps": 0.1, "stable_cos": -1.0},
     {"threshold": 0.5, "persistence": 3, "stable_eps": 0.1, "stable_cos": 0.9,
      "presence": "relative"},
+    {"threshold": 0.4, "persistence": 3, "stable_eps": 0.1, "stable_cos": 0.9,
+     "presence": "relative"},
 ])
 def test_other_parameters_follow_the_rule(hand_root, rule):
+    rule = {"metric": "activation_rate", "presence": "absolute", **rule}
     analyze_births("hand", **rule, permutations=1, warehouse=hand_root)
     assert_matches_reference(stored_births(hand_root, basis="hand", **rule), HAND, STEPS, rule)
 
@@ -219,9 +230,10 @@ def test_random_trajectories_follow_the_rule(tmp_path):
                                  for c in rng.uniform(0.5, 1.0, len(steps) - 1)]
         features[f] = feature(values.round(3).tolist(), cos_previous, cos_final)
     write_basis(tmp_path, "random", features, steps=steps)
-    for rule in ({"threshold": 0.1, "persistence": 2, "stable_eps": 0.3, "stable_cos": 0.8},
-                 {"threshold": 0.4, "persistence": 3, "stable_eps": 0.3, "stable_cos": 0.8,
-                  "presence": "relative"}):
+    for rule in ({"metric": "activation_rate", "presence": "absolute", "threshold": 0.1,
+                  "persistence": 2, "stable_eps": 0.3, "stable_cos": 0.8},
+                 {"metric": "activation_rate", "presence": "relative", "threshold": 0.4,
+                  "persistence": 3, "stable_eps": 0.3, "stable_cos": 0.8}):
         analyze_births("random", **rule, permutations=1, warehouse=tmp_path)
         assert_matches_reference(stored_births(tmp_path, basis="random", **rule), features,
                                  steps, rule)
@@ -268,8 +280,8 @@ def test_planted_births_are_found_and_the_null_finds_far_fewer(planted_root):
     _, born, present = planted()
     # K = 3: a feature on at half the checkpoints has a run of 2 somewhere in most shuffles, so
     # with K = 2 the null finds about half as many births as are planted; with 3, a quarter.
-    result = analyze_births("planted", threshold=THRESHOLD, persistence=3,
-                            warehouse=planted_root)
+    result = analyze_births("planted", metric="activation_rate", presence="absolute",
+                            threshold=THRESHOLD, persistence=3, warehouse=planted_root)
     stored = stored_births(planted_root, basis="planted", persistence=3)
 
     position = {step: j for j, step in enumerate(PLANTED_STEPS)}
@@ -316,8 +328,8 @@ def test_planted_births_are_found_and_the_null_finds_far_fewer(planted_root):
 
 
     # Another seed draws other permutations (the same seed gives the same rows: see below).
-    other = analyze_births("planted", threshold=THRESHOLD, persistence=3, seed=1,
-                           warehouse=planted_root)
+    other = analyze_births("planted", metric="activation_rate", presence="absolute",
+                           threshold=THRESHOLD, persistence=3, seed=1, warehouse=planted_root)
     assert other.births == result.births and other.windows != result.windows
 
 
@@ -357,12 +369,18 @@ def test_rerunning_replaces_and_other_thresholds_are_kept(tmp_path):
 
 
 def test_default_thresholds(hand_root):
-    assert analyze_births("hand", permutations=1, warehouse=hand_root).threshold == 0.01
-    energy = analyze_births("hand", metric="energy", permutations=1, warehouse=hand_root)
+    default = analyze_births("hand", permutations=1, warehouse=hand_root)
+    assert (default.metric, default.presence, default.threshold) == ("energy", "relative", 0.4)
+    rate = analyze_births("hand", metric="activation_rate", presence="absolute", permutations=1,
+                          warehouse=hand_root)
+    assert rate.threshold == 0.01
+    energy = analyze_births("hand", metric="energy", presence="absolute", permutations=1,
+                            warehouse=hand_root)
     assert energy.threshold == pytest.approx(0.1 / len(HAND))
     # decoder_norm here equals the activation rate: 10% of its 99th percentile
     values = [v for series in HAND.values() for v in series["values"]]
-    decoder = analyze_births("hand", metric="decoder_norm", permutations=1, warehouse=hand_root)
+    decoder = analyze_births("hand", metric="decoder_norm", presence="absolute", permutations=1,
+                             warehouse=hand_root)
     assert decoder.threshold == pytest.approx(0.1 * float(np.quantile(values, 0.99)))
 
 
@@ -386,7 +404,11 @@ def small_root(tmp_path_factory) -> Path:
     ({"persistence": 7}, FeaturestoreError, "--persistence 7 needs at least 8 checkpoints"),
     ({"persistence": 0}, FeaturestoreError, "--persistence 0"),
     ({"threshold": 0.0}, FeaturestoreError, "--threshold 0.0: give a number > 0"),
-    ({"threshold": 2.0}, FeaturestoreError, "activation_rate is a share of tokens"),
+    ({"threshold": 2.0, "metric": "activation_rate", "presence": "absolute"}, FeaturestoreError,
+     "activation_rate is a share of tokens"),
+    ({"threshold": 1.5}, FeaturestoreError,
+     "--threshold 1.5: with --presence relative the threshold is a share of each feature's peak"),
+    ({"presence": "peak"}, FeaturestoreError, "--presence 'peak': use absolute"),
     ({"stable_cos": 1.5}, FeaturestoreError, "--stable-cos 1.5"),
     ({"permutations": 0}, FeaturestoreError, "--permutations 0"),
 ])
@@ -403,13 +425,14 @@ def test_bad_input_is_refused_and_writes_nothing(small_root, kwargs, error, mess
 def test_cli_json_and_text(hand_root):
     runner = CliRunner()
     base = ["--warehouse", str(hand_root), "feature-birth-analyze", "--basis", "hand",
-            "--presence", "absolute", "--threshold", "0.2", "--persistence", "2",
+            "--metric", "activation_rate", "--presence", "absolute", "--threshold", "0.2",
+            "--persistence", "2",
             "--permutations", "4", "--seed", "1"]
     result = runner.invoke(cli, [*base, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["threshold"] == 0.2 and payload["persistence"] == 2
-    assert payload["births"] == 8 and payload["present_at_init"] == 3
+    assert payload["births"] == 7 and payload["present_at_init"] == 3
     assert payload["censored_births"] == 1 and payload["presence"] == "absolute"
     assert payload["n_features"] == len(HAND) and payload["permutations"] == 4
     assert [w["window_end"] for w in payload["windows"]] == STEPS[1:]
@@ -422,7 +445,7 @@ def test_cli_json_and_text(hand_root):
 
     result = runner.invoke(cli, base, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "8 of 13 features born (1 censored), 3 present at init" in result.output
+    assert "7 of 13 features born (1 censored), 3 present at init" in result.output
     assert "censored births (present to the last checkpoint" in result.output
     assert "feature 9 at step 3000" in result.output
     assert "false-birth rate" in result.output and "(10, 30]" in result.output
@@ -447,7 +470,7 @@ def test_births_of_an_older_release_read_with_the_new_columns_defaulted(tmp_path
     import pyarrow.parquet as pq
 
     write_basis(tmp_path, "hand", HAND)
-    analyze_births("hand", **RULE, presence="absolute", permutations=1, warehouse=tmp_path)
+    analyze_births("hand", **RULE, permutations=1, warehouse=tmp_path)
     live = Warehouse(tmp_path).live_files()
     for table, columns in NEW_BIRTH_COLUMNS.items():
         path = tmp_path / live[table]
@@ -459,8 +482,8 @@ def test_births_of_an_older_release_read_with_the_new_columns_defaulted(tmp_path
     assert {row["birth_censored"] for row in old_rows.values()} == {None}
     assert old_rows[0]["birth_step"] == 30
 
-    analyze_births("hand", **{**RULE, "threshold": 0.5}, presence="relative", permutations=1,
-                   warehouse=tmp_path)
+    analyze_births("hand", **{**RULE, "threshold": 0.5, "presence": "relative"},
+                   permutations=1, warehouse=tmp_path)
     con = connect(tmp_path)
     try:
         rules = con.execute("SELECT presence, threshold, count(*), count(birth_censored) "

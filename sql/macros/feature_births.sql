@@ -10,11 +10,16 @@
 --                        latent that fires weakly before its direction exists is not present.
 -- The feature is present at j when m_j >= T_f and m_j > 0 (a silent feature is never present).
 --   present_at_init     present at j = 0. Such a feature is not a birth (birth_step NULL).
+--   first_present_step  the first j at which the feature is present at all.
 --   birth_step          the first j from which the feature is present at K checkpoints
 --                       j..j+K-1, or, when fewer than K checkpoints are left, at every one of
 --                       them to the last: a right-censored birth (birth_censored), whose
---                       persistence could not be observed in full. Without this, nothing could
---                       be born at the last K-1 checkpoints.
+--                       persistence could not be observed in full (without this, nothing could
+--                       be born at the last K-1 checkpoints); and absent at every checkpoint
+--                       before j. A feature that blinks on before its sustained onset has no
+--                       clean onset: no birth, though first_present_step says when it showed.
+--                       (Allowing blips before the onset triples the births the shuffled null
+--                       finds, since a shuffle scatters a feature's present checkpoints.)
 --   stabilization_step  the first j at or after birth (after 0 for present_at_init) from which,
 --                       at every later checkpoint, |m - m_final| <= stable_eps * |m_final| and
 --                       direction_cosine_final >= stable_cos. A NULL cosine (direction undefined:
@@ -101,12 +106,15 @@ framed AS (
         count(*) OVER next_k AS frame,
         count_if(present) OVER next_k = count(*) OVER next_k AS born_here,
         count_if(NOT present) OVER next_k = count(*) OVER next_k AS dies_here,
+        coalesce(count_if(present) OVER earlier, 0) = 0 AS absent_before,
         last_value(value) OVER rest AS final_value,
         position = count(*) OVER feature - 1 AS is_final
     FROM placed
     WINDOW feature AS (PARTITION BY ordering, feature_id),
            next_k AS (PARTITION BY ordering, feature_id ORDER BY position
                       ROWS BETWEEN CURRENT ROW AND persistence - 1 FOLLOWING),
+           earlier AS (PARTITION BY ordering, feature_id ORDER BY position
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
            rest AS (PARTITION BY ordering, feature_id ORDER BY position
                     ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)
 ),
@@ -117,7 +125,7 @@ anchored AS (
                  AND (is_final OR coalesce(direction_cosine_final >= stable_cos, false)))
             OVER rest AS stable_from_here,
         bool_or(position = 0 AND present) OVER feature AS present_at_init,
-        min(position) FILTER (WHERE born_here) OVER feature AS first_born_here
+        min(position) FILTER (WHERE born_here AND absent_before) OVER feature AS first_born_here
     FROM framed
     WINDOW feature AS (PARTITION BY ordering, feature_id),
            rest AS (PARTITION BY ordering, feature_id ORDER BY position
@@ -138,6 +146,7 @@ SELECT
     feature_id,
     any_value(present_at_init) AS present_at_init,
     any_value(feature_threshold) AS feature_threshold,
+    min(step) FILTER (WHERE present) AS first_present_step,
     min(step) FILTER (WHERE NOT present_at_init AND position = anchor) AS birth_step,
     any_value(frame < persistence) FILTER (WHERE NOT present_at_init AND position = anchor)
         AS birth_censored,

@@ -11,6 +11,7 @@ CREATE TABLE births (
     stable_eps DOUBLE NOT NULL,
     stable_cos DOUBLE NOT NULL,
     feature_threshold DOUBLE,
+    first_present_step BIGINT,
     birth_step BIGINT,
     birth_censored BOOLEAN,
     stabilization_step BIGINT,
@@ -30,7 +31,8 @@ COMMENT ON COLUMN births.feature_threshold IS 'The threshold applied to this fea
 COMMENT ON COLUMN births.persistence IS 'K: a birth (death) needs the metric >= T (< T) at K consecutive checkpoints, the first one included.';
 COMMENT ON COLUMN births.stable_eps IS 'E: stable means |metric - final metric| <= E * |final metric| at every later checkpoint.';
 COMMENT ON COLUMN births.stable_cos IS 'C: stable also means direction_cosine_final >= C at every later checkpoint (NULL fails but at the final checkpoint).';
-COMMENT ON COLUMN births.birth_step IS 'First checkpoint from which the feature is present for K checkpoints, or at every checkpoint to the last when fewer than K are left (a censored birth); NULL if never, or if present at init.';
+COMMENT ON COLUMN births.first_present_step IS 'First checkpoint at which the feature is present at all (the first checkpoint if present at init); NULL if never, or on rows written before this column existed.';
+COMMENT ON COLUMN births.birth_step IS 'First checkpoint from which the feature is present for K checkpoints, or at every checkpoint to the last when fewer than K are left (a censored birth), having been absent at every checkpoint before it; NULL if never, if present at init, or if it blinked on before its sustained onset (see first_present_step).';
 COMMENT ON COLUMN births.birth_censored IS 'True when the birth falls in the last K-1 checkpoints: present at every checkpoint from it to the last, but fewer than K could be observed. NULL when there is no birth, or on rows written before this column existed.';
 COMMENT ON COLUMN births.stabilization_step IS 'First checkpoint at or after birth (or the first checkpoint, if present at init) from which the feature stays stable; the last checkpoint if it only is there; NULL if never born nor present at init.';
 COMMENT ON COLUMN births.death_step IS 'First checkpoint after birth (or after the first, if present at init) from which the feature is absent for K checkpoints, or at every checkpoint to the last when fewer than K are left (a censored death); NULL if it never dies.';
