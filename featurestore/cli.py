@@ -470,7 +470,7 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
               help="T: present when metric >= T (x the peak) [default: relative 0.4; absolute: "
                    "activation_rate 0.01, energy 0.1/features, else 10% of the metric's 99th "
                    "percentile].")
-@click.option("--persistence", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--persistence", type=click.IntRange(min=1), default=4, show_default=True,
               help="K: checkpoints in a row the feature must stay present (absent for a death); "
                    "in the last K-1 checkpoints, present to the end counts as a censored birth.")
 @click.option("--stable-eps", type=click.FloatRange(min=0), default=0.1, show_default=True,

@@ -2,49 +2,57 @@
 
 A birth rule is only as trustworthy as the data it was checked on. The easy planted run of
 tests/test_planted_dynamics.py has orthonormal directions, fewer features than dimensions and
-every feature firing equally often, so any sensible rule passes. Real activations are harder in
-four ways, and this generator plants all four, with the truth kept beside the data:
+every feature firing equally often, so any sensible rule passes it. Real activations are harder
+in four ways, and this generator plants all four, keeping the truth beside the data:
 
 Superposition. More features than dimensions (by default 64 in d_model 32), each a random
-Gaussian direction normalised to unit length, so directions overlap (typical |cosine| about
-1/sqrt(d_model)) and a dictionary must separate them by sparsity, not by orthogonality.
+Gaussian direction normalised to unit length, so directions overlap (|cosine| about
+1/sqrt(d_model) on average, up to about 0.5) and a dictionary must separate them by sparsity,
+not by orthogonality.
 
 Varying rates and magnitudes. Each feature fires on a token independently (a Bernoulli draw per
-feature, so a token holds zero, one or many features) with its own probability, log-uniform
-between `min_rate` and `max_rate` (1% to 10%: a rare feature fires ten times less often than a
-common one); its magnitude when it fires is its own scale (log-normal, median 1) times a random
-factor in [1 - spread, 1 + spread]. Isotropic Gaussian noise lies over everything. A rule with
-one absolute threshold for every feature (an activation rate of 1%, say) meets features near it.
+feature, so a token holds zero, one or several features; many tokens early in training hold
+none) with its own probability, log-uniform between `min_rate` and `max_rate` (1% to 10%); its
+magnitude when it fires is its own scale (log-normal, median 1, sigma `scale_sigma`) times a
+factor in [1 - spread, 1 + spread]. Isotropic Gaussian noise lies over everything. One absolute
+threshold for every feature (an activation rate of 1%, say) meets features that sit near it, and
+a dictionary with k above the true L0 spreads spare activations over latents of features not
+born yet.
 
-Late births, and deaths. About a quarter of the features are present from the first checkpoint;
-the rest are born, at every checkpoint index 1 .. n-1, at least two at each index, the last two
-included: there a rule needing K checkpoints of presence cannot see K of them. A few features
-die: some present from initialisation die mid-way, one born early dies mid-way, and one dies at
-the last checkpoint. `birth_index` and `death_index` are indices into `steps` (present at
-checkpoints birth_index <= c < death_index; None: from the start / never dies).
+Late births, and deaths. About a quarter of the features (28%) are present from the first
+checkpoint; the rest are born at every checkpoint index 1 .. n-1, at least two at each, the last
+two included: there a rule needing K checkpoints of presence cannot see K of them (a censored
+birth). A few die: three present from initialisation in the middle third of the run, one at the
+last checkpoint, and one born at index 1 mid-way. `birth_index` and `death_index` are indices
+into `steps`: a feature is present at checkpoints birth_index <= c < death_index (None: from the
+first / to the last). A pooled dictionary sees a feature born at the last checkpoint in about
+1/(2n) of its full rate's tokens, so features born at the last two checkpoints fire at least
+`late_min_rate` (4%): rarer, no dictionary of this size learns them, and the data would test the
+fit rather than the birth rule.
 
-Training-like change. At its birth checkpoint a feature fires at `birth_ramp` (a half) of its
-probability, at the full one from the next checkpoint on; its firing tokens then are a subset of
-the later ones (whether feature f fires on token t compares one fixed uniform draw u[t, f] with
-the probability of the checkpoint, as a real feature keeps firing on the same contexts).
-Directions drift: each rotates, in a plane of its own, from cosine `min_direction_cosine` with its
-final direction at the first checkpoint to 1 at the last, so one pooled dictionary has to cover a
-slightly moving target. The steps are log-spaced (0, 10, 20, 40, ... 5000), as checkpoints of
-real runs are.
+Training-like change. At its birth checkpoint a feature fires at `birth_ramp` (half) of its
+probability, at the full one from the next checkpoint on. A feature fires on the same tokens with
+the same strength throughout (a fixed uniform draw per token and feature is compared with the
+checkpoint's probability, so the tokens of the birth checkpoint are a subset of the later ones),
+and half of the noise variance is fixed per token, half drawn afresh per checkpoint: consecutive
+checkpoints differ by what was born, died or moved, as a model's do. Directions drift: each
+rotates, in a plane of its own, from cosine `min_direction_cosine` (0.95) with its final
+direction at the first checkpoint to 1 at the last, so one pooled dictionary covers a slightly
+moving target. The steps are log-spaced (0, 10, 20, 40, ... 5000), as real runs save them.
 
 Everything is a pure function of the `PlantedConfig` (the seed included): `generate(config)` gives
 the `PlantedRun` (the truth), `run.activations(c)` the [tokens, d_model] float32 matrix of
 checkpoint index c (the same tokens at every checkpoint), `run.write_checkpoint(c, path)` a
-Parquet file that `featurestore register-activations` accepts, and `register_run` writes and
+Parquet file `featurestore register-activations` accepts, and `register_run` writes and
 registers every checkpoint. `match_features` pairs each planted direction with the learned
-feature whose decoder direction is closest, as a researcher would match them: by direction,
-never by index. Numpy and pyarrow only (no torch).
+feature whose decoder direction is closest, as a researcher would pair them: by direction, never
+by index; `score_births` sets one rule's `births` rows against the truth. Numpy and pyarrow only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,9 +77,11 @@ class PlantedConfig:
     present_fraction: float = 0.28  # share of features present from the first checkpoint
     min_rate: float = 0.01  # firing probabilities are log-uniform in [min_rate, max_rate]
     max_rate: float = 0.1
-    scale_sigma: float = 0.5  # per-feature magnitude scale: log-normal(0, scale_sigma)
+    late_min_rate: float = 0.04  # floor of the rate of features born at the last two checkpoints
+    scale_sigma: float = 0.3  # per-feature magnitude scale: log-normal(0, scale_sigma)
     magnitude_spread: float = 0.5  # per firing: scale * uniform(1 - spread, 1 + spread)
     noise_std: float = 0.05  # isotropic Gaussian noise per dimension
+    checkpoint_noise: float = 0.5  # share of the noise variance drawn afresh at each checkpoint
     birth_ramp: float = 0.5  # share of the firing probability at the birth checkpoint
     min_direction_cosine: float = 0.95  # cosine to the final direction at the first checkpoint
     mid_deaths: int = 3  # present-from-init features that die in the middle third of the run
@@ -82,17 +92,22 @@ class PlantedConfig:
     def __post_init__(self) -> None:
         n = len(self.steps)
         if n < 4 or list(self.steps) != sorted(set(self.steps)):
-            raise ValueError(f"steps must be at least 4 distinct increasing steps, got {self.steps}")
+            raise ValueError(f"steps must be at least 4 distinct increasing steps, got "
+                             f"{self.steps}")
         if self.n_features <= self.d_model:
             raise ValueError(f"n_features {self.n_features} must exceed d_model {self.d_model}")
         if not 0 < self.min_rate <= self.max_rate <= 1:
             raise ValueError(f"need 0 < min_rate <= max_rate <= 1, got {self.min_rate}, "
                              f"{self.max_rate}")
+        if not 0 <= self.late_min_rate <= 1:
+            raise ValueError(f"late_min_rate must lie in [0, 1], got {self.late_min_rate}")
         if not 0 < self.birth_ramp <= 1:
             raise ValueError(f"birth_ramp must lie in (0, 1], got {self.birth_ramp}")
         if not 0 < self.min_direction_cosine <= 1:
             raise ValueError(f"min_direction_cosine must lie in (0, 1], got "
                              f"{self.min_direction_cosine}")
+        if not 0 <= self.checkpoint_noise <= 1:
+            raise ValueError(f"checkpoint_noise must lie in [0, 1], got {self.checkpoint_noise}")
         if not 0 <= self.magnitude_spread < 1:
             raise ValueError(f"magnitude_spread must lie in [0, 1), got {self.magnitude_spread}")
         n_present = self.n_present
@@ -191,21 +206,27 @@ class PlantedRun:
         feature is silent, its magnitude where it fires."""
         self._check_index(c)
         cfg = self.config
-        # One fixed uniform per (token, feature): a feature fires on the same tokens throughout.
-        u = np.random.default_rng([cfg.seed, 1]).random((self.n_tokens, self.n_features))
-        fires = u < self.probabilities(c)
-        rng = np.random.default_rng([cfg.seed, 2, c])
+        # One fixed uniform per (token, feature): a feature fires on the same tokens throughout,
+        # with the same strength (its scale times a fixed factor per token).
+        rng = np.random.default_rng([cfg.seed, 1])
+        u = rng.random((self.n_tokens, self.n_features))
         factor = rng.uniform(1 - cfg.magnitude_spread, 1 + cfg.magnitude_spread,
                              (self.n_tokens, self.n_features))
+        fires = u < self.probabilities(c)
         return np.where(fires, factor * self.magnitude_scale, 0.0).astype(np.float32)
 
     def activations(self, c: int) -> np.ndarray:
         """[n_tokens, d_model] float32 activations of checkpoint index c: the codes times the
-        checkpoint's (drifted) directions, plus isotropic noise."""
+        checkpoint's (drifted) directions, plus isotropic noise (a part fixed per token, a part
+        drawn afresh at every checkpoint, `checkpoint_noise` of its variance)."""
+        cfg = self.config
         codes = self.codes(c).astype(np.float64)
-        noise = np.random.default_rng([self.config.seed, 3, c]).standard_normal(
-            (self.n_tokens, self.config.d_model))
-        x = codes @ self.checkpoint_directions[c] + self.config.noise_std * noise
+        shape = (self.n_tokens, cfg.d_model)
+        fixed = np.random.default_rng([cfg.seed, 3]).standard_normal(shape)
+        fresh = np.random.default_rng([cfg.seed, 3, c]).standard_normal(shape)
+        noise = (math.sqrt(1 - cfg.checkpoint_noise) * fixed
+                 + math.sqrt(cfg.checkpoint_noise) * fresh)
+        x = codes @ self.checkpoint_directions[c] + cfg.noise_std * noise
         return x.astype(np.float32)
 
     def write_checkpoint(self, c: int, path: str | Path) -> Path:
@@ -254,8 +275,7 @@ def generate(config: PlantedConfig | None = None) -> PlantedRun:
     death: list[int | None] = [None] * f_count
     for i, feature in enumerate(born):
         birth[feature] = 1 + i % (n - 1)  # every index 1 .. n-1, at least twice each
-    middle = np.linspace(n // 3, (2 * n) // 3, cfg.mid_deaths).round().astype(int) \
-        if cfg.mid_deaths else []
+    middle = np.linspace(n // 3, (2 * n) // 3, cfg.mid_deaths).round().astype(int)
     for feature, index in zip(present, middle):
         death[feature] = int(index)
     for feature in present[cfg.mid_deaths: cfg.mid_deaths + cfg.last_deaths]:
@@ -263,6 +283,10 @@ def generate(config: PlantedConfig | None = None) -> PlantedRun:
     earliest = [feature for feature in born if birth[feature] == 1]
     for feature in earliest[: cfg.born_deaths]:
         death[feature] = n // 2 + 1
+    # A pooled dictionary sees a feature born at checkpoint n-1 in 1 / (2n) of its tokens' worth;
+    # rarer than this, no dictionary of this size learns it, which would test the fit, not births.
+    late = [feature for feature in born if birth[feature] >= n - 2]
+    rates[late] = np.maximum(rates[late], cfg.late_min_rate)
 
     sequence_id = np.repeat(np.arange(cfg.sequences, dtype=np.int64), cfg.positions)
     position = np.tile(np.arange(cfg.positions, dtype=np.int32), cfg.sequences)
@@ -308,3 +332,78 @@ def match_features(truth_directions: np.ndarray, learned_directions: np.ndarray)
     cosines[:, norms[:, 0] == 0] = -np.inf
     best = cosines.argmax(axis=1)
     return [Match(int(j), float(cosines[i, j])) for i, j in enumerate(best)]
+
+
+# A planted feature counts as well matched from this decoder cosine up.
+WELL_MATCHED_COSINE = 0.9
+
+
+@dataclass(frozen=True)
+class BirthScore:
+    """How one birth rule's `births` rows of one basis agree with the planted truth."""
+
+    births_planted: int  # features born at index >= 1
+    births_within_one: int  # of those, detected within one checkpoint (censored ones included)
+    births_censored: int  # of those detected, flagged birth_censored
+    born_well_matched: int  # born features matched at cosine >= WELL_MATCHED_COSINE
+    births_well_matched: int  # of those, detected within one checkpoint
+    init_planted: int  # features present from the first checkpoint
+    init_flagged: int  # of those, flagged present_at_init
+    late_flagged_at_init: int  # born features flagged present_at_init
+    deaths_planted: int
+    deaths_within_one: int  # planted deaths detected within one checkpoint
+    extra_births: int  # births of learned features that are no planted feature's best match
+    match_cosine_mean: float
+    match_cosine_min: float
+
+    @property
+    def births_share(self) -> float:
+        return self.births_within_one / self.births_planted
+
+    @property
+    def init_share(self) -> float:
+        return self.init_flagged / self.init_planted
+
+    @property
+    def late_at_init_share(self) -> float:
+        return self.late_flagged_at_init / self.births_planted
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "births_share": self.births_share,
+                "init_share": self.init_share, "late_at_init_share": self.late_at_init_share}
+
+
+def score_births(run: PlantedRun, matches: dict[int, tuple[int, float]],
+                 births: dict[int, dict]) -> BirthScore:
+    """Score one rule's births against the truth. matches: planted feature -> (learned feature
+    id, cosine), e.g. from match_features; births: learned feature id -> its `births` row (a
+    dict with birth_step, present_at_init, death_step and, where stored, birth_censored)."""
+    index = {step: j for j, step in enumerate(run.steps)}
+
+    def row(feature: int) -> dict:
+        return births[matches[feature][0]]
+
+    def within_one(step: int | None, truth: int) -> bool:
+        return step is not None and abs(index[step] - truth) <= 1
+
+    found = {f: not row(f)["present_at_init"] and within_one(row(f)["birth_step"], b)
+             for f, b in run.born.items()}
+    well = [f for f in run.born if matches[f][1] >= WELL_MATCHED_COSINE]
+    matched = {learned for learned, _ in matches.values()}
+    cosines = [cosine for _, cosine in matches.values()]
+    return BirthScore(
+        births_planted=len(run.born),
+        births_within_one=sum(found.values()),
+        births_censored=sum(bool(row(f).get("birth_censored")) for f, ok in found.items() if ok),
+        born_well_matched=len(well),
+        births_well_matched=sum(found[f] for f in well),
+        init_planted=len(run.present_from_init),
+        init_flagged=sum(bool(row(f)["present_at_init"]) for f in run.present_from_init),
+        late_flagged_at_init=sum(bool(row(f)["present_at_init"]) for f in run.born),
+        deaths_planted=len(run.deaths),
+        deaths_within_one=sum(within_one(row(f)["death_step"], d) for f, d in run.deaths.items()),
+        extra_births=sum(r["birth_step"] is not None for f, r in births.items()
+                         if f not in matched),
+        match_cosine_mean=float(np.mean(cosines)),
+        match_cosine_min=float(min(cosines)),
+    )

@@ -46,6 +46,9 @@ DEFAULT_RELATIVE_THRESHOLD = 0.1
 # presence, and flagged most late-born features present at init; energy relative to the peak
 # does not.
 DEFAULT_METRIC = "energy"
+# K: with 3, the shuffled null found about a tenth as many births as the real order (5.5% of a
+# 2x dictionary on the planted run); with 4, a sixteenth (3.4%), with the same births found.
+DEFAULT_PERSISTENCE = 4
 DEFAULT_PRESENCE = "relative"
 DEFAULT_PEAK_SHARE = 0.4
 DEFAULT_STABLE_EPS = 0.1
@@ -89,7 +92,7 @@ class BirthAnalysisResult:
 
 
 def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | None = None,
-                   presence: str = DEFAULT_PRESENCE, persistence: int = 3, stable_eps: float = DEFAULT_STABLE_EPS,
+                   presence: str = DEFAULT_PRESENCE, persistence: int = DEFAULT_PERSISTENCE, stable_eps: float = DEFAULT_STABLE_EPS,
                    stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
                    warehouse: str | None = None) -> BirthAnalysisResult:
     """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order

@@ -102,7 +102,8 @@ def analysed_warehouse(tmp_path_factory, trained_warehouse) -> Path:
     for stage, name in (("layer_2_post_mlp", "tiny-l2"), ("final_norm", "tiny-fn")):
         shared_feature_fit(TINY_RUN, stage, name, **fit)
         feature_trajectory_sweep(name, warehouse=root, progress=False)
-        analyze_births(name, threshold=0.05, persistence=1, permutations=5, warehouse=root)
+        analyze_births(name, metric="activation_rate", presence="absolute", threshold=0.05,
+                       persistence=1, permutations=5, warehouse=root)
         compare_features(name, first, last, warehouse=root)
     feature_patch("tiny-l2", first, last, features="top:3", tokens=256, warehouse=root,
                   progress=False)

@@ -21,7 +21,7 @@ from featurestore.queries.report import SECTIONS, write_report
 from featurestore.warehouse import Warehouse, connect
 
 from .conftest import TINY_RUN, query
-from .test_graphs import PLANTED, write_censored_basis
+from .test_graphs import PLANTED, PLANTED_STEPS, write_censored_basis
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def planted_root(tmp_path_factory):
                        f"{births_rule_where()}").to_arrow_table().to_pylist()
     finally:
         con.close()
-    assert len(rows) == 4
+    assert len(rows) == len(PLANTED_STEPS) - 1
     with Warehouse(root).writer("test: seed agreement") as writer:
         writer.put("birth_summary", [{**r, "seed_births_agreement": 0.75,
                                       "seed_matched_features": 12} for r in rows])
@@ -159,9 +159,9 @@ def test_the_report_shows_censored_births_and_seed_agreement(planted_root, tmp_p
     result = write_report(PLANTED, out=tmp_path, warehouse=planted_root)
     markdown = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
-    # Every rule's windows: 4 of the default rule (K = 3), 4 of the K = 1 rule, 4 of the default
-    # rule under the other presence.
-    assert result.sections["Births"] == 12
+    # Every rule's windows, one per pair of checkpoints: the default rule's (K = 4), the K = 1
+    # rule's, and the default rule's under the other presence.
+    assert result.sections["Births"] == 3 * (len(PLANTED_STEPS) - 1)
     births = markdown.split("## Births\n")[1].split("\n## ")[0]
     assert "censored" in births and "last K-1 windows are kept and flagged" in births
     assert "last K-1 windows are kept and flagged" in page
@@ -172,10 +172,10 @@ def test_the_report_shows_censored_births_and_seed_agreement(planted_root, tmp_p
     table = [[c.strip() for c in line.strip("|").split("|")] for line in births.splitlines()
              if line.startswith("| ") and line != header]
     persistence, presence = columns.index("persistence"), columns.index("presence")
-    default = [row for row in table if row[persistence] == "3"
-               and row[presence] == default_births_rule()["presence"]]
+    default = [row for row in table if row[persistence] == "4"
+               and row[presence] == default_births_rule()["presence"] and row[2] != "0"]
     assert [(r[1], r[2], r[3]) for r in default] == [
-        ("10", "1", "0"), ("30", "1", "0"), ("100", "1", "1"), ("300", "1", "1")]
+        ("10", "1", "0"), ("30", "1", "0"), ("100", "1", "1"), ("1000", "1", "1")]
     assert {r[presence] for r in default} == {default_births_rule()["presence"]}
     # The features born in a window are those of its own rule: the join keys on presence too.
     assert [r[columns.index("first_born_features")] for r in default] == [
@@ -204,7 +204,10 @@ def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
     (row,) = rows
     assert (row["basis"], row["births"], row["censored"], row["present_at_init"]) == (
         PLANTED, 4, 2, 2)
-    assert row["rule"].startswith("activation_rate >= ") and row["rule"].endswith("K = 3")
+    from featurestore.queries.graphs import default_births_rule
+
+    assert row["rule"].startswith(f"{default_births_rule()['metric']} >= ")
+    assert row["rule"].endswith("K = 4")
     assert "censored" in title
     assert len(born) == 4 and sum(1 for r in born if r[3]) == 2  # one row per born feature
 

@@ -31,28 +31,28 @@ from featurestore.warehouse import Warehouse, connect
 BASES = ("tiny-l2", "tiny-fn")
 COMPONENTS = "('attention_head', 'mlp_neuron', 'embedding')"
 
-# A planted shared basis with censored births, for the graph, plot and report tests: five
-# checkpoints, so the default persistence K = 3 leaves the last K-1 = 2 to censored births.
+# A planted shared basis with censored births, for the graph, plot and report tests: six
+# checkpoints, so the default persistence K = 4 leaves the last K-1 = 3 to censored births.
 # activation_rate per feature, in step order. The same births under either presence: every
 # feature that fires fires at 0.3, far above 0.01 and above 0.2 x its peak.
 PLANTED = "planted"
-PLANTED_STEPS = [0, 10, 30, 100, 300]
+PLANTED_STEPS = [0, 10, 30, 100, 300, 1000]
 PLANTED_FEATURES = {
-    0: [0, .3, .3, .3, .3],  # born at 10, present at K = 3 checkpoints: confirmed
-    1: [0, 0, .3, .3, .3],  # born at 30: exactly K checkpoints to the end, confirmed
-    2: [0, 0, 0, .3, .3],  # born at 100, two checkpoints left: censored
-    3: [0, 0, 0, 0, .3],  # present at the last checkpoint only: born there, censored
-    4: [.3, .3, .3, 0, 0],  # present at init; absent at the last two: a censored death at 100
-    5: [0, 0, 0, 0, 0],  # never present
-    6: [.3, .3, .3, .3, .3],  # present at init throughout
+    0: [0, .3, .3, .3, .3, .3],  # born at 10, present at more than K = 4 checkpoints: confirmed
+    1: [0, 0, .3, .3, .3, .3],  # born at 30: exactly K checkpoints to the end, confirmed
+    2: [0, 0, 0, .3, .3, .3],  # born at 100, three checkpoints left: censored
+    3: [0, 0, 0, 0, 0, .3],  # present at the last checkpoint only: born there, censored
+    4: [.3, .3, .3, 0, 0, 0],  # present at init; absent at the last three: censored death at 100
+    5: [0, 0, 0, 0, 0, 0],  # never present
+    6: [.3, .3, .3, .3, .3, .3],  # present at init throughout
 }
-PLANTED_BIRTHS = {0: (10, False), 1: (30, False), 2: (100, True), 3: (300, True)}
+PLANTED_BIRTHS = {0: (10, False), 1: (30, False), 2: (100, True), 3: (1000, True)}
 
 
 def write_censored_basis(root: Path) -> None:
     """Add basis PLANTED (a shared basis of run planted-run at layer_2_post_mlp) to the warehouse
     at `root` with the trajectories of PLANTED_FEATURES, and analyse its births twice: under
-    feature-birth-analyze's defaults (persistence 3: features 2 and 3 are censored births) and
+    feature-birth-analyze's defaults (persistence 4: features 2 and 3 are censored births) and
     with persistence 1 (no censoring possible), so two rules are stored."""
     from datetime import datetime, timezone
 
@@ -312,7 +312,7 @@ def test_born_at_edges_match_births(con, graphs, basis):
     # The fixture stored one parameter set: it is the one used, not the defaults.
     assert (rule["metric"], rule["threshold"], rule["persistence"]) == (
         "activation_rate", 0.05, 1)
-    assert rule["presence"] == default_births_rule()["presence"]
+    assert rule["presence"] == "absolute"
     assert rule["parameter_sets"] == 1 and rule["chosen_by"].startswith("closest")
     births = con.execute("""
         SELECT feature_id, birth_step, birth_censored FROM births
@@ -390,7 +390,7 @@ def test_censored_births_are_flagged_on_nodes_and_edges(tmp_path):
         con.close()
     rule = G.graph["births_rule"]
     default = default_births_rule()
-    # Two rules stored (K = 3 and K = 1): the defaults are chosen, presence included.
+    # Two rules stored (K = 4 and K = 1): the defaults are chosen, presence included.
     assert rule["parameter_sets"] == 2 and rule["chosen_by"] == "default parameters"
     assert {k: rule[k] for k in default} == pytest.approx(default)
     assert (rule["births"], rule["censored_births"]) == (4, 2)

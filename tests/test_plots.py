@@ -327,7 +327,8 @@ def test_censored_births_are_drawn_apart(tmp_path):
     rows = dataset_with(spec, "censored_births")
     # The default rule's windows only (not the K = 1 rule's), censored births counted apart.
     assert [(r["window_end"], r["births"], r["censored_births"], r["confirmed_births"])
-            for r in rows] == [(10, 1, 0, 1), (30, 1, 0, 1), (100, 1, 1, 0), (300, 1, 1, 0)]
+            for r in rows] == [(10, 1, 0, 1), (30, 1, 0, 1), (100, 1, 1, 0), (300, 0, 0, 0),
+                               (1000, 1, 1, 0)]
     # The bars are coloured by kind: confirmed and censored, in the legend's order.
     bars = spec["layer"][0]
     assert bars["encoding"]["color"]["scale"]["domain"] == [CONFIRMED_BIRTHS, CENSORED_BIRTHS]
@@ -338,7 +339,7 @@ def test_censored_births_are_drawn_apart(tmp_path):
     assert {t["field"] for t in bars["encoding"]["tooltip"]} >= {"births", "censored_births",
                                                                  "confirmed_births"}
     subtitle = " ".join(spec["title"]["subtitle"])
-    assert "4 born (2 censored)" in subtitle and "K = 3" in subtitle
+    assert "4 born (2 censored)" in subtitle and "K = 4" in subtitle
     if default_births_rule()["presence"] == "relative":
         assert "x its peak" in subtitle
     # Drawn: the censored colour is in the image.
@@ -349,6 +350,6 @@ def test_censored_births_are_drawn_apart(tmp_path):
     labels = {r["feature_id"]: r["birth"] for r in rows}
     assert {f: labels[f] for f in PLANTED_BIRTHS} == {
         0: "born at step 10", 1: "born at step 30", 2: "born at step 100 (censored)",
-        3: "born at step 300 (censored)"}
+        3: "born at step 1000 (censored)"}
     assert labels[4] == labels[6] == "present at init" and labels[5] == "not born"
     assert "2 censored (present from birth to the last checkpoint" in spec["title"]["subtitle"]

@@ -415,11 +415,16 @@ def birth_rows(seed: int, features: int, threshold: float = 0.01) -> pa.Table:
         "basis": pa.array(["a"] * features),
         "feature_id": rng.permutation(features).astype(np.int32),
         "metric": pa.array(["activation_rate"] * features),
+        "presence": pa.array(["absolute"] * features),
         "threshold": np.full(features, threshold), "persistence": np.full(features, 3, np.int32),
         "stable_eps": np.full(features, 0.1), "stable_cos": np.full(features, 0.9),
+        "feature_threshold": np.full(features, threshold),
+        "first_present_step": pa.nulls(features, pa.int64()),
         "birth_step": pa.array(rng.integers(0, 50, features) * 10, mask=~born),
+        "birth_censored": pa.array(np.zeros(features, dtype=bool), mask=~born),
         "stabilization_step": pa.nulls(features, pa.int64()),
-        "death_step": pa.nulls(features, pa.int64()), "drift": rng.random(features),
+        "death_step": pa.nulls(features, pa.int64()),
+        "death_censored": pa.nulls(features, pa.bool_()), "drift": rng.random(features),
         "present_at_init": np.zeros(features, dtype=bool)})
 
 
