@@ -31,8 +31,8 @@ ACTIVE_PER_TOKEN = 3
 
 
 def planted_births() -> dict[int, int]:
-    """Planted feature id -> index of the checkpoint it switches on at (1 .. n-3, so that it
-    stays on for at least 3 checkpoints, the default persistence)."""
+    """Planted feature id -> index of the checkpoint it switches on at (1 .. n-3: it stays on
+    for at least 3 checkpoints; those born in the last K-1 are censored births)."""
     last_birth = len(STEPS) - 3
     return {N_PRESENT + i: 1 + i % last_birth for i in range(N_BORN)}
 
@@ -148,7 +148,7 @@ def test_planted_births_are_found_within_one_checkpoint(analysed):
     assert within_one >= 0.9 * N_BORN
 
     # The shuffled-order null: far fewer births than the sixteen planted ones.
-    assert births["persistence"] == 3
+    assert births["persistence"] == 4
     assert births["births"] >= 0.9 * N_BORN
     assert births["null_births_mean"] <= 0.25 * births["births"]
 
