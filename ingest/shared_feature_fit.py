@@ -233,10 +233,10 @@ def shared_feature_fit(
     if share > FIRST_NOT_LAST_WARNING:
         warnings.append(
             f"{share:.0%} of the dictionary fires at the first checkpoint (step "
-            f"{steps_chosen[0]}) and never at the last: features of early training that the "
-            "model left behind. If the early checkpoints are a barely trained model, they may "
-            "crowd out the features you are looking for: fit with --weighting novelty, or a "
-            "lower --init-weight.")
+            f"{steps_chosen[0]}) and never at the last: features the model had at the start and "
+            "lost. They are real features of those checkpoints, and birth-analyze will count "
+            "them present at init; if they crowd out what you study, compare a fit with "
+            "--weighting novelty or --init-weight 0.")
     return SharedFitResult(name, run, stage, kind, arch, steps_chosen, config.d_hidden, report,
                            stability, time.perf_counter() - started,
                            list(range(seed, seed + seeds)), warnings)
