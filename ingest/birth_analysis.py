@@ -92,7 +92,8 @@ class BirthAnalysisResult:
 
 
 def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | None = None,
-                   presence: str = DEFAULT_PRESENCE, persistence: int = DEFAULT_PERSISTENCE, stable_eps: float = DEFAULT_STABLE_EPS,
+                   presence: str = DEFAULT_PRESENCE, persistence: int = DEFAULT_PERSISTENCE,
+                   stable_eps: float = DEFAULT_STABLE_EPS,
                    stable_cos: float = DEFAULT_STABLE_COS, permutations: int = 20, seed: int = 0,
                    warehouse: str | None = None) -> BirthAnalysisResult:
     """Find births, stabilisations and deaths of every feature of `basis` and the shuffled-order

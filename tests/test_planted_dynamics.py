@@ -194,7 +194,7 @@ def test_changed_files_fail_the_fit_and_register_nothing(registered, tmp_path, t
     assert snapshot(root) == before
 
 
-# --- births across seeds ---------------------------------------------------------------------------
+# --- births across seeds ------------------------------------------------------------------------
 
 
 def test_births_agree_across_seeds(registered, tmp_path):
