@@ -15,15 +15,12 @@ dictionaries and rules).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from featurestore.cli import cli
 from featurestore.planted import (
     PlantedConfig,
     generate,
@@ -33,6 +30,8 @@ from featurestore.planted import (
 )
 from featurestore.warehouse import connect
 
+from .test_planted_dynamics import invoke
+
 RUN, STAGE = "planted-hard", "resid"
 PLANTED = generate(PlantedConfig())
 L0 = math.ceil(PLANTED.mean_l0)  # 2 for the defaults (pooled L0 1.25)
@@ -41,12 +40,6 @@ L0 = math.ceil(PLANTED.mean_l0)  # 2 for the defaults (pooled L0 1.25)
 # which no birth rule can make up for; benchmarks/bench_births.py shows the whole grid).
 POINTS = [(2 * PLANTED.n_features, L0), (4 * PLANTED.n_features, 2 * L0)]
 FIT_STEPS = 2000
-
-
-def invoke(root: Path, *args: str) -> dict:
-    result = CliRunner().invoke(cli, ["--warehouse", str(root), *args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
 
 
 @pytest.fixture(scope="module")
