@@ -49,6 +49,12 @@ class Family:
     post_attn: Site | None  # None: not a residual-stream point in this family (parallel blocks)
     mlp_hidden: Site
     final_norm: Site
+    # Where lineage finds the components that write the residual stream ('{i}': block index):
+    attn_out: str  # attention's output projection; its input is the heads' outputs side by side,
+    #                head h in columns h*d_head:(h+1)*d_head
+    mlp_out: str  # the MLP's output projection; its input is the mlp_hidden activations
+    final_norm_kind: Literal["layernorm", "rmsnorm"]  # how the final norm is linearised
+    unembed: str  # the Linear from the final norm's output to the logits
 
 
 FAMILIES = {
@@ -60,6 +66,10 @@ FAMILIES = {
         post_attn=Site("blocks.{i}.ln_2", "input"),
         mlp_hidden=Site("blocks.{i}.mlp.act", "output"),
         final_norm=Site("ln_f", "output"),
+        attn_out="blocks.{i}.attn.proj",
+        mlp_out="blocks.{i}.mlp.proj",
+        final_norm_kind="layernorm",
+        unembed="unembed",
     ),
     "gpt2": Family(
         name="gpt2",
@@ -69,6 +79,10 @@ FAMILIES = {
         post_attn=Site("transformer.h.{i}.ln_2", "input"),
         mlp_hidden=Site("transformer.h.{i}.mlp.act", "output"),
         final_norm=Site("transformer.ln_f", "output"),
+        attn_out="transformer.h.{i}.attn.c_proj",
+        mlp_out="transformer.h.{i}.mlp.c_proj",
+        final_norm_kind="layernorm",
+        unembed="lm_head",
     ),
     "gpt_neox": Family(
         name="gpt_neox",
@@ -78,6 +92,10 @@ FAMILIES = {
         post_attn=Site("gpt_neox.layers.{i}.post_attention_layernorm", "input"),
         mlp_hidden=Site("gpt_neox.layers.{i}.mlp.act", "output"),
         final_norm=Site("gpt_neox.final_layer_norm", "output"),
+        attn_out="gpt_neox.layers.{i}.attention.dense",
+        mlp_out="gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+        final_norm_kind="layernorm",
+        unembed="embed_out",
     ),
     "llama": Family(
         name="llama",
@@ -87,6 +105,10 @@ FAMILIES = {
         post_attn=Site("model.layers.{i}.post_attention_layernorm", "input"),
         mlp_hidden=Site("model.layers.{i}.mlp.down_proj", "input"),
         final_norm=Site("model.norm", "output"),
+        attn_out="model.layers.{i}.self_attn.o_proj",
+        mlp_out="model.layers.{i}.mlp.down_proj",
+        final_norm_kind="rmsnorm",
+        unembed="lm_head",
     ),
 }
 
