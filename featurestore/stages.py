@@ -127,16 +127,19 @@ _LAYER_STAGE = re.compile(r"^layer_(\d+)_(post_attn|mlp_hidden|post_mlp)$")
 class StageReader:
     """A model wrapped in nnsight, with the stage names of its family."""
 
-    def __init__(self, module: torch.nn.Module, family: str, n_layers: int,
-                 parallel_residual: bool = False):
+    def __init__(self, module: torch.nn.Module, family: str | Family, n_layers: int,
+                 parallel_residual: bool = False, n_heads: int | None = None):
         from nnsight import NNsight
 
-        if family not in FAMILIES:
-            raise FeaturestoreError(
-                f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}"
-            )
-        self.family = FAMILIES[family]
+        if isinstance(family, str):
+            if family not in FAMILIES:
+                raise FeaturestoreError(
+                    f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}"
+                )
+            family = FAMILIES[family]
+        self.family = family
         self.n_layers = n_layers
+        self.n_heads = n_heads  # attention heads per block, for lineage; None if unknown
         self.parallel_residual = parallel_residual
         self.module = module.eval()
         self.model = NNsight(self.module)
@@ -228,7 +231,7 @@ def _tensor(value):
 
 def demo_reader(model) -> StageReader:
     """A StageReader on the built-in demo Transformer."""
-    return StageReader(model, "demo", model.config.n_layers)
+    return StageReader(model, "demo", model.config.n_layers, n_heads=model.config.n_heads)
 
 
 def hf_config(directory: str | os.PathLike):
@@ -266,4 +269,5 @@ def hf_reader(directory: str | os.PathLike) -> StageReader:
         HF_MODEL_TYPES[config.model_type],
         config.num_hidden_layers,
         parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
+        n_heads=config.num_attention_heads,
     )
