@@ -27,6 +27,7 @@ class Run:
     steps: int | None
     model_config: dict | None
     task_config: dict | None
+    tokenizer: str | None = None  # a tokenizer folder given at registration
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def get_run(con: duckdb.DuckDBPyConnection, run: str) -> Run:
         steps=row["steps"],
         model_config=json.loads(row["model_config"]) if row["model_config"] else None,
         task_config=json.loads(row["task_config"]) if row["task_config"] else None,
+        tokenizer=row["tokenizer"],
     )
 
 

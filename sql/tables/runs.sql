@@ -13,6 +13,7 @@ CREATE TABLE runs (
     model_config JSON,
     task_config JSON,
     train_config JSON,
+    tokenizer VARCHAR,
     featurestore_version VARCHAR NOT NULL,
     created_at TIMESTAMP WITH TIME ZONE NOT NULL,
     PRIMARY KEY (run)
@@ -32,3 +33,4 @@ COMMENT ON COLUMN runs.task_config IS 'Synthetic task config as JSON (vocabulary
 COMMENT ON COLUMN runs.train_config IS 'Training hyperparameters as JSON; NULL if not trained here.';
 COMMENT ON COLUMN runs.featurestore_version IS 'featurestore version that wrote the row.';
 COMMENT ON COLUMN runs.created_at IS 'When the row was written (UTC).';
+COMMENT ON COLUMN runs.tokenizer IS 'Local tokenizer folder given at registration (absolute path); NULL: the checkpoint folder''s own tokenizer, or the demo task vocabulary.';
