@@ -60,6 +60,10 @@ class TokenColumns:
     def __len__(self) -> int:
         return len(self.sequence_id)
 
+    def __getitem__(self, rows: slice) -> TokenColumns:
+        return TokenColumns(self.sequence_id[rows], self.position[rows], self.token_id[rows],
+                            self.split[rows])
+
     def sequences(self, name: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
         """(token ids [n_sequences, length], each sequence's split): the model inputs these rows
         were read from, rebuilt in (sequence, position) order. `purpose` says who needs them, for
@@ -82,14 +86,15 @@ class TokenColumns:
         return digest.hexdigest()
 
 
-def check_finite(activations: np.ndarray, what: str) -> None:
+def check_finite(activations: np.ndarray, what: str, first_row: int = 0) -> None:
+    """Refuse NaN/Inf; `first_row` is the row number of activations[0] in its set."""
     finite = np.isfinite(activations)
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         raise InvalidActivationsError(
             f"{what}: {int((~finite).sum())} NaN/Inf values in {len(bad_rows)} rows (first bad "
-            f"row {int(bad_rows[0])}). Activation sets must be finite: check the model or the "
-            "data that produced them."
+            f"row {first_row + int(bad_rows[0])}). Activation sets must be finite: check the "
+            "model or the data that produced them."
         )
 
 
@@ -118,30 +123,77 @@ def norm_scale(sample: np.ndarray) -> float:
 
 def write_activation_set(directory: Path, activations: np.ndarray, tokens: TokenColumns) -> None:
     """Save one set as a datasets folder; `directory` must not exist yet or be empty."""
-    import datasets
+    with ActivationSetWriter(directory, activations.shape[1]) as out:
+        out.write(activations, tokens)
 
-    n, d_model = activations.shape
-    if len(tokens) != n:
-        raise ValueError(f"{n} activation rows but {len(tokens)} token rows")
-    flat = pa.array(np.ascontiguousarray(activations, dtype=np.float32).reshape(-1))
-    table = pa.table({
-        "activations": pa.FixedSizeListArray.from_arrays(flat, d_model),
-        "sequence_id": pa.array(tokens.sequence_id, pa.int64()),
-        "position": pa.array(tokens.position, pa.int32()),
-        "token_id": pa.array(tokens.token_id, pa.int64()),
-        "split": pa.array(tokens.split, pa.string()),
-    })
-    dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=features(d_model)))
-    datasets.disable_progress_bars()  # the job that calls this shows its own progress
-    # save_to_disk writes Arrow record batches of DEFAULT_MAX_BATCH_SIZE rows (1,000). Every
-    # record batch is a separate chunk for the reader, and a shuffled training batch touches
-    # nearly all of them, so larger record batches make shuffled reads several times faster.
-    default_batch = datasets.config.DEFAULT_MAX_BATCH_SIZE
-    datasets.config.DEFAULT_MAX_BATCH_SIZE = RECORD_BATCH_ROWS
-    try:
-        dataset.save_to_disk(str(directory))
-    finally:
-        datasets.config.DEFAULT_MAX_BATCH_SIZE = default_batch
+
+class ActivationSetWriter:
+    """Writes one activation set batch by batch, so memory is bounded by a batch, not the set.
+
+    The batches go to an Arrow stream file next to `directory`; on a clean exit datasets copies it
+    into `directory` as a save_to_disk folder (reading it memory-mapped), and the stream file is
+    removed either way.
+    """
+
+    def __init__(self, directory: Path, d_model: int):
+        self.directory = Path(directory)
+        self.d_model = d_model
+        self.rows = 0
+        self._stream_path = self.directory.with_name(self.directory.name + ".partial.arrow")
+        self._schema = pa.schema([
+            ("activations", pa.list_(pa.float32(), d_model)),
+            ("sequence_id", pa.int64()),
+            ("position", pa.int32()),
+            ("token_id", pa.int64()),
+            ("split", pa.string()),
+        ])
+        self._sink = pa.OSFile(str(self._stream_path), "wb")
+        self._stream = pa.ipc.new_stream(self._sink, self._schema)
+
+    def write(self, activations: np.ndarray, tokens: TokenColumns) -> None:
+        n, d_model = activations.shape
+        if d_model != self.d_model:
+            raise ValueError(f"activation width {d_model}, expected {self.d_model}")
+        if len(tokens) != n:
+            raise ValueError(f"{n} activation rows but {len(tokens)} token rows")
+        flat = pa.array(np.ascontiguousarray(activations, dtype=np.float32).reshape(-1))
+        self._stream.write_batch(pa.record_batch([
+            pa.FixedSizeListArray.from_arrays(flat, d_model),
+            pa.array(tokens.sequence_id, pa.int64()),
+            pa.array(tokens.position, pa.int32()),
+            pa.array(tokens.token_id, pa.int64()),
+            pa.array(tokens.split, pa.string()),
+        ], schema=self._schema))
+        self.rows += n
+
+    def __enter__(self) -> ActivationSetWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            self._stream.close()
+            self._sink.close()
+            if error_type is None:
+                self._save()
+        finally:
+            self._stream_path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        import datasets
+
+        dataset = datasets.Dataset.from_file(str(self._stream_path),
+                                             info=datasets.DatasetInfo(
+                                                 features=features(self.d_model)))
+        datasets.disable_progress_bars()  # the job that calls this shows its own progress
+        # save_to_disk writes Arrow record batches of DEFAULT_MAX_BATCH_SIZE rows (1,000). Every
+        # record batch is a separate chunk for the reader, and a shuffled training batch touches
+        # nearly all of them, so larger record batches make shuffled reads several times faster.
+        default_batch = datasets.config.DEFAULT_MAX_BATCH_SIZE
+        datasets.config.DEFAULT_MAX_BATCH_SIZE = RECORD_BATCH_ROWS
+        try:
+            dataset.save_to_disk(str(self.directory))
+        finally:
+            datasets.config.DEFAULT_MAX_BATCH_SIZE = default_batch
 
 
 class ActivationSet:

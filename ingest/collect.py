@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.activations import (
+    ActivationSetWriter,
     TokenColumns,
     check_finite,
     norm_sample,
     norm_scale,
-    write_activation_set,
 )
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import (
@@ -207,17 +207,15 @@ def collect(
         result_sets = []
         for checkpoint in chosen:
             reader = first_reader if checkpoint is chosen[0] else open_reader(run_info, checkpoint)
-            out = read_stages(reader, token_ids, list(stages), bar.update)
-            for stage in stages:
-                name = activation_set_name(run, checkpoint.step, stage)
-                check_finite(out[stage], f"activation set {name}")
-                relative = f"activations/{run}/{stage}/step_{checkpoint.step:09d}"
-                write_activation_set(writer.stage_dir(relative), out[stage], columns)
+            for stage, (width, scale) in write_stages(
+                    writer, run, checkpoint.step, reader, token_ids, columns, list(stages),
+                    sample, bar.update).items():
+                relative = stage_folder(run, stage, checkpoint.step)
                 row = {
-                    "name": name, "run": run, "step": checkpoint.step, "stage": stage,
-                    "path": relative, "format": "hf_dataset", "source": "collected",
-                    "n_tokens": n_tokens, "d_model": out[stage].shape[1],
-                    "norm_scale": norm_scale(out[stage][sample]),
+                    "name": activation_set_name(run, checkpoint.step, stage), "run": run,
+                    "step": checkpoint.step, "stage": stage, "path": relative,
+                    "format": "hf_dataset", "source": "collected", "n_tokens": n_tokens,
+                    "d_model": width, "norm_scale": scale,
                     "norm_excludes_first": not include_first_position,
                     "tokens_fingerprint": fingerprint, "token_source": source,
                     "created_at": utc_now(),
@@ -232,19 +230,52 @@ def collect(
     )
 
 
-def read_stages(reader, token_ids, stages: list[str], on_batch=lambda n: None) -> dict:
-    """Every stage for every token, as float32 arrays [n_tokens, width], in batches."""
+def stage_folder(run: str, stage: str, step: int) -> str:
+    """Where collect stores a set, relative to the warehouse root."""
+    return f"activations/{run}/{stage}/step_{step:09d}"
+
+
+def write_stages(writer, run: str, step: int, reader, token_ids, columns: TokenColumns,
+                 stages: list[str], sample: np.ndarray,
+                 on_batch=lambda n: None) -> dict[str, tuple[int, float]]:
+    """Read every stage of one checkpoint batch by batch and write each batch straight into its
+    activation set, so memory is bounded by the batch, not the token count. Returns each stage's
+    (width, norm scale), the scale estimated on the `sample` rows."""
+    from contextlib import ExitStack
+
+    outputs: dict[str, ActivationSetWriter] = {}
+    samples: dict[str, list[np.ndarray]] = {stage: [] for stage in stages}
+    with ExitStack() as stack:
+        for rows, values in stage_batches(reader, token_ids, stages):
+            in_batch = sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start
+            for stage, value in values.items():
+                check_finite(value, f"activation set {activation_set_name(run, step, stage)}",
+                             first_row=rows.start)
+                if stage not in outputs:  # widths differ by stage (d_model, or d_mlp)
+                    directory = writer.stage_dir(stage_folder(run, stage, step))
+                    outputs[stage] = stack.enter_context(
+                        ActivationSetWriter(directory, value.shape[1]))
+                outputs[stage].write(value, columns[rows])
+                samples[stage].append(value[in_batch])
+            on_batch(rows.stop - rows.start)
+    return {stage: (outputs[stage].d_model, norm_scale(np.concatenate(samples[stage])))
+            for stage in stages}
+
+
+def stage_batches(reader, token_ids, stages: list[str]):
+    """(rows, {stage: float32 array [rows, width]}) for every batch of sequences, in order."""
     n_seq, n_ctx = token_ids.shape
-    out: dict[str, np.ndarray] = {}
     for start in range(0, n_seq, BATCH_SEQUENCES):
         batch = token_ids[start:start + BATCH_SEQUENCES]
         rows = slice(start * n_ctx, (start + batch.shape[0]) * n_ctx)
-        for stage, value in reader.read(batch, stages).items():
-            if stage not in out:  # widths differ by stage (d_model, or d_mlp for mlp_hidden)
-                out[stage] = np.empty((n_seq * n_ctx, value.shape[-1]), np.float32)
-            out[stage][rows] = value.reshape(-1, value.shape[-1]).float().numpy()
-        on_batch(batch.numel())
-    return out
+        yield rows, {stage: value.reshape(-1, value.shape[-1]).float().numpy()
+                     for stage, value in reader.read(batch, stages).items()}
+
+
+def read_stages(reader, token_ids, stages: list[str]) -> dict[str, np.ndarray]:
+    """Every stage for every token, as float32 arrays [n_tokens, width], held in memory."""
+    batches = list(stage_batches(reader, token_ids, stages))
+    return {stage: np.concatenate([values[stage] for _, values in batches]) for stage in stages}
 
 
 def run_stage_names(run: str, warehouse: str | None = None) -> list[str]:
