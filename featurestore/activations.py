@@ -147,6 +147,7 @@ class ActivationSetWriter:
             ("token_id", pa.int64()),
             ("split", pa.string()),
         ])
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
         self._sink = pa.OSFile(str(self._stream_path), "wb")
         self._stream = pa.ipc.new_stream(self._sink, self._schema)
 
