@@ -37,9 +37,10 @@ from featurestore.activation_buffer import (
 )
 from featurestore.activations import ActivationSet, norm_sample, norm_scale, write_activation_set
 from featurestore.aligned import Source
+from featurestore.corpus import sequence_columns
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
-from featurestore.ingest.collect import _columns, read_stages
+from featurestore.ingest.collect import read_stages
 from featurestore.ingest.train_model import train_model
 
 RUN = "bench"
@@ -156,7 +157,7 @@ def train_once(folder: str, kind: str, scales: list[float], n_tokens: int,
 
 def collect_sets(sources, token_ids: torch.Tensor, folder: Path) -> StoredInBufferOrder:
     """The stream's activations written as activation sets, served in the buffer's order."""
-    columns = _columns(token_ids, np.full(len(token_ids), "demo", dtype=object))
+    columns = sequence_columns(token_ids, np.full(len(token_ids), "demo", dtype=object))
     stored = []
     for source in sources:
         values = read_stages(source.reader, token_ids, [source.stage])[source.stage]

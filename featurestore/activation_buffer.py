@@ -33,18 +33,21 @@ import torch
 
 from featurestore.activations import check_finite, norm_sample, norm_scale
 from featurestore.aligned import AlignedActivations, Source
+from featurestore.corpus import DEFAULT_OPTIONS, CorpusOptions, model_context, read_token_file
+from featurestore.crosscoder_training import MIN_STEPS, check_enough_steps
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
 from featurestore.ingest.collect import (
     BATCH_SEQUENCES,
     DEFAULT_SPLITS,
     open_reader,
-    token_file,
 )
-from featurestore.registry import get_checkpoints, get_run, parse_steps
+from featurestore.registry import Run, get_checkpoints, get_run, parse_steps
 from featurestore.stages import StageReader, hf_reader
 from featurestore.tasks import SyntheticTask, TaskConfig
+from featurestore.token_text import TokenizerSearch
 
 DEMO_TOKENS = "demo"  # --tokens-from value naming the demo task's generator
+REPLAY_SEED_SALT = 1  # keeps the replay orders (--epochs) apart from the pool's round orders
 
 
 # --- token sources ----------------------------------------------------------------------------
@@ -58,6 +61,7 @@ class TokenStream:
     n_rows: int | None  # tokens in the stream; None: endless
     max_token_id: int
     description: str
+    notes: tuple[str, ...] = ()  # what the user should know about the tokens, e.g. a file's size
 
     @property
     def rows_per_batch(self) -> int:
@@ -98,7 +102,7 @@ class TensorTokens(TokenStream):
     """Token ids held in memory [n_sequences, n_ctx], e.g. a tokenized dataset read from disk."""
 
     def __init__(self, tokens: torch.Tensor, n_rows: int, description: str,
-                 sequences: int = BATCH_SEQUENCES):
+                 sequences: int = BATCH_SEQUENCES, notes: tuple[str, ...] = ()):
         if n_rows > tokens.numel():
             raise ValueError(f"{n_rows} rows asked of {tokens.numel()} tokens")
         self.tokens = tokens
@@ -107,15 +111,56 @@ class TensorTokens(TokenStream):
         self.n_rows = n_rows
         self.max_token_id = int(tokens.max())
         self.description = description
+        self.notes = notes
 
     def batch(self, index: int) -> torch.Tensor:
         return self.tokens[index * self.sequences:(index + 1) * self.sequences]
 
 
+class ReplayedTokens(TokenStream):
+    """A bounded token stream read `epochs` times over (--epochs), for corpora too small for one
+    pass to train on: the first pass in the stream's own order, every later one in a new seeded
+    order of its sequences. The stream's sequences are held in memory (8 bytes per token).
+
+    Sequences are the unit, so one pass must be whole sequences (n_rows a multiple of n_ctx).
+    """
+
+    def __init__(self, stream: TokenStream, epochs: int, seed: int):
+        if stream.n_rows % stream.n_ctx:
+            below = stream.n_rows // stream.n_ctx * stream.n_ctx
+            choices = " or ".join(str(n) for n in (below, below + stream.n_ctx) if n)
+            raise FeaturestoreError(
+                f"--epochs {epochs} replays whole sequences, but --tokens {stream.n_rows} is not a "
+                f"multiple of the sequence length {stream.n_ctx}: give --tokens {choices}")
+        n_sequences = stream.n_rows // stream.n_ctx
+        batches = -(-n_sequences // stream.sequences)
+        self.corpus = torch.cat([stream.batch(i) for i in range(batches)])[:n_sequences]
+        orders = [np.arange(n_sequences)] + [
+            np.random.default_rng([seed, epoch, REPLAY_SEED_SALT]).permutation(n_sequences)
+            for epoch in range(1, epochs)]
+        self.order = torch.from_numpy(np.concatenate(orders))  # sequence at each stream place
+        self.sequences = stream.sequences
+        self.n_ctx = stream.n_ctx
+        self.n_rows = stream.n_rows * epochs
+        self.max_token_id = stream.max_token_id
+        self.description = f"{stream.description} epochs={epochs}"
+        self.notes = stream.notes
+
+    def batch(self, index: int) -> torch.Tensor:
+        return self.corpus[self.order[index * self.sequences:(index + 1) * self.sequences]]
+
+
 def token_stream(tokens_from: str, sources: list[ModelSource], n_rows: int | None,
-                 seed: int) -> TokenStream:
-    """The token source `--tokens-from` names (demo, or a tokenized dataset), bounded by n_rows."""
+                 seed: int, options: CorpusOptions = DEFAULT_OPTIONS,
+                 tokenizer: str | None = None) -> TokenStream:
+    """The token source `--tokens-from` names, bounded by n_rows: demo, or a file of text or
+    token ids (featurestore.corpus), sampled with `seed`. Text is tokenized with `tokenizer`, or
+    the first source's (its run's registered tokenizer, or its model folder's)."""
     if tokens_from == DEMO_TOKENS:
+        if options != DEFAULT_OPTIONS or tokenizer is not None:
+            raise FeaturestoreError(
+                "--tokens-from demo: --text-column, --tokenizer, --seq-len and --splits apply "
+                "to a token file; the demo stream has its own sequences and splits")
         not_demo = [s.label for s in sources if s.task_config is None]
         if not_demo:
             raise FeaturestoreError(
@@ -129,8 +174,14 @@ def token_stream(tokens_from: str, sources: list[ModelSource], n_rows: int | Non
                 "demo runs with different task settings (beyond the mix), so no one token "
                 "stream suits both; pass a tokenized dataset (--tokens-from PATH)")
         return DemoTokens(sources[0].task_config, seed, n_rows)
-    tokens, _ = token_file(tokens_from, n_rows)
-    return TensorTokens(tokens, n_rows or tokens.numel(), f"file {Path(tokens_from).resolve()}")
+    first = sources[0]
+    search = TokenizerSearch(tokenizer, first.run_info.tokenizer if first.run_info else None,
+                             first.folder)
+    contexts = [c for c in (model_context(s.reader.module) for s in sources) if c is not None]
+    token_file = read_token_file(tokens_from, options, seed, n_rows, None, search,
+                                 min(contexts, default=None))
+    return TensorTokens(token_file.tokens, n_rows or token_file.tokens.numel(),
+                        token_file.source, notes=tuple(token_file.notes))
 
 
 # --- model sources ----------------------------------------------------------------------------
@@ -144,6 +195,8 @@ class ModelSource:
     info: dict  # what the basis records: activation_set (None), run, step, stage
     model: str  # RUN@STEP or hf:DIR, for messages and the resume check
     task_config: dict | None  # demo runs: the task their tokens come from
+    run_info: Run | None = None  # RUN@STEP sources: the run (its tokenizer, its token_strings)
+    folder: Path | None = None  # the checkpoint or hf:DIR folder, where a tokenizer may be
 
     def read(self, tokens: torch.Tensor) -> torch.Tensor:
         """The stage's activations [n_tokens, width] for token ids [n_sequences, n_ctx]."""
@@ -180,7 +233,7 @@ def resolve_model_source(wh, con, label: str, target: str) -> ModelSource:
         path = Path(directory).expanduser().resolve()
         reader = _with_flag(flag, hf_reader, path)
         info = {"activation_set": None, "run": None, "step": None, "stage": stage}
-        model, task_config = f"hf:{path}", None
+        model, task_config, run_info, folder = f"hf:{path}", None, None, path
     else:
         run, _, rest = target.partition("@")
         step_text, _, stage = rest.partition(":")
@@ -196,8 +249,9 @@ def resolve_model_source(wh, con, label: str, target: str) -> ModelSource:
         reader = _with_flag(flag, open_reader, run_info, checkpoint)
         info = {"activation_set": None, "run": run, "step": checkpoint.step, "stage": stage}
         model, task_config = f"{run}@{checkpoint.step}", run_info.task_config
+        folder = checkpoint.path
     _with_flag(flag, reader.site, stage)
-    return ModelSource(label, reader, stage, info, model, task_config)
+    return ModelSource(label, reader, stage, info, model, task_config, run_info, folder)
 
 
 def _with_flag(flag: str, function, *args):
@@ -537,28 +591,52 @@ class StoredInBufferOrder(AlignedActivations):
 
 def open_model_buffer(wh, con, parsed: list[tuple[str, str]], tokens_from: str,
                       n_rows: int | None, pool_rows: int, seed: int, batch_size: int,
-                      steps: int | None, default_steps: int) -> tuple[ActivationBuffer, int]:
+                      steps: int | None, default_steps: int, epochs: int = 1,
+                      options: CorpusOptions = DEFAULT_OPTIONS,
+                      tokenizer: str | None = None) -> tuple[ActivationBuffer, int]:
     """The buffer of a train-crosscoder job whose --source values name models, and the steps
-    its token stream allows (checked before any model runs)."""
+    its token stream allows, read `epochs` times (checked before any model runs). `options`
+    and `tokenizer` say how to read a token file (token_stream)."""
     sources = [resolve_model_source(wh, con, label, target) for label, target in parsed]
-    tokens = token_stream(tokens_from, sources, n_rows, seed)
+    tokens = token_stream(tokens_from, sources, n_rows, seed, options, tokenizer)
     check_vocabulary(tokens, tokens_from, sources)
-    steps = steps_for_stream(tokens.n_rows, batch_size, steps, default_steps)
+    derived = steps is None and tokens.n_rows is not None
+    steps = steps_for_stream(tokens.n_rows, batch_size, steps, default_steps, epochs)
+    if derived:
+        read = f"{tokens.n_rows} tokens x --epochs {epochs}" if epochs > 1 else \
+            f"{tokens.n_rows} tokens"
+        fixes = [f"replay them with --epochs {-(-MIN_STEPS * batch_size // tokens.n_rows)}",
+                 "give more --tokens"]
+        if tokens.n_rows * epochs // MIN_STEPS:
+            fixes.append(f"a smaller --batch-size (at most {tokens.n_rows * epochs // MIN_STEPS})")
+        check_enough_steps(steps, f"the token source ({read} // --batch-size {batch_size})",
+                           fixes)
+    if epochs > 1:
+        tokens = ReplayedTokens(tokens, epochs, seed)
     return ActivationBuffer(sources, tokens, pool_rows, seed), steps
 
 
 def steps_for_stream(n_rows: int | None, batch_size: int, steps: int | None,
-                     default_steps: int) -> int:
-    """Training steps a stream of n_rows tokens allows: each row is used once, batches whole."""
+                     default_steps: int, epochs: int = 1) -> int:
+    """Training steps a stream of n_rows tokens read `epochs` times allows: each row is used
+    once per epoch, batches whole."""
+    if epochs < 1:
+        raise FeaturestoreError(f"--epochs must be at least 1, got {epochs}")
     if n_rows is None:
+        if epochs > 1:
+            raise FeaturestoreError(
+                f"--epochs {epochs} replays a bounded token stream, but this one is endless: "
+                "give --tokens N, the length of one pass")
         return steps or default_steps
-    if n_rows < batch_size:
+    total = n_rows * epochs
+    read = f"{n_rows} tokens" if epochs == 1 else f"{n_rows} tokens x --epochs {epochs}"
+    if total < batch_size:
         raise FeaturestoreError(
-            f"the token source is exhausted before the first batch: it has {n_rows} tokens, "
+            f"the token source is exhausted before the first batch: it has {read}, "
             f"fewer than --batch-size {batch_size}; give more --tokens or a smaller batch")
-    if steps is not None and steps * batch_size > n_rows:
+    if steps is not None and steps * batch_size > total:
         raise FeaturestoreError(
             f"--steps {steps} x --batch-size {batch_size} needs {steps * batch_size} tokens but "
-            f"the token source has {n_rows}; lower --steps to at most {n_rows // batch_size} or "
-            "give more --tokens")
-    return steps or n_rows // batch_size
+            f"the token source has {read}; lower --steps to at most {total // batch_size}, give "
+            "more --tokens or more --epochs")
+    return steps or total // batch_size

@@ -50,6 +50,28 @@ def _warehouse(ctx: click.Context) -> str | None:
     return ctx.obj["warehouse"]
 
 
+def _fit_bound_options(command):
+    """The quality bounds of featurestore.fit_quality: the same flags and defaults in every
+    command that fits a dictionary."""
+    from featurestore.fit_quality import FitBounds
+
+    defaults = FitBounds()
+    options = [
+        click.option("--min-explained-variance", type=float,
+                     default=defaults.min_explained_variance, show_default=True,
+                     help="Register nothing unless every fitted source reaches this."),
+        click.option("--max-active-fraction", type=float, default=defaults.max_active_fraction,
+                     show_default=True, help="Register nothing if the mean share of active "
+                                             "features per token is above this."),
+        click.option("--max-dead-fraction", type=float, default=defaults.max_dead_fraction,
+                     show_default=True, help="Register nothing if more features than this "
+                                             "never fire."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 100})
 @click.option("--warehouse", type=click.Path(file_okay=False), envvar=WAREHOUSE_ENV,
@@ -139,46 +161,92 @@ def _report_training(result, as_json: bool) -> None:
         click.echo(f"  {split:<10} loss {metrics['loss']:.3f}  accuracy {metrics['accuracy']:.3f}")
 
 
+def _token_file_options(command):
+    """--text-column, --tokenizer and --seq-len: how a --tokens-from file of text is read."""
+    for option in reversed([
+        click.option("--text-column", default="text", show_default=True,
+                     help="The text column of a .jsonl, .parquet or datasets file (a file with "
+                          "an input_ids column is pre-tokenized and used as it is)."),
+        click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+                     help="Tokenizer folder (save_pretrained) for text [default: the run's "
+                          "registered tokenizer, else the one in the checkpoint folder]."),
+        click.option("--seq-len", type=click.IntRange(min=1),
+                     help="Tokens per packed text sequence, at most the model's context "
+                          "[default: the model's context, at most 128]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _echo_notes(notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
 @cli.command("collect")
 @click.option("--run", required=True, help="Run whose checkpoints to read.")
 @click.option("--stage", "stages", multiple=True, required=True,
               help="Stage to read, e.g. layer_2_post_mlp or final_norm; repeat for several.")
 @click.option("--checkpoints", default="all", show_default=True,
               help="'all' or comma-separated steps (LAST = the last checkpoint).")
-@click.option("--tokens", type=click.IntRange(min=1), default=32_768, show_default=True,
-              help="Tokens per checkpoint (rounded up to whole sequences).")
-@click.option("--splits", default="bigram,modular,induction,reverse", show_default=True,
-              help="Data splits to draw the sequences from, in equal shares.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the token set.")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Tokens per checkpoint, rounded up to whole sequences in equal shares of the "
+                   "splits [default: 32768, or all of a --tokens-from file that holds fewer].")
+@click.option("--splits",
+              help="Comma-separated splits to draw the sequences from, in equal shares "
+                   "[default: the demo task's bigram,modular,induction,reverse; with "
+                   "--tokens-from, every split of the file].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the token set (which sequences are drawn).")
 @click.option("--tokens-from", type=click.Path(exists=True),
-              help="Token ids to use instead of the demo task: a .parquet file or datasets folder "
-                   "with an input_ids column (required for Hugging Face runs).")
+              help="A file to draw the tokens from instead of the demo task (required for runs "
+                   "with no task): text (.txt with blank lines between documents, or a .jsonl, "
+                   ".parquet or datasets folder with a --text-column), tokenized with the run's "
+                   "tokenizer and packed into --seq-len sequences; or token ids (an input_ids "
+                   "column of equal-length lists). A split column names each row's split.")
+@_token_file_options
 @click.option("--include-first-position", is_flag=True,
               help="Use position 0 when estimating the norm scale (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_from,
-                    include_first_position, as_json, quiet):
+                    text_column, tokenizer, seq_len, include_first_position, as_json, quiet):
     """Read checkpoints at named stages through nnsight and store activation sets.
 
     Every checkpoint sees the same tokens, so the sets are aligned row for row. Each set is a
     Hugging Face datasets folder under warehouse/activations/RUN/STAGE/, registered in
-    `activation_sets` with its norm scale. List a run's stages with `featurestore stages`.
+    `activation_sets` with its norm scale and token source. List a run's stages with
+    `featurestore stages`. The run's first collection also writes its token_strings (every
+    token id as text), from its tokenizer or the demo vocabulary.
+
+    With --tokens-from, sequences are drawn at random (seeded by --seed) in equal shares of
+    --splits; documents of a text file are joined with the tokenizer's EOS token and packed.
 
     \b
     Examples:
       featurestore collect --run demo --stage layer_2_post_mlp --stage final_norm
       featurestore collect --run demo --stage final_norm --checkpoints 0,100,LAST --tokens 8192
+      featurestore collect --run pythia --stage layer_3_post_mlp --tokens-from corpus.txt
+      featurestore collect --run pythia --stage layer_3_post_mlp --tokens-from web.jsonl \\
+          --text-column body --splits news,forum --seq-len 256 --tokens 65536 --seed 1
+      featurestore collect --run mymodel --stage layer_1_post_mlp --tokens-from docs.parquet \\
+          --tokenizer ~/tokenizers/mine
       featurestore collect --run pythia --stage layer_3_post_mlp --tokens-from tokens.parquet
     """
     from featurestore.ingest.collect import collect
 
     _threads(ctx)
     result = collect(run, list(stages), checkpoints=checkpoints, tokens=tokens,
-                     splits=[s.strip() for s in splits.split(",") if s.strip()], seed=seed,
-                     tokens_from=tokens_from, include_first_position=include_first_position,
+                     splits=_split_list(splits), seed=seed, tokens_from=tokens_from,
+                     text_column=text_column, tokenizer=tokenizer, seq_len=seq_len,
+                     include_first_position=include_first_position,
                      warehouse=_warehouse(ctx), progress=not quiet)
+    _echo_notes(result.notes)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -190,7 +258,11 @@ def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_
 
 @cli.command("register-activations")
 @click.option("--path", required=True, type=click.Path(exists=True),
-              help="A datasets save_to_disk folder, or a .parquet file.")
+              help="A datasets save_to_disk folder, a .parquet file, an .npz file, or an .npy "
+                   "file with --token-ids.")
+@click.option("--token-ids", type=click.Path(exists=True, dir_okay=False),
+              help="With an .npy of activations [n_sequences, seq_len, d_model]: the .npy of "
+                   "their token ids [n_sequences, seq_len].")
 @click.option("--name", help="Register under this name, tied to no checkpoint.")
 @click.option("--run", help="Run the activations belong to (created as external if new).")
 @click.option("--step", type=click.IntRange(min=0), help="Checkpoint step.")
@@ -199,58 +271,152 @@ def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_
               help="Use position 0 when estimating the norm scale (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def register_command(ctx, path, name, run, step, stage, include_first_position, as_json):
+def register_command(ctx, path, token_ids, name, run, step, stage, include_first_position,
+                     as_json):
     """Register activations collected elsewhere as an activation set.
 
-    Columns: activations (float32 list of length d_model), sequence_id, position, token_id,
-    split. The whole set is checked (widths, finite values) before anything is registered. The
-    files are used in place, not copied.
+    Columns: activations (a list of length d_model per row), sequence_id, position, token_id,
+    split. A fixed-length float32 list is used in place, not copied. Any other form is converted
+    once into an activation set inside the warehouse, the input left untouched: float16 or
+    float64 values, variable-length lists of one width (Dataset.from_dict with .tolist(), polars),
+    or an .npz with activations [n_sequences, seq_len, d_model] and token_ids [n_sequences,
+    seq_len] (optionally split [n_sequences]), or the same two arrays as .npy files (--path and
+    --token-ids). The whole set is checked (widths, finite values) before anything is
+    registered.
 
     \b
     Examples:
       featurestore register-activations --path acts/ --run mymodel --step 1000 \
           --stage layer_6_post_mlp
       featurestore register-activations --path acts.parquet --name probe-set
+      featurestore register-activations --path acts.npz --name probe-set   # np.savez(...)
+      featurestore register-activations --path acts.npy --token-ids ids.npy --name probe-set
     """
     from featurestore.ingest.register import register_activations
 
     result = register_activations(path, name=name, run=run, step=step, stage=stage,
                                   include_first_position=include_first_position,
-                                  warehouse=_warehouse(ctx))
+                                  token_ids=token_ids, warehouse=_warehouse(ctx))
     if as_json:
         _emit_json(result.to_dict())
         return
     click.echo(f"registered {result.name!r}: {result.n_tokens} tokens x d_model "
                f"{result.d_model} ({result.format}), norm scale {result.norm_scale:.4f}")
+    if result.converted_from is not None:
+        click.echo(f"converted from {result.converted_from} in {result.input_path} to float32 "
+                   f"at {result.path} (the input is unchanged)")
 
 
 @cli.command("register-model")
 @click.option("--run", required=True, help="Run name for the model (created if new).")
-@click.option("--path", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A local Hugging Face model folder (save_pretrained, safetensors weights).")
-@click.option("--step", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Checkpoint step this folder is; register several folders for a series.")
+@click.option("--path", metavar="DIR|GLOB",
+              help="Hugging Face model folders (save_pretrained, safetensors weights): one "
+                   "folder, or a quoted glob of a checkpoint series ('ckpts/step_*').")
+@click.option("--factory", metavar="MODULE:FUNCTION",
+              help="Custom model: package.module:function or path/to/model.py:function, "
+                   "called with the --config object, returning the nn.Module.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False),
+              help="Custom model: JSON object the factory is called with [default: {}].")
+@click.option("--weights", metavar="FILE|GLOB",
+              help="Custom model: safetensors state dict(s), one file or a quoted glob.")
+@click.option("--adapter", type=click.Path(exists=True, dir_okay=False),
+              help="Custom model: JSON file naming the modules of the stages (README: 'Your own "
+                   "model').")
+@click.option("--stage", "stage_overrides", multiple=True, metavar="NAME=MODULE[:PORT]",
+              help="Custom model: override an adapter site (embed, post_attn, mlp_hidden, "
+                   "final_norm), e.g. final_norm=norm:output; repeatable.")
+@click.option("--step", type=click.IntRange(min=0),
+              help="Step of a single folder or file [default: 0].")
+@click.option("--steps", "steps_text", metavar="S1,S2,...",
+              help="Steps of the glob's matches in name order [default: each name's trailing "
+                   "number].")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+              help="A local tokenizer folder for the run (tokenizer.save_pretrained).")
+@click.option("--eval-tokens-from", type=click.Path(exists=True),
+              help="Evaluate every checkpoint's next-token loss and accuracy on this token file "
+                   "(text or input_ids, as collect's --tokens-from; optional split column).")
+@click.option("--eval-tokens", type=click.IntRange(min=1),
+              help="Evaluate on this many tokens, in equal shares of the file's splits "
+                   "[default: as many as equal shares allow].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def register_model_command(ctx, run, path, step, as_json):
-    """Register a local Hugging Face model folder as a checkpoint of a run.
+def register_model_command(ctx, run, path, factory, config, weights, adapter, stage_overrides,
+                           step, steps_text, tokenizer, eval_tokens_from, eval_tokens, as_json):
+    """Register a model's checkpoints as a run: Hugging Face folders or any nn.Module.
 
-    GPT-2, GPT-NeoX/Pythia and Llama-style models (Llama, Mistral, Qwen2) are supported. The
-    folder is used in place and nothing is downloaded. Collect from it with --tokens-from.
+    Hugging Face folders: GPT-2, GPT-NeoX/Pythia and Llama-style models (Llama, Mistral, Qwen2).
+    Any other model: --factory builds it from --config, --weights are its safetensors state
+    dicts, and --adapter says where its stages are. A glob registers a series in one go, each
+    step from the trailing number of the name. Everything is checked before anything is written;
+    files are used in place and nothing is downloaded. Collect from the run with --tokens-from.
 
     \b
     Examples:
       featurestore register-model --run pythia --path ~/models/pythia-70m-step1000 --step 1000
-      featurestore register-model --run pythia --path ~/models/pythia-70m-step2000 --step 2000
+      featurestore register-model --run pythia --path '~/models/pythia-70m/step*' \\
+          --eval-tokens-from tokens.parquet
+      featurestore register-model --run mine --factory model.py:build --config config.json \\
+          --weights 'ckpts/step_*.safetensors' --adapter adapter.json
     """
-    from featurestore.ingest.register_model import register_model
+    from featurestore.ingest.register_model import parse_step_list, register_model
 
-    result = register_model(run, path, step=step, warehouse=_warehouse(ctx))
+    _threads(ctx)
+    result = register_model(
+        run, path, step, steps=parse_step_list(steps_text), factory=factory, config=config,
+        weights=weights, adapter=adapter, stage_overrides=stage_overrides, tokenizer=tokenizer,
+        eval_tokens_from=eval_tokens_from, eval_tokens=eval_tokens, warehouse=_warehouse(ctx))
     if as_json:
         _emit_json(result.to_dict())
         return
-    click.echo(f"registered {result.model_family} model as {result.run}@{result.step} "
-               f"(d_model {result.d_model}, {result.n_layers} blocks)")
+    click.echo(f"registered {len(result.checkpoints)} checkpoint(s) of a {result.model_family} "
+               f"model as run {result.run} (d_model {result.d_model}, {result.n_layers} blocks)")
+    for checkpoint in result.checkpoints:
+        loss = ("" if checkpoint["heldout_loss"] is None
+                else f"  loss {checkpoint['heldout_loss']:.4f}  "
+                     f"accuracy {checkpoint['heldout_accuracy']:.4f}")
+        click.echo(f"  step {checkpoint['step']:>8}  {checkpoint['path']}{loss}")
+
+
+@cli.command("evaluate-checkpoints")
+@click.option("--run", required=True, help="A registered model run (hf or custom).")
+@click.option("--tokens-from", required=True, type=click.Path(exists=True),
+              help="Token file as collect reads it: text (.txt, .jsonl, .parquet, datasets "
+                   "folder) or input_ids, with an optional split column.")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Evaluate on this many tokens, in equal shares of the file's splits "
+                   "[default: as many as equal shares allow].")
+@click.option("--checkpoints", default="all", show_default=True,
+              help="'all' or comma-separated steps (LAST for the last).")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+              help="Tokenizer folder for a text file [default: the run's registered one, or "
+                   "the model folder's].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tokenizer, as_json):
+    """Next-token loss and accuracy of a registered model's checkpoints on a token file.
+
+    Fills checkpoints.heldout_loss, heldout_accuracy and split_metrics ('heldout': every
+    sequence; one row per split of the file), so checkpoint_metrics has the run's learning
+    curve. Runs trained here already have their task's metrics and are refused.
+
+    \b
+    Examples:
+      featurestore evaluate-checkpoints --run pythia --tokens-from tokens.parquet
+      featurestore sql "SELECT step, split, loss FROM checkpoint_metrics WHERE run = 'pythia'"
+    """
+    from featurestore.ingest.evaluate_checkpoints import evaluate_checkpoints
+
+    _threads(ctx)
+    result = evaluate_checkpoints(run, tokens_from, tokens=tokens, checkpoints=checkpoints,
+                                  tokenizer=tokenizer, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"evaluated {len(result.checkpoints)} checkpoint(s) of {run} on "
+               f"{result.eval_tokens}")
+    for checkpoint in result.checkpoints:
+        click.echo(f"  step {checkpoint['step']:>8}  loss {checkpoint['heldout_loss']:.4f}  "
+                   f"accuracy {checkpoint['heldout_accuracy']:.4f}")
 
 
 @cli.command("train-crosscoder")
@@ -261,8 +427,16 @@ def register_model_command(ctx, run, path, step, as_json):
                    "RUN@STEP:STAGE (STEP a number or LAST) or hf:DIR:STAGE.")
 @click.option("--tokens-from", metavar="demo|PATH",
               help="Train straight from the --source models, on these tokens: demo (the demo "
-                   "task's generator) or a .parquet file / datasets folder with input_ids. "
-                   "No activation files are written.")
+                   "task's generator) or a file as collect reads it: text (.txt, .jsonl, "
+                   ".parquet or a datasets folder), tokenized with the first source's tokenizer, "
+                   "or token ids (input_ids). No activation files are written.")
+@_token_file_options
+@click.option("--splits",
+              help="With a --tokens-from file: comma-separated splits to draw sequences from, "
+                   "in equal shares [default: every split of the file].")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --tokens-from: read the token stream this many times, each pass after "
+                   "the first in a new seeded order of its sequences (for small corpora).")
 @click.option("--pool-batches", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --tokens-from: the shuffle pool, in batches (memory: pool-batches x "
                    "batch-size x sources x d_model x 4 bytes).")
@@ -292,22 +466,29 @@ def register_model_command(ctx, run, path, step, as_json):
 @click.option("--resume", is_flag=True, help="Continue an interrupted training of NAME exactly.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--wandb", is_flag=True, help="Also log to wandb (offline unless WANDB_MODE is set).")
+@_fit_bound_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch, k, aux_k,
-                             aux_coeff, dict_size, steps, tokens, batch_size, lr, betas, l1_coeff,
-                             k_anneal_from, n_shared, log_every, save_every, resume, seed, wandb,
+def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, tokenizer, seq_len,
+                             splits, epochs, pool_batches, arch, k, aux_k, aux_coeff, dict_size,
+                             steps, tokens, batch_size, lr, betas, l1_coeff, k_anneal_from,
+                             n_shared, log_every, save_every, resume, seed, wandb,
+                             min_explained_variance, max_active_fraction, max_dead_fraction,
                              as_json, quiet):
     """Train a crosscoder on aligned activation sets, or straight from models, and register it.
 
     One shared sparse dictionary over several sources (a base model and its fine-tune, or
     checkpoints); with one source it is an SAE. Registers `bases`, `features`,
-    `decoder_directions` and `training_metrics`; see the model_diff views.
+    `decoder_directions` and `training_metrics`; see the model_diff views. A fit that misses a
+    quality bound registers nothing and is kept in <warehouse>/rejected/NAME/; --resume with a
+    relaxed bound registers it without training again.
 
     With --tokens-from, every source is a model run through nnsight on the same token batches
     while training: an activation buffer keeps --pool-batches batches, shuffles them and
-    refills half when half is used. Nothing is written but the basis. Sets and models do not mix.
+    refills half when half is used; --epochs replays a small corpus. Nothing is written but the
+    basis. Sets and models do not mix. A run whose steps follow from --tokens (no --steps) needs
+    at least 100 of them.
 
     \b
     Examples:
@@ -319,6 +500,12 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
           --source base=demo@LAST:layer_2_post_mlp --source ft=demo-ft@LAST:layer_2_post_mlp
       featurestore train-crosscoder --name gpt2-sae --tokens-from tokens.parquet \\
           --source x=hf:~/models/gpt2:layer_6_post_mlp
+      featurestore train-crosscoder --name small-sae --tokens-from tokens.parquet --epochs 4 \\
+          --source x=hf:~/models/gpt2:layer_6_post_mlp --min-explained-variance 0.7
+      featurestore train-crosscoder --name text-sae --tokens-from corpus.txt --tokens 1000000 \\
+          --seq-len 128 --source x=pythia@LAST:layer_3_post_mlp
+      featurestore train-crosscoder --name web-diff --tokens-from web.jsonl --splits news \\
+          --source base=pythia@1000:layer_3_post_mlp --source ft=pythia@LAST:layer_3_post_mlp
     """
     from featurestore.ingest.train_crosscoder import train_crosscoder_job
 
@@ -328,8 +515,12 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
         dict_size=dict_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
         betas=betas, l1_coeff=l1_coeff, k_anneal_from=k_anneal_from, n_shared=n_shared,
         log_every=log_every, save_every=save_every, resume=resume, seed=seed,
-        tokens_from=tokens_from, pool_batches=pool_batches, wandb=wandb,
-        warehouse=_warehouse(ctx), progress=not quiet)
+        tokens_from=tokens_from, pool_batches=pool_batches, epochs=epochs,
+        text_column=text_column, tokenizer=tokenizer, seq_len=seq_len, splits=_split_list(splits),
+        min_explained_variance=min_explained_variance, max_active_fraction=max_active_fraction,
+        max_dead_fraction=max_dead_fraction, wandb=wandb, warehouse=_warehouse(ctx),
+        progress=not quiet)
+    _echo_notes(result.notes)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -371,12 +562,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, pool_batches, arch
 @click.option("--init-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Pooled: multiplies the step-0 (random init) checkpoint's weight; 0 leaves "
                    "it out of the fit, but it is still encoded and swept.")
-@click.option("--min-explained-variance", type=float, default=0.8, show_default=True,
-              help="Fail unless every fitted checkpoint reaches this.")
-@click.option("--max-active-fraction", type=float, default=0.05, show_default=True,
-              help="Fail if the mean share of active features per token is above this.")
-@click.option("--max-dead-fraction", type=float, default=0.5, show_default=True,
-              help="Fail if more features than this never fire.")
+@_fit_bound_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -389,7 +575,8 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
 
     Every feature gets one id at every checkpoint. The fit-quality report (explained variance
     per checkpoint, L0, active and dead fraction) is stored with the basis; a fit that misses a
-    bound fails, says which and by how much, and registers nothing.
+    bound fails, says which and by how much, registers nothing and is kept in
+    <warehouse>/rejected/NAME/ for inspection.
 
     \b
     Examples:
@@ -435,7 +622,8 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
     """Encode every checkpoint in a shared basis and write the trajectory tables.
 
     Writes trajectories, feature_directions, feature_activations, feature_examples,
-    checkpoint_summary and split_profiles, in one commit.
+    checkpoint_summary and split_profiles, in one commit. Train-crosscoder bases (model
+    diffs) are swept by crosscoder-sweep.
 
     \b
     Examples:
@@ -454,6 +642,43 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
                f"{result.tokens_per_checkpoint:,} tokens in {result.seconds:.1f}s "
                f"({result.tokens_per_second:,.0f} tokens/s); {result.activation_rows:,} "
                f"activation rows written at {result.rows_per_second_written:,.0f} rows/s")
+
+
+@cli.command("crosscoder-sweep")
+@click.option("--basis", required=True, help="A train-crosscoder basis (a model diff).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def crosscoder_sweep_command(ctx, basis, as_json, quiet):
+    """Make the latents of a train-crosscoder basis readable: per-source statistics, contexts.
+
+    Encodes every token of the basis's aligned activation sets and writes, in one commit,
+    crosscoder_latent_stats (per latent and source: activation rate, mean activation, energy,
+    decoder norm, the source's encoder input) and crosscoder_examples (the top contexts of every
+    latent, decoded when the run has token strings, with what it writes into each source).
+    Re-running replaces the basis's rows. For shared bases use feature-trajectory-sweep.
+
+    \b
+    Examples:
+      featurestore crosscoder-sweep --basis demo-diff
+      featurestore feature 17 --basis demo-diff
+      featurestore sql "SELECT d.feature_id, s.source, s.energy, s.activation_rate
+          FROM model_diff d JOIN crosscoder_latent_stats s USING (basis, feature_id)
+          WHERE d.basis = 'demo-diff' AND d.class = 'ft-exclusive' ORDER BY s.energy DESC"
+      featurestore report --basis demo-diff
+    """
+    from featurestore.ingest.crosscoder_sweep import crosscoder_sweep
+
+    _threads(ctx)
+    result = crosscoder_sweep(basis, warehouse=_warehouse(ctx), progress=not quiet)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"swept {basis!r}: {result.n_tokens:,} tokens of {', '.join(result.sources)}; "
+               f"{result.live_latents} of {result.d_hidden} latents active, "
+               f"{result.example_rows:,} examples"
+               f"{'' if result.decoded else ' (no token strings: contexts as token ids)'} "
+               f"({result.seconds:.1f}s)")
 
 @cli.command("feature-birth-analyze")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
@@ -870,6 +1095,41 @@ def describe_command(ctx, table, as_json):
                             max_width=100))
 
 
+@cli.command("feature")
+@click.argument("feature", type=click.IntRange(min=0))
+@click.option("--basis", required=True, help="Basis the feature belongs to.")
+@click.option("--step", type=click.IntRange(min=0),
+              help="Checkpoint of the examples (shared bases) [default: the last swept].")
+@click.option("--examples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Top contexts to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
+@click.pass_context
+def feature_command(ctx, feature, basis, step, examples, as_json):
+    """Show one feature: its trajectory, birth and top contexts.
+
+    Shared bases: energy, activation rate and mean activation at every swept checkpoint (with
+    a sparkline of energy), the feature's birth under the births rule the graphs use (the
+    default when stored; censored births said so), and its top contexts at --step with the
+    activating token marked. Train-crosscoder bases: the model-diff class and per-source
+    statistics and contexts (after crosscoder-sweep). Contexts are decoded text when the run
+    has token strings, token ids otherwise.
+
+    \b
+    Examples:
+      featurestore feature 12 --basis demo-l2
+      featurestore feature 12 --basis demo-l2 --step 400 --examples 3
+      featurestore feature 17 --basis demo-diff --json
+    """
+    from featurestore.queries.feature_card import feature_card
+
+    card = feature_card(basis, feature, step=step, examples=examples,
+                        warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(card.to_dict())
+    else:
+        click.echo(card.render())
+
+
 @cli.command("stages")
 @click.option("--run", required=True, help="A run with a model.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -1017,6 +1277,33 @@ def report_command(ctx, basis, out, as_json):
                f"({result.seconds:.1f}s)")
     for title, rows in result.sections.items():
         click.echo(f"  {title}: {rows} rows" if rows else f"  {title}: no data yet")
+
+
+@cli.command("init")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def init_command(ctx, as_json):
+    """Create an empty warehouse: the catalog, every table (empty) and the schema version.
+
+    Optional: every job that writes creates the warehouse on its first commit. Running it on an
+    existing warehouse changes nothing.
+
+    \b
+    Examples:
+      featurestore init
+      featurestore --warehouse ~/data/wh init --json
+    """
+    from featurestore.warehouse import init_warehouse
+
+    result = init_warehouse(_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+    elif result.created:
+        click.echo(f"created an empty warehouse at {result.path} (schema version "
+                   f"{result.schema_version}, {result.tables} tables)")
+    else:
+        click.echo(f"{result.path} is already a warehouse (schema version "
+                   f"{result.schema_version}); nothing changed")
 
 
 @cli.group("catalog")

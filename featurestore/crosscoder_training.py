@@ -34,6 +34,22 @@ from featurestore.model import config_from_dict
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+# The fewest optimiser steps a run may have when its length follows from its data (--tokens, or
+# the length of a token stream) rather than from --steps: the learning rate warms up over
+# TrainerConfig.warmup_steps (100) steps, so a shorter run never trains at its peak rate and
+# its dictionary means little. Jobs refuse such a run before any model runs; a run given --steps
+# explicitly (a smoke test, say) runs as asked.
+MIN_STEPS = 100
+
+
+def check_enough_steps(steps: int, source: str, fixes: list[str]) -> None:
+    """Refuse a run of fewer than MIN_STEPS steps; `source` says what gave that many steps,
+    `fixes` how to get more."""
+    if steps < MIN_STEPS:
+        remedies = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+        raise FeaturestoreError(
+            f"{source} gives {steps} steps, fewer than the {MIN_STEPS} a run needs to train at "
+            f"all (its learning rate warms up over that many steps): {remedies}")
 
 
 @dataclass(frozen=True)

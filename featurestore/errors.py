@@ -32,3 +32,7 @@ class SchemaVersionError(FeaturestoreError):
 
 class WarehouseBusyError(FeaturestoreError):
     """Another job holds the warehouse's writer lock."""
+
+
+class FitRejectedError(FeaturestoreError):
+    """A fitted dictionary that misses a quality bound: nothing registered, the fit kept aside."""

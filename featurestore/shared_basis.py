@@ -154,7 +154,9 @@ def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
     if run is None:
         raise FeaturestoreError(
             f"--basis {name} was trained by train-crosscoder on a pair of sources, not fitted on "
-            "a run's checkpoints; trajectories need a shared-feature-fit basis")
+            "a run's checkpoints; trajectories need a shared-feature-fit basis. Its latents' "
+            f"per-source statistics and contexts come from `featurestore crosscoder-sweep "
+            f"--basis {name}`")
     from featurestore.ingest.shared_feature_fit import seed_folder
 
     model = CrossCoder.load(warehouse.path(path))

@@ -9,12 +9,14 @@ A stage name means the same thing in every model family:
     final_norm            the output of the final LayerNorm (what the unembedding reads)
 
 Each family (the demo model, GPT-2, GPT-NeoX/Pythia, Llama-style) maps these names to a module
-and whether to read its input or its output. Every read goes through nnsight, so the same sites
-can later be patched with the same names.
+and whether to read its input or its output; any other model gets its Family from an adapter
+file (featurestore.custom_model). Every read goes through nnsight, so the same sites can later
+be patched with the same names.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -95,7 +97,7 @@ FAMILIES = {
         attn_out="gpt_neox.layers.{i}.attention.dense",
         mlp_out="gpt_neox.layers.{i}.mlp.dense_4h_to_h",
         final_norm_kind="layernorm",
-        unembed="embed_out",
+        unembed="lm_head",  # transformers 5 name; 4.x called it embed_out
     ),
     "llama": Family(
         name="llama",
@@ -242,16 +244,24 @@ def hf_config(directory: str | os.PathLike):
             f"{path} is not a Hugging Face model directory (no config.json); pass a folder "
             "written by save_pretrained."
         )
+    # The model_type is checked before transformers reads the config, so a type transformers
+    # itself does not know gets the same answer as one featurestore has no adapter for.
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise FeaturestoreError(f"{path / 'config.json'} is not a JSON object ({error})") from None
+    if model_type not in HF_MODEL_TYPES:
+        raise FeaturestoreError(
+            f"{path}: model_type {model_type!r} has no stage adapter (built in: "
+            f"{', '.join(sorted(HF_MODEL_TYPES))}). Register it as a custom model instead: "
+            "featurestore register-model --run NAME --factory model.py:build --config "
+            "config.json --weights 'step_*.safetensors' --adapter adapter.json (README: "
+            "'Your own model')."
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in HF_MODEL_TYPES:
-        raise FeaturestoreError(
-            f"{path}: model_type {config.model_type!r} has no stage adapter; supported: "
-            f"{', '.join(sorted(HF_MODEL_TYPES))}"
-        )
-    return config
+    return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def hf_reader(directory: str | os.PathLike) -> StageReader:

@@ -300,6 +300,9 @@ class Warehouse:
         self.tables_dir = self.root / "tables"
         self.tmp_dir = self.root / "tmp"
         self.lock_path = self.root / ".lock"
+        # True while this object's writer is held: a warehouse with no catalog yet then reads
+        # as empty to the job (see connect), instead of "no warehouse".
+        self._writing = False
 
     def __repr__(self) -> str:
         return f"Warehouse({str(self.root)!r})"
@@ -321,10 +324,11 @@ class Warehouse:
         """Every live file, partitions included, and the retired files still kept."""
         if not self.exists():
             raise NotFoundError(
-                f"no warehouse at {self.root} (no {CATALOG_FILE}). Run a job to create one, e.g. "
-                "`featurestore train-model --run demo`, or point --warehouse / "
-                "FEATURESTORE_WAREHOUSE at an existing warehouse; if its tables/ folder is there "
-                "but the catalog was deleted, run `featurestore catalog rebuild`."
+                f"no warehouse at {self.root} (no {CATALOG_FILE}). Create an empty one with "
+                "`featurestore init`, or run a job that writes one, e.g. `featurestore "
+                "train-model --run demo`, or point --warehouse / FEATURESTORE_WAREHOUSE at an "
+                "existing warehouse; if its tables/ folder is there but the catalog was deleted, "
+                "run `featurestore catalog rebuild`."
             )
         con = duckdb.connect(":memory:")
         try:
@@ -357,8 +361,16 @@ class Warehouse:
                 time.sleep(0.1)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with every table, view, macro and UDF of the warehouse."""
-        live = self.manifest()
+        """An in-memory DuckDB connection with every table, view, macro and UDF of the warehouse.
+
+        Inside this warehouse's own writer, a warehouse with no catalog yet (a missing or empty
+        folder) reads as empty: every table is there with no rows, and the job's commit creates
+        the catalog. Anywhere else a missing catalog is a NotFoundError.
+        """
+        first_write = self._writing and not self.exists()
+        if first_write:
+            self._check_catalog_not_lost()
+        live = Manifest({}, {}, set()) if first_write else self.manifest()
         con = duckdb.connect(":memory:")
         _open_connections.add(con)
         # Relative paths in the views resolve against the root, wherever the process runs.
@@ -368,7 +380,8 @@ class Warehouse:
         # 9.9 ms. Safe because a live file never changes: a commit writes new files.
         con.execute("SET parquet_metadata_cache = true")
         build_catalog(con, live, self.root)
-        check_schema_version(con, self.root)
+        if not first_write:  # the first commit writes the schema version
+            check_schema_version(con, self.root)
         from featurestore.queries.udfs import register_udfs
 
         register_udfs(con, self)
@@ -381,7 +394,10 @@ class Warehouse:
         """Hold the writer lock for a job; commit what it wrote when the block exits cleanly.
 
         Take it at the start of the job, so a second writer is refused before doing any work.
+        The warehouse need not exist yet: its first commit creates it, and a job that fails
+        before any commit leaves no catalog, tmp/ or lock behind (nor the folder, if it made it).
         """
+        made_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a+") as lock:
             try:
@@ -400,15 +416,43 @@ class Warehouse:
             try:
                 self._clean_leftovers()
                 writer = Writer(self, job)
+                self._writing = True
                 try:
                     yield writer
                     writer.commit()
                 finally:
+                    self._writing = False
                     writer.discard()
+                    if not self.exists():  # no commit ever happened here
+                        self._remove_scaffolding(made_root)
             finally:
                 lock.seek(0)
                 lock.truncate()
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _check_catalog_not_lost(self) -> None:
+        """A folder with table files but no catalog lost its catalog; starting a new warehouse
+        there would make the next writer delete those files as unreferenced."""
+        if self.tables_dir.exists() and next(self.tables_dir.rglob("part-*.parquet"), None):
+            raise NotFoundError(
+                f"{self.root} holds table files (tables/) but no catalog ({CATALOG_FILE}): it was "
+                "deleted or lost. Run `featurestore catalog rebuild` to recreate it from the "
+                "files before writing to this warehouse."
+            )
+
+    def _remove_scaffolding(self, made_root: bool) -> None:
+        """After a job that never committed to a warehouse with no catalog: remove its tmp/,
+        its lock (still held, so no other writer can be between open and lock) and any folder
+        left empty, the root too if this job made it. What a failed job keeps on purpose (a
+        training state for --resume, a rejected fit) stays."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.lock_path.unlink(missing_ok=True)
+        for folder, _, _ in sorted(os.walk(self.root), key=lambda entry: -len(entry[0])):
+            if Path(folder) != self.root or made_root:
+                try:
+                    os.rmdir(folder)  # only succeeds when empty
+                except OSError:
+                    pass
 
     def _clean_leftovers(self) -> None:
         """Remove what killed jobs left: tmp/ and Parquet files the catalog does not know."""
@@ -607,6 +651,7 @@ class Writer:
         wh = self.warehouse
         first_write = not wh.exists()
         if first_write:
+            wh._check_catalog_not_lost()
             self.put("schema_version", [{
                 "version": SCHEMA_VERSION,
                 "featurestore_version": package_version(),
@@ -855,6 +900,35 @@ def connect(warehouse: str | os.PathLike | None = None) -> duckdb.DuckDBPyConnec
     warehouse, and it sees the warehouse as it was when it was opened.
     """
     return Warehouse(warehouse).connect()
+
+
+@dataclass
+class InitResult:
+    path: str
+    created: bool  # False: a warehouse was already there, and nothing changed
+    schema_version: int
+    tables: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "created": self.created,
+                "schema_version": self.schema_version, "tables": self.tables}
+
+
+def init_warehouse(warehouse: str | os.PathLike | None = None) -> InitResult:
+    """Create an empty warehouse (its catalog, with every table empty, and the schema version)
+    in a missing or empty folder. A warehouse already there is left as it is. Jobs create the
+    warehouse themselves on their first commit; this makes it explicit."""
+    wh = Warehouse(warehouse)
+    created = not wh.exists()
+    if created:
+        with wh.writer("init"):
+            pass  # the first commit writes the schema version and the catalog
+    con = wh.connect()
+    try:
+        version = check_schema_version(con, wh.root)
+    finally:
+        con.close()
+    return InitResult(str(wh.root), created, version, len(table_specs()))
 
 
 def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:

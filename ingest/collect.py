@@ -3,8 +3,9 @@
 Every requested checkpoint sees the same tokens in the same order, so the sets of one collection
 are aligned row for row (and carry the same tokens fingerprint). For demo runs the default token
 set is drawn from the per-sub-task splits, which do not depend on a run's task mix: a base run
-and its fine-tuned run therefore get identical tokens and can be compared directly. Runs of
-Hugging Face models take their tokens from a file (--tokens-from).
+and its fine-tuned run therefore get identical tokens and can be compared directly. Other runs
+take their tokens from a file (--tokens-from): text, tokenized with the run's tokenizer, or token
+ids (featurestore.corpus). A run's token_strings are written by its first collection.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from featurestore.activations import (
     norm_sample,
     norm_scale,
 )
+from featurestore.corpus import CorpusOptions, model_context, read_token_file, sequence_columns
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import (
     Checkpoint,
@@ -33,6 +34,7 @@ from featurestore.registry import (
     get_run,
     parse_steps,
 )
+from featurestore.token_text import TokenizerSearch, has_token_strings, token_string_rows
 from featurestore.warehouse import Warehouse, utc_now
 
 DEFAULT_SPLITS = ("bigram", "modular", "induction", "reverse")
@@ -49,6 +51,8 @@ class CollectResult:
     seconds: float
     tokens_per_second: float  # model tokens read per second (checkpoints x tokens / seconds)
     sets: list[dict] = field(default_factory=list)
+    token_strings: int = 0  # token_strings rows written (0: the run had them, or no tokenizer)
+    notes: list[str] = field(default_factory=list)  # e.g. a token file smaller than the default
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,61 +74,7 @@ def token_set(task_config: dict, splits: list[str], n_tokens: int, seed: int) ->
     per_split = max(1, math.ceil(n_tokens / n_ctx / len(splits)))
     tokens = torch.cat([task.sample(split, per_split, seed).tokens for split in splits])
     split_names = np.repeat(np.array(splits, dtype=object), per_split)
-    return tokens, _columns(tokens, split_names)
-
-
-def token_file(path: str, n_tokens: int | None) -> tuple:
-    """Token ids from a datasets folder or Parquet file with an `input_ids` column.
-
-    Sequences must all have the same length; the first ceil(n_tokens / length) are used (all of
-    them for n_tokens None). An optional `split` column names each sequence's split.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    source = Path(path)
-    if source.is_file() and source.suffix == ".parquet":
-        table = pq.read_table(source)
-    elif source.is_dir():
-        import datasets
-
-        table = datasets.load_from_disk(str(source)).data.table
-    else:
-        raise FeaturestoreError(
-            f"--tokens-from {path}: expected a .parquet file or a datasets save_to_disk folder"
-        )
-    if "input_ids" not in table.column_names:
-        raise FeaturestoreError(f"--tokens-from {path}: no input_ids column")
-    ids = table.column("input_ids").combine_chunks()
-    lengths = set(pa.compute.list_value_length(ids).to_pylist())
-    if len(lengths) != 1:
-        raise FeaturestoreError(
-            f"--tokens-from {path}: input_ids have lengths {sorted(lengths)[:5]}; every sequence "
-            "must have the same length (pack or truncate them first)"
-        )
-    (length,) = lengths
-    wanted = len(ids) if n_tokens is None else math.ceil(n_tokens / length)
-    if wanted > len(ids):
-        raise FeaturestoreError(
-            f"--tokens {n_tokens} needs {wanted} sequences of {length} tokens but {path} has "
-            f"{len(ids)}; lower --tokens to at most {len(ids) * length}"
-        )
-    tokens = torch.from_numpy(  # a writable copy: Arrow's buffers are read-only
-        np.array(ids.flatten().to_numpy(), dtype=np.int64).reshape(-1, length)[:wanted])
-    splits = (np.asarray(table.column("split").to_pylist()[:wanted], dtype=object)
-              if "split" in table.column_names else np.full(wanted, "tokens", dtype=object))
-    return tokens, _columns(tokens, splits)
-
-
-def _columns(tokens, sequence_splits: np.ndarray) -> TokenColumns:
-    n_seq, n_ctx = tokens.shape
-    return TokenColumns(
-        sequence_id=np.repeat(np.arange(n_seq, dtype=np.int64), n_ctx),
-        position=np.tile(np.arange(n_ctx, dtype=np.int32), n_seq),
-        token_id=tokens.reshape(-1).numpy().astype(np.int64),
-        split=np.repeat(sequence_splits, n_ctx),
-    )
+    return tokens, sequence_columns(tokens, split_names)
 
 
 def open_reader(run: Run, checkpoint: Checkpoint):
@@ -133,6 +83,10 @@ def open_reader(run: Run, checkpoint: Checkpoint):
 
     if run.kind == "hf":
         return hf_reader(checkpoint.path)
+    if run.kind == "custom":
+        from featurestore.custom_model import CustomModel
+
+        return CustomModel.from_json(run.model_config).reader(checkpoint.path)
     if run.model_family == "demo":
         from featurestore.checkpoints import load_checkpoint
 
@@ -147,23 +101,39 @@ def collect(
     run: str,
     stages: list[str] | tuple[str, ...],
     checkpoints: str | list[int] | None = "all",
-    tokens: int = DEFAULT_TOKENS,
-    splits: list[str] | tuple[str, ...] = DEFAULT_SPLITS,
+    tokens: int | None = None,
+    splits: list[str] | tuple[str, ...] | None = None,
     seed: int = 0,
     tokens_from: str | None = None,
+    text_column: str = "text",
+    tokenizer: str | None = None,
+    seq_len: int | None = None,
     include_first_position: bool = False,
     warehouse: str | None = None,
     progress: bool = True,
 ) -> CollectResult:
-    """Collect activation sets for `run` at `stages` on its checkpoints (all, or listed steps)."""
+    """Collect activation sets for `run` at `stages` on its checkpoints (all, or listed steps).
+
+    Tokens: the demo task's `splits` (default DEFAULT_SPLITS) for demo runs, or the file
+    `tokens_from` (text or token ids, featurestore.corpus; `splits` default: all of the file's).
+    `tokens` defaults to DEFAULT_TOKENS, or the whole file when it holds fewer (with a note).
+    """
     from tqdm import tqdm
 
     if not stages:
         raise FeaturestoreError("--stage: give at least one stage, e.g. --stage layer_2_post_mlp")
     if len(set(stages)) != len(stages):
         raise FeaturestoreError(f"--stage: stages repeat in {list(stages)}")
-    if tokens < 1:
+    if tokens is not None and tokens < 1:
         raise FeaturestoreError(f"--tokens must be positive, got {tokens}")
+    if tokens_from is None:
+        file_only = [flag for flag, given in (("--text-column", text_column != "text"),
+                                              ("--tokenizer", tokenizer is not None),
+                                              ("--seq-len", seq_len is not None)) if given]
+        if file_only:
+            raise FeaturestoreError(f"{', '.join(file_only)} applies to a token file: give "
+                                    "--tokens-from PATH, or leave it out for the demo task")
+    notes: list[str] = []
     wh = Warehouse(warehouse)
     steps = checkpoints if isinstance(checkpoints, list) else parse_steps(checkpoints)
     with wh.writer(f"collect {run}") as writer:
@@ -171,6 +141,7 @@ def collect(
         try:
             run_info = get_run(con, run)
             chosen = get_checkpoints(wh, con, run, steps)
+            strings_written = has_token_strings(con, run)
         finally:
             con.close()
 
@@ -178,17 +149,26 @@ def collect(
         first_reader = open_reader(run_info, chosen[0])
         for stage in stages:
             first_reader.site(stage)
+        search = TokenizerSearch(tokenizer, run_info.tokenizer, chosen[0].path)
         if tokens_from is not None:
-            token_ids, columns = token_file(tokens_from, tokens)
-            source = f"file {Path(tokens_from).resolve()} sequences={token_ids.shape[0]}"
+            options = CorpusOptions(text_column, seq_len,
+                                    None if splits is None else tuple(splits))
+            token_file = read_token_file(tokens_from, options, seed, tokens, DEFAULT_TOKENS,
+                                         search, model_context(first_reader.module))
+            token_ids, columns = token_file.tokens, token_file.columns()
+            source = token_file.source
+            notes += token_file.notes
         elif run_info.model_family == "demo":
-            token_ids, columns = token_set(run_info.task_config, list(splits), tokens, seed)
+            splits = list(DEFAULT_SPLITS if splits is None else splits)
+            token_ids, columns = token_set(run_info.task_config, splits,
+                                           tokens or DEFAULT_TOKENS, seed)
             source = (f"demo task splits={','.join(splits)} sequences={token_ids.shape[0]} "
                       f"seed={seed}")
         else:
             raise FeaturestoreError(
-                f"run {run!r} is a Hugging Face model: pass --tokens-from PATH (a .parquet file "
-                "or datasets folder with an input_ids column of equal-length token lists)"
+                f"run {run!r} is a registered model with no task: pass --tokens-from PATH (text "
+                "as .txt, .jsonl, .parquet or a datasets folder, or token ids in an input_ids "
+                "column)"
             )
         vocab = first_reader.vocab_size
         if int(token_ids.max()) >= vocab or int(token_ids.min()) < 0:
@@ -196,6 +176,13 @@ def collect(
                 f"token ids range over {int(token_ids.min())}..{int(token_ids.max())} but the "
                 f"model of {run!r} has a vocabulary of {vocab}; use tokens of that model"
             )
+        # The run's token strings, once: from its first collection on, token ids read as text.
+        string_rows = None if strings_written else token_string_rows(run_info, search)
+        if string_rows is not None:
+            writer.put("token_strings", string_rows)
+        elif not strings_written:
+            notes.append(f"no tokenizer found for run {run!r}, so no token_strings were written "
+                         "and examples will show token ids; pass --tokenizer DIR to add them")
         n_tokens = len(columns)
         fingerprint = columns.fingerprint()
         sample = norm_sample(columns.position, exclude_first=not include_first_position)
@@ -227,6 +214,7 @@ def collect(
     return CollectResult(
         run=run, stages=list(stages), steps=[c.step for c in chosen], n_tokens=n_tokens,
         seconds=seconds, tokens_per_second=len(chosen) * n_tokens / seconds, sets=result_sets,
+        token_strings=len(string_rows or []), notes=notes,
     )
 
 

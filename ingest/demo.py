@@ -2,11 +2,13 @@
 
 Trains the demo run, fine-tunes demo-ft from its last checkpoint, collects the two first-class
 stages for every checkpoint of both runs on one shared token set, trains a BatchTopK crosscoder
-on the base / fine-tuned pair at layer_2_post_mlp, fits a shared feature basis per stage on the
+on the base / fine-tuned pair at layer_2_post_mlp (with its latents' per-source statistics and
+contexts), fits a shared feature basis per stage on the
 demo run's checkpoints (sweep, births, first-vs-last compare), patches the features of
 demo-l2 that changed most into the last checkpoint's model, maps them to the heads and neurons
 that write them (and demo-fn's features to demo-l2's), exports graphs, plots, the artifact layout
-and a milestone report per basis, and summarises the warehouse.
+and a milestone report per basis and the model-diff report of the crosscoder, and summarises
+the warehouse.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
+from featurestore.ingest.crosscoder_sweep import crosscoder_sweep
 from featurestore.ingest.feature_compare import compare_features
 from featurestore.ingest.feature_lineage import feature_lineage
 from featurestore.ingest.feature_patch import feature_patch
@@ -126,6 +129,9 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
         steps=DIFF_STEPS, warehouse=warehouse, progress=progress)
     log(f"      {diff.steps} steps, {diff.seconds:.1f}s, explained variance "
         f"{diff.final_metrics['explained_variance']:.3f}")
+    inspected = crosscoder_sweep(DIFF_BASIS, warehouse=warehouse, progress=progress)
+    log(f"      per-source statistics and contexts of {inspected.live_latents} live latents, "
+        f"{inspected.seconds:.1f}s")
     for stage, name in SHARED_BASES.items():
         log(f"[6/8] shared feature basis {name!r} on {BASE_RUN}'s checkpoints at {stage}")
         fit = shared_feature_fit(BASE_RUN, stage, name, steps=SHARED_FIT_STEPS,
@@ -160,6 +166,8 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
         report = write_report(name, warehouse=warehouse)
         log(f"      {name}: {len(artifacts.files)} files in {artifacts.directory}")
         log(f"      {name}: report {report.html} ({artifacts.seconds + report.seconds:.1f}s)")
+    report = write_report(DIFF_BASIS, warehouse=warehouse)
+    log(f"      {DIFF_BASIS}: model-diff report {report.html} ({report.seconds:.1f}s)")
     return summary(warehouse)
 
 

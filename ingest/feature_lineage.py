@@ -20,19 +20,24 @@ and every feature that passes the causal filter gets edges from what writes it:
 Everything is in the basis's normalised units: feature i's pre-activation is
 norm_scale * (x . W_enc[:, i]) + b_enc[i], so a source writing c into the residual stream moves it
 by norm_scale * (c . W_enc[:, i]). A final_norm basis reads the residual stream after the final
-LayerNorm, which is linearised per token: c becomes gamma * (c - mean(c)) / std, std being that
-token's LayerNorm denominator. Biases (the output biases of attention and MLPs, the final
-LayerNorm's beta, b_enc) are constants and no source; with them, a feature's dfa weights over all
-sources add up to its mean pre-activation where it fires.
+norm, which is linearised per token: a LayerNorm passes c on as gamma * (c - mean(c)) / std, an
+RMSNorm as gamma * c / rms, std and rms being that token's denominator (eps included). Biases (the
+output biases of attention and MLPs, the final LayerNorm's beta, b_enc) are constants and no
+source; with them, a feature's dfa weights over all sources add up to its mean pre-activation
+where it fires.
+
+Where the sources are comes from the model family (featurestore.stages.Family): a block's heads
+are the input of its attention output projection (family.attn_out; head h in columns
+h*d_head:(h+1)*d_head, query heads for grouped-query attention), its neurons the mlp_hidden
+stage, which the MLP output projection (family.mlp_out) reads. Their output weights are those
+projections' weights. In parallel-residual blocks (GPT-NeoX) attention and MLP both read the
+block's input and both write before layer_i_post_mlp.
 
 Causal filter: a feature gets edges when a single-feature `patches` row of the basis at this step
 (metric loss) moved the loss by at least --patch-threshold; without patch rows for the step, the
 --top-features features of highest trajectories.energy at the step pass; --features picks them
 instead. Per feature, method and source type the --top-k edges of largest |weight| at least
 --min-weight are kept.
-
-Only the demo model family is supported: its module names (featurestore.model) fix where each
-head's output and each neuron's output weights are.
 """
 
 from __future__ import annotations
@@ -120,13 +125,12 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
             shared, sets = _load_pooled_basis(wh, con, basis, "--basis")
             chosen = shared.resolve_steps(wanted_steps, "--steps")
             run = get_run(con, shared.run)
-            if run.model_family != "demo":
-                what = ("an external run with no model" if run.model_family is None
-                        else f"a {run.model_family} model")
+            if run.model_family is None:
                 raise FeaturestoreError(
-                    f"--basis {basis}: its run {run.run!r} is {what}; feature-lineage supports the "
-                    "demo model family only for now (its module names fix where each head and "
-                    "neuron writes). Use a basis fitted on a demo run.")
+                    f"--basis {basis}: its run {run.run!r} is an {run.kind} run with no model (its "
+                    "activations were registered), and lineage runs the model to see which heads "
+                    "and neurons write each feature. Use a basis fitted on a run with a model: a "
+                    "trained run or one made by `featurestore register-model`.")
             checkpoints = get_checkpoints(wh, con, shared.run, chosen)
             up = None
             if upstream is not None:
@@ -134,6 +138,7 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
                 _check_upstream(shared, up, chosen)
             reader = open_reader(run, checkpoints[0])
             _check_stages(reader, shared, up)
+            _check_components(reader, run.run)
             selections = {step: _select_features(con, shared, step, features, patch_threshold,
                                                  top_features) for step in chosen}
         finally:
@@ -260,6 +265,53 @@ def _check_stages(reader: StageReader, shared: SharedBasis, up: SharedBasis | No
                 f"stage {shared.stage}; give a basis of an earlier stage as --upstream")
 
 
+def _check_components(reader: StageReader, run: str) -> None:
+    """Lineage splits each block's attention output projection into heads and reads the output
+    weights of both projections and of the unembedding: the modules must be where the family
+    says, Linear (or transformers' Conv1D) layers, and the head count known and a divisor of the
+    attention projection's input width."""
+    family = reader.family
+    if reader.n_heads is None:
+        raise FeaturestoreError(
+            f"the {family.name} model of run {run!r} does not state its number of attention "
+            "heads per block, which lineage needs to split the attention output projection "
+            f"({family.attn_out}) into heads; give it: StageReader(..., n_heads=N), or n_heads "
+            "in a custom model's adapter")
+    _projection(reader, "unembed")
+    for i in range(reader.n_layers):
+        _projection(reader, "mlp_out", i)
+        width = _projection(reader, "attn_out", i).shape[1]
+        if width % reader.n_heads:
+            raise FeaturestoreError(
+                f"{family.attn_out.format(i=i)} of the {family.name} model of run {run!r} reads "
+                f"{width} values, which do not split into {reader.n_heads} heads of equal width")
+
+
+def _projection(reader: StageReader, field_name: str, block: int = 0) -> torch.Tensor:
+    """The [out, in] weight (a detached view) of the projection the family names in
+    `field_name`: attn_out or mlp_out of block `block`, or unembed. nn.Linear stores it so,
+    transformers' Conv1D (GPT-2) as [in, out]."""
+    import torch
+
+    path = getattr(reader.family, field_name).format(i=block)
+    try:
+        layer = reader.module.get_submodule(path)
+    except AttributeError:
+        raise FeaturestoreError(
+            f"the {reader.family.name} model has no module {path!r} (its family's {field_name}); "
+            "lineage reads the components' output weights there") from None
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight.detach()
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):
+        return layer.weight.detach().T
+    raise FeaturestoreError(
+        f"module {path!r} (the {reader.family.name} family's {field_name}) is a "
+        f"{type(layer).__name__}; lineage reads output weights from torch.nn.Linear or "
+        "transformers Conv1D projections only")
+
+
 def _select_features(con, shared: SharedBasis, step: int, features: str | None,
                      patch_threshold: float, top_features: int) -> Selection:
     """--features if given; else the features whose single-feature patch moved the loss by at
@@ -316,8 +368,8 @@ def _set_tokens(acts, n_tokens: int, reader: StageReader) -> torch.Tensor:
 
     token_ids, _ = acts.token_columns().sequences(acts.name, "lineage")
     length = token_ids.shape[1]
-    n_ctx = reader.module.config.n_ctx
-    if length > n_ctx:
+    n_ctx = _context_length(reader.module)
+    if n_ctx is not None and length > n_ctx:
         raise FeaturestoreError(
             f"activation set {acts.name} holds sequences of {length} tokens, longer than the "
             f"model's context of {n_ctx}")
@@ -328,15 +380,28 @@ def _set_tokens(acts, n_tokens: int, reader: StageReader) -> torch.Tensor:
     return torch.from_numpy(token_ids[:-(-n_tokens // length)].copy())
 
 
+def _context_length(module) -> int | None:
+    """The longest sequence the model's config allows (the demo's n_ctx, GPT-2's n_positions,
+    max_position_embeddings elsewhere); None for a model with no such config, which is then read
+    at the length its activation set was collected at."""
+    config = getattr(module, "config", None)
+    for name in ("n_ctx", "n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 # -- reading the model ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Source:
-    """Components that one read covers: a block's attention heads (attn.proj's input, head h in
-    columns h*d_head:(h+1)*d_head) or its MLP neurons (the activations after the nonlinearity)."""
+    """Components that one read covers: a block's attention heads (the input of the family's
+    attn_out projection, head h in columns h*d_head:(h+1)*d_head) or its MLP neurons (the
+    mlp_hidden stage, which the family's mlp_out projection reads)."""
 
-    kind: str  # head | neuron
+    kind: str  # attention_head | mlp_neuron
     block: int
     label: str  # the read's label in Plan.reads
 
@@ -355,7 +420,7 @@ class Plan:
 
     @classmethod
     def for_stage(cls, reader: StageReader, stage: str, upstream_stage: str | None) -> Plan:
-        sites = _demo_sites(reader)
+        sites = _sites(reader)
         labels = [label for label, _ in sites]
         groups = {}
         for i in range(reader.n_layers):
@@ -364,25 +429,31 @@ class Plan:
         sources = [groups[label] for label in labels[:labels.index(stage)] if label in groups]
         wanted = {"embed", stage, *(source.label for source in sources)}
         if stage == "final_norm":
-            wanted.add("final_residual")  # its per-token spread is what the LayerNorm divides by
+            wanted.add("final_residual")  # its per-token spread is what the final norm divides by
         if upstream_stage is not None:
             wanted.add(upstream_stage)
         return cls(stage, sources, [(label, path) for label, path in sites if label in wanted])
 
 
-def _demo_sites(reader: StageReader) -> list[tuple[str, str]]:
-    """(label, nnsight path) of every value lineage can read in the demo model, in the order the
-    forward pass reaches them; stages are labelled by their names."""
+def _sites(reader: StageReader) -> list[tuple[str, str]]:
+    """(label, nnsight path) of every value lineage can read in the model, in the order the
+    forward pass reaches them; stages are labelled by their names. A block's heads come before
+    its post_attn stage (where the family has one) and its MLP: in parallel-residual blocks the
+    MLP reads the block input, not attention's output, yet attention still runs first."""
 
     def stage(name: str) -> tuple[str, str]:
         site = reader.site(name)
         return name, f"{site.module}.{site.port}"
 
+    family = reader.family
     sites = [stage("embed")]
     for i in range(reader.n_layers):
-        sites += [(f"heads_{i}", f"blocks.{i}.attn.proj.input"), stage(f"layer_{i}_post_attn"),
-                  stage(f"layer_{i}_mlp_hidden"), stage(f"layer_{i}_post_mlp")]
-    return sites + [("final_residual", "ln_f.input"), stage("final_norm")]
+        sites.append((f"heads_{i}", f"{family.attn_out.format(i=i)}.input"))
+        if f"layer_{i}_post_attn" in reader.stage_names:
+            sites.append(stage(f"layer_{i}_post_attn"))
+        sites += [stage(f"layer_{i}_mlp_hidden"), stage(f"layer_{i}_post_mlp")]
+    return sites + [("final_residual", f"{family.final_norm.module}.input"),
+                    stage("final_norm")]
 
 
 @dataclass
@@ -438,7 +509,9 @@ def _trace_body(reader: StageReader, plan: Plan, encoder: Encoder) -> BatchReads
 
     live = {}
     for label, path in plan.reads:
-        live[label] = reader.model.get(path)
+        value = reader.model.get(path)
+        # Some blocks return (hidden_states, extras...); the stage is the hidden states.
+        live[label] = value[0] if isinstance(value, tuple) else value
         if label == "embed":
             # The weights are frozen (_step_edges), so the graph starts here, before block 0.
             live[label].requires_grad_(True)
@@ -447,7 +520,7 @@ def _trace_body(reader: StageReader, plan: Plan, encoder: Encoder) -> BatchReads
     firing = activations > 0
     pre = encoder.pre_activations(x)
 
-    n_heads = reader.module.config.n_heads
+    n_heads = reader.n_heads
     grad_x_act = {source.label: torch.zeros(
         len(encoder.features),
         n_heads if source.kind == "attention_head" else live[source.label].shape[-1],
@@ -471,40 +544,97 @@ def _trace_body(reader: StageReader, plan: Plan, encoder: Encoder) -> BatchReads
 # -- attribution ------------------------------------------------------------------------------
 
 
-def _direct_sums(reads: BatchReads, plan: Plan, module, encoder: Encoder) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class FinalNorm:
+    """The model's final norm, linearised per token: a write c to the residual stream reaches the
+    final_norm stage as gamma * centre(c) / denominator, where a LayerNorm centres (c - mean(c))
+    and divides by the token's std, and an RMSNorm does not centre and divides by the token's rms
+    (both with eps under the root). Its bias, if any, is a constant and no source's."""
+
+    kind: str  # layernorm | rmsnorm (Family.final_norm_kind)
+    gamma: torch.Tensor  # [d], float64
+    eps: float
+
+    @classmethod
+    def of(cls, reader: StageReader) -> FinalNorm:
+        path = reader.family.final_norm.module
+        norm = reader.module.get_submodule(path)
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))  # LlamaRMSNorm's name
+        if eps is None:
+            raise FeaturestoreError(
+                f"the final norm {path!r} ({type(norm).__name__}) has no eps or variance_epsilon "
+                "attribute; lineage needs it to linearise the norm for a final_norm basis")
+        return cls(reader.family.final_norm_kind, norm.weight.detach().double(), float(eps))
+
+    def centre(self, values: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return values - values.mean(dim=dim, keepdim=True)
+        return values
+
+    def read_directions(self, directions: torch.Tensor) -> torch.Tensor:
+        """[d, F]: the directions the stage's encoder rows [d, F] amount to on a write c before
+        the norm, less the per-token denominator: (gamma * centre(c)) . w = c . centre(gamma * w),
+        centring being symmetric."""
+        return self.centre(self.gamma[:, None] * directions, dim=0)
+
+    def passes_on(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, d]: directions written before the norm as it passes them on, up to the per-token
+        denominator."""
+        return self.gamma * self.centre(rows, dim=1)
+
+    def denominator(self, residual: torch.Tensor) -> torch.Tensor:
+        """[n]: each token's std (LayerNorm) or rms (RMSNorm) of the norm's input [n, d]."""
+        spread = (residual.var(dim=1, unbiased=False) if self.kind == "layernorm"
+                  else residual.pow(2).mean(dim=1))
+        return (spread + self.eps).sqrt()
+
+
+@dataclass(frozen=True)
+class ReadOuts:
+    """What a unit written by each source adds to each selected feature's pre-activation, before
+    the per-token factor (norm_scale, and for a final_norm basis 1 / the norm's denominator):
+    fixed per step, so formed once."""
+
+    embed: torch.Tensor  # [d, F]: the residual-stream directions the features read
+    sources: dict[str, torch.Tensor]  # source label -> [width of its read, F]
+    norm: FinalNorm | None  # the final norm, for a final_norm basis
+
+    @classmethod
+    def build(cls, reader: StageReader, plan: Plan, encoder: Encoder) -> ReadOuts:
+        directions = encoder.directions()  # [d, F]
+        norm = FinalNorm.of(reader) if plan.stage == "final_norm" else None
+        if norm is not None:
+            directions = norm.read_directions(directions)
+        field_names = {"attention_head": "attn_out", "mlp_neuron": "mlp_out"}
+        # Head h writes through columns h*d_head:(h+1)*d_head of attn_out, neuron k through
+        # column k of mlp_out: the projection's transpose maps each read value to the features.
+        sources = {source.label: _projection(reader, field_names[source.kind], source.block)
+                   .double().T @ directions for source in plan.sources}
+        return cls(directions, sources, norm)
+
+
+def _direct_sums(reads: BatchReads, plan: Plan, read_outs: ReadOuts, encoder: Encoder,
+                 n_heads: int) -> dict[str, np.ndarray]:
     """Per source, the sum over the tokens where each feature fires of the source's direct
     contribution to its pre-activation: label -> [F, heads or neurons]; "embed" -> [F, 1]."""
     import torch
 
-    directions = encoder.directions()  # [d, F]
     firing = (reads.activations > 0).double()
-    if plan.stage == "final_norm":
-        # The LayerNorm linearised per token: a contribution c reaches the stage as
-        # gamma * (c - mean(c)) / std, and (c - mean(c)) . w = c . (w - mean(w)).
-        directions = module.ln_f.weight.detach().double()[:, None] * directions
-        directions = directions - directions.mean(dim=0)
-        residual = reads.values["final_residual"].double()
-        std = (residual.var(dim=1, unbiased=False) + module.ln_f.eps).sqrt()
-        weights = firing * (encoder.scale / std)[:, None]  # [n, F]
-    else:
-        weights = firing * encoder.scale
+    weights = firing * encoder.scale  # [n, F]
+    if read_outs.norm is not None:
+        weights = weights / read_outs.norm.denominator(
+            reads.values["final_residual"].double())[:, None]
     embed = reads.values["embed"].double()
-    sums = {"embed": ((embed @ directions) * weights).sum(dim=0)[:, None].numpy()}
+    sums = {"embed": ((embed @ read_outs.embed) * weights).sum(dim=0)[:, None].numpy()}
     for source in plan.sources:
         value = reads.values[source.label].double()
+        read_out = read_outs.sources[source.label]
         if source.kind == "attention_head":
-            # Head h writes its output through columns h*d_head:(h+1)*d_head of proj.weight.
-            proj = module.blocks[source.block].attn.proj.weight.detach().double()
-            n_heads = module.config.n_heads
-            read_out = torch.einsum("dhk,df->hkf", proj.reshape(len(proj), n_heads, -1),
-                                    directions)
-            per_head = value.reshape(len(value), n_heads, -1)
-            sums[source.label] = torch.einsum("nhk,hkf,nf->fh", per_head, read_out,
-                                              weights).numpy()
+            sums[source.label] = torch.einsum(
+                "nhk,hkf,nf->fh", value.reshape(len(value), n_heads, -1),
+                read_out.reshape(n_heads, -1, read_out.shape[1]), weights).numpy()
         else:
-            # Neuron k writes its activation times column k of mlp.proj.weight.
-            out = module.blocks[source.block].mlp.proj.weight.detach().double()
-            sums[source.label] = ((weights.T @ value) * (out.T @ directions).T).numpy()
+            sums[source.label] = ((weights.T @ value) * read_out.T).numpy()
     return sums
 
 
@@ -542,10 +672,10 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
     selected features that never fired."""
     if not features:
         return [], []
-    module = reader.module
-    module.requires_grad_(False)  # gradients are wanted for activations only
+    reader.module.requires_grad_(False)  # gradients are wanted for activations only
     encoder = Encoder(shared, features, _norm_scale(shared, step))
     plan = Plan.for_stage(reader, shared.stage, None if up is None else up.stage)
+    read_outs = ReadOuts.build(reader, plan, encoder)
     up_encoder = correlations = None
     if up is not None:
         up_encoder = Encoder(up, list(range(up.d_hidden)), _norm_scale(up, step))
@@ -557,7 +687,8 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
     for start in range(0, len(tokens), BATCH_SEQUENCES):
         reads = _read_batch(reader, plan, encoder, tokens[start:start + BATCH_SEQUENCES])
         firing += (reads.activations > 0).sum(dim=0).numpy()
-        for label, value in _direct_sums(reads, plan, module, encoder).items():
+        for label, value in _direct_sums(reads, plan, read_outs, encoder,
+                                         reader.n_heads).items():
             direct[label] = direct.get(label, 0.0) + value
         for label, value in reads.grad_x_act.items():
             grad_x_act[label] = grad_x_act.get(label, 0.0) + value.numpy()
@@ -584,10 +715,11 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
                 edges += _ranked(method, [(kind, i, *target) for i in ids], weights, top_k,
                                  min_weight)
     if up is not None:
-        edges += _upstream_edges(shared, up, features, fired, correlations.correlation(), module,
-                                 top_k, min_weight)
+        edges += _upstream_edges(shared, up, features, fired, correlations.correlation(),
+                                 read_outs.norm, top_k, min_weight)
     if shared.stage == "final_norm":
-        edges += _logit_edges(shared, step, features, module, top_k, min_weight)
+        edges += _logit_edges(shared, step, features, _projection(reader, "unembed"), top_k,
+                              min_weight)
     return edges, [f for j, f in enumerate(features) if not fired[j]]
 
 
@@ -596,14 +728,17 @@ def _norm_scale(basis: SharedBasis, step: int) -> float:
 
 
 def _upstream_edges(shared: SharedBasis, up: SharedBasis, features: list[int], fired: np.ndarray,
-                    correlation: np.ndarray, module, top_k: int, min_weight: float) -> list[dict]:
-    """decoder_cosine and activation_correlation edges from the upstream basis's features."""
+                    correlation: np.ndarray, norm: FinalNorm | None, top_k: int,
+                    min_weight: float) -> list[dict]:
+    """decoder_cosine and activation_correlation edges from the upstream basis's features; for a
+    final_norm basis `norm` is the final norm."""
+    import torch
+
     up_decoder = up.decoder_directions(0)  # [h_up, d]; pooled: one decoder for all checkpoints
-    if shared.stage == "final_norm":
-        # An upstream direction as the final LayerNorm passes it on: centred, times the gain (and
-        # divided by each token's std, which leaves a cosine unchanged).
-        gamma = module.ln_f.weight.detach().double().numpy()
-        up_decoder = gamma * (up_decoder - up_decoder.mean(axis=1, keepdims=True))
+    if norm is not None:
+        # An upstream direction as the final norm passes it on (the per-token denominator leaves
+        # a cosine unchanged).
+        up_decoder = norm.passes_on(torch.from_numpy(up_decoder).double()).numpy()
     decoder = shared.decoder_directions(0)[features]  # [F, d]
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = (decoder @ up_decoder.T) / np.outer(np.linalg.norm(decoder, axis=1),
@@ -618,13 +753,13 @@ def _upstream_edges(shared: SharedBasis, up: SharedBasis, features: list[int], f
     return edges
 
 
-def _logit_edges(shared: SharedBasis, step: int, features: list[int], module, top_k: int,
-                 min_weight: float) -> list[dict]:
-    """dla edges: the logits each feature's decoder direction adds to every token, in raw units
-    (the final_norm output the unembedding reads); half of top_k for the most promoted tokens,
-    the rest for the most suppressed."""
+def _logit_edges(shared: SharedBasis, step: int, features: list[int], unembed: torch.Tensor,
+                 top_k: int, min_weight: float) -> list[dict]:
+    """dla edges: the logits each feature's decoder direction adds to every token through the
+    unembedding [vocab, d], in raw units (the final_norm output the unembedding reads); half of
+    top_k for the most promoted tokens, the rest for the most suppressed."""
     decoder = shared.decoder_directions(0)[features] / _norm_scale(shared, step)
-    logits = decoder @ module.unembed.weight.detach().double().numpy().T  # [F, vocab]
+    logits = decoder @ unembed.double().numpy().T  # [F, vocab]
     edges = []
     for j, feature in enumerate(features):
         row = logits[j]

@@ -1,21 +1,26 @@
 """`featurestore register-activations`: bring activations collected elsewhere into the warehouse.
 
-The files stay where they are (an absolute path is recorded); they are checked once, completely,
-before anything is registered: the columns, a fixed width, finite values. A set registered with
---run/--step/--stage is an ordinary activation set for every later job. If the run is not in the
-warehouse it is created as an `external` run (no model), with a checkpoint row per step.
+Input in the activation-set format (a datasets folder or Parquet file whose activations are a
+fixed-length float32 list) stays where it is (an absolute path is recorded). Every other accepted
+form (featurestore.activation_inputs: float16/float64 values, variable-length lists of one width,
+.npz arrays) is converted once, slice by slice, into an ordinary activation set inside the
+warehouse; the input file is only read. Either way the set is checked completely before anything
+is registered: the columns, one width, finite values. A set registered with --run/--step/--stage
+is an ordinary activation set for every later job. If the run is not in the warehouse it is
+created as an `external` run (no model), with a checkpoint row per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from featurestore.activation_inputs import open_input
 from featurestore.activations import (
-    TOKEN_COLUMNS,
     ActivationSet,
+    ActivationSetWriter,
+    TokenColumns,
     check_finite,
     norm_sample,
     norm_scale,
@@ -27,17 +32,22 @@ from featurestore.warehouse import Warehouse, package_version, utc_now
 
 # Rows checked per slice, so a large set is validated without loading it whole.
 CHECK_ROWS = 65_536
+# Where converted sets tied to no checkpoint (--name) go, under activations/; run names start
+# with a letter or digit, so this folder never collides with a run's.
+NAMED_SETS = "_named"
 
 
 @dataclass
 class RegisterResult:
     name: str
-    path: str
+    path: str  # where the set is read from: the input itself, or its converted copy
     format: str
     n_tokens: int
     d_model: int
     norm_scale: float
     created_run: bool
+    input_path: str  # the file or folder given
+    converted_from: str | None  # the input's form when it was converted; None: used in place
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +55,7 @@ class RegisterResult:
 
 def register_activations(path: str, name: str | None = None, run: str | None = None,
                          step: int | None = None, stage: str | None = None,
-                         include_first_position: bool = False,
+                         include_first_position: bool = False, token_ids: str | None = None,
                          warehouse: str | None = None) -> RegisterResult:
     tied = [run is not None, step is not None, stage is not None]
     if name is not None and any(tied):
@@ -61,56 +71,72 @@ def register_activations(path: str, name: str | None = None, run: str | None = N
         check_name(stage, "stage name")
         name = activation_set_name(run, step, stage)
 
-    source = Path(path).expanduser().resolve()
-    fmt = "parquet" if source.is_file() and source.suffix == ".parquet" else "hf_dataset"
-    try:
-        activations = ActivationSet(source, fmt, name=name)
-    except InvalidActivationsError as error:
-        raise InvalidActivationsError(f"{source}: {error}") from None
-    missing = [c for c in TOKEN_COLUMNS if c not in activations.table.column_names]
-    if missing:
-        raise InvalidActivationsError(
-            f"{source} lacks column(s) {', '.join(missing)}; an activation set needs "
-            f"activations, {', '.join(TOKEN_COLUMNS)}"
-        )
-    for start in range(0, len(activations), CHECK_ROWS):
-        rows = activations.rows(np.arange(start, min(start + CHECK_ROWS, len(activations))))
-        check_finite(rows, f"{source} rows {start}..{start + len(rows) - 1}")
-    tokens = activations.token_columns()
-    sample = norm_sample(tokens.position, exclude_first=not include_first_position)
-    scale = norm_scale(activations.rows(sample))
+    given = open_input(path, token_ids)
+    relative = (f"activations/{NAMED_SETS}/{name}" if run is None
+                else f"activations/{run}/{stage}/step_{step:09d}")
+    if given.in_place:  # checked before the lock is taken: nothing is written but rows
+        activations = ActivationSet(given.path, given.kind, name=name)
+        tokens, scale = _check(activations, str(given.path), include_first_position)
 
     wh = Warehouse(warehouse)
     created_run = False
     with wh.writer(f"register-activations {name}") as writer:
         if run is not None:
-            created_run = _ensure_checkpoint(wh, writer, run, step, activations.d_model)
+            created_run = _ensure_checkpoint(wh, writer, run, step, given.d_model)
+        if given.in_place:
+            stored, fmt, source = str(given.path), given.kind, "registered"
+        else:
+            target = wh.path(relative).resolve()
+            if given.path == target or target in given.path.parents:
+                raise FeaturestoreError(
+                    f"{given.path} lies where its converted copy would go ({target}), which the "
+                    "registration replaces; move the input out of the warehouse first")
+            staged = writer.stage_dir(relative)
+            with ActivationSetWriter(staged, given.d_model) as out:
+                for values, columns in given.slices():
+                    out.write(values, columns)
+            activations = ActivationSet(staged, "hf_dataset", name=name)
+            tokens, scale = _check(activations, f"{given.path} (converted to float32)",
+                                   include_first_position)
+            stored, fmt, source = relative, "hf_dataset", "converted"
         writer.put("activation_sets", [{
-            "name": name, "run": run, "step": step, "stage": stage, "path": str(source),
-            "format": fmt, "source": "registered", "n_tokens": len(activations),
+            "name": name, "run": run, "step": step, "stage": stage, "path": stored,
+            "format": fmt, "source": source, "n_tokens": len(activations),
             "d_model": activations.d_model, "norm_scale": scale,
             "norm_excludes_first": not include_first_position,
-            "tokens_fingerprint": tokens.fingerprint(), "token_source": f"registered {source}",
+            "tokens_fingerprint": tokens.fingerprint(),
+            "token_source": (f"registered {given.path}" if given.in_place else
+                             f"converted from {given.path} ({given.form})"),
             "created_at": utc_now(),
         }])
-    return RegisterResult(name, str(source), fmt, len(activations), activations.d_model, scale,
-                          created_run)
+    return RegisterResult(name, str(wh.path(stored)), fmt, len(activations), activations.d_model,
+                          scale, created_run, str(given.path),
+                          None if given.in_place else given.form)
+
+
+def _check(activations: ActivationSet, what: str,
+           include_first_position: bool) -> tuple[TokenColumns, float]:
+    """Check every row is finite, slice by slice; (the token columns, the norm scale)."""
+    for start in range(0, len(activations), CHECK_ROWS):
+        rows = activations.rows(np.arange(start, min(start + CHECK_ROWS, len(activations))))
+        check_finite(rows, f"{what} rows {start}..{start + len(rows) - 1}")
+    tokens = activations.token_columns()
+    sample = norm_sample(tokens.position, exclude_first=not include_first_position)
+    return tokens, norm_scale(activations.rows(sample))
 
 
 def _ensure_checkpoint(wh: Warehouse, writer, run: str, step: int, d_model: int) -> bool:
     """Check run@step can take this set; create an external run or checkpoint row if needed."""
-    known_run, steps = None, set()
-    if wh.exists():
-        con = wh.connect()
-        try:
-            found = con.execute("SELECT kind, d_model FROM runs WHERE run = ?", [run]).fetchall()
-            known_run = found[0] if found else None
-            if known_run and known_run[0] != "external":
-                get_checkpoints(wh, con, run, [step])  # a model run: the step must exist
-            steps = {s for (s,) in con.execute(
-                "SELECT step FROM checkpoints WHERE run = ?", [run]).fetchall()}
-        finally:
-            con.close()
+    con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
+    try:
+        found = con.execute("SELECT kind, d_model FROM runs WHERE run = ?", [run]).fetchall()
+        known_run = found[0] if found else None
+        if known_run and known_run[0] != "external":
+            get_checkpoints(wh, con, run, [step])  # a model run: the step must exist
+        steps = {s for (s,) in con.execute(
+            "SELECT step FROM checkpoints WHERE run = ?", [run]).fetchall()}
+    finally:
+        con.close()
     if known_run and known_run[1] is not None and known_run[1] != d_model:
         raise InvalidActivationsError(
             f"d_model mismatch: run {run!r} has d_model {known_run[1]} but the set has {d_model}"

@@ -4,8 +4,9 @@ Pools the stage's activations from the listed checkpoints (equal tokens per chec
 checkpoint normalised by its own norm scale), trains a dictionary on them with the crosscoder
 trainer, checks that the fit is good enough to support claims about features, and registers it:
 the weights under warehouse/bases/<name>/, rows in `bases` (with the fit-quality report),
-`features`, `decoder_directions` and `training_metrics`. A fit that fails a quality bound is
-reported, bound by bound, and registers nothing.
+`features`, `decoder_directions` and `training_metrics`. A fit that fails a quality bound
+(featurestore.fit_quality, the policy train-crosscoder applies too) is reported, bound by bound,
+registers nothing, and is kept under warehouse/rejected/<name>/ for inspection.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, utc_now
 
@@ -36,39 +38,6 @@ MIN_NOVELTY_WEIGHT = 0.05  # every checkpoint adds something to the fit
 # Above this share of the dictionary active at the first checkpoint and silent at the last,
 # the fit says so.
 FIRST_NOT_LAST_WARNING = 0.25
-
-
-@dataclass(frozen=True)
-class FitBounds:
-    """What a basis must reach before anything is claimed from it."""
-
-    min_explained_variance: float = 0.8  # at every checkpoint
-    max_active_fraction: float = 0.05  # mean share of features active per token
-    max_dead_fraction: float = 0.5  # share of features never active on the evaluation tokens
-
-    def failures(self, report: dict) -> list[str]:
-        """The bounds the report misses. Explained variance is bounded at the checkpoints the
-        basis was fitted on; one left out of the fit (--init-weight 0) is reported, not bounded."""
-        failed = []
-        fitted = {step: ev for step, ev in report["explained_variance"].items()
-                  if step not in report.get("unfitted_steps", [])}
-        worst = min(fitted.items(), key=lambda kv: kv[1])
-        if worst[1] < self.min_explained_variance:
-            failed.append(
-                f"explained variance {worst[1]:.3f} at step {worst[0]} is below "
-                f"--min-explained-variance {self.min_explained_variance} "
-                f"(short by {self.min_explained_variance - worst[1]:.3f})")
-        if report["active_fraction"] > self.max_active_fraction:
-            failed.append(
-                f"mean active fraction {report['active_fraction']:.4f} is above "
-                f"--max-active-fraction {self.max_active_fraction} "
-                f"(over by {report['active_fraction'] - self.max_active_fraction:.4f})")
-        if report["dead_fraction"] > self.max_dead_fraction:
-            failed.append(
-                f"dead fraction {report['dead_fraction']:.3f} is above --max-dead-fraction "
-                f"{self.max_dead_fraction} (over by "
-                f"{report['dead_fraction'] - self.max_dead_fraction:.3f})")
-        return failed
 
 
 @dataclass
@@ -183,12 +152,17 @@ def shared_feature_fit(
         report["checkpoint_weights"] = {str(step): w for step, w in zip(steps_chosen, weights)}
         report["unfitted_steps"] = [str(step) for step, w in zip(steps_chosen, weights)
                                     if w == 0]
-        failed = bounds.failures(report)
+        failed = bounds.failures(report, "step", report["unfitted_steps"])
         if failed:
-            raise FeaturestoreError(
-                f"shared-feature-fit {name}: the fit is too poor to support claims, so nothing "
-                "was registered:\n  - " + "\n  - ".join(failed) + "\nTrain longer (--steps), "
-                "change the dictionary (--dict-size, --k), or relax the bound if you accept it.")
+            def save_weights(folder):
+                model.save(folder)
+                for offset, other in enumerate(models[1:], start=1):
+                    other.save(folder / seed_folder(seed + offset))
+
+            reject_fit(wh, "shared-feature-fit", name, report, failed, save_weights, {
+                "run": run, "stage": stage, "kind": kind, "config": config.to_dict(),
+                "trainer_config": trainer.to_dict(), "seeds": list(range(seed, seed + seeds))},
+                advice="Train longer (--steps) or change the dictionary (--dict-size, --k).")
         stability = seed_stability(models) if seeds > 1 else None
 
         from featurestore.ingest.train_crosscoder import (
@@ -204,6 +178,8 @@ def shared_feature_fit(
         # too, so that feature-birth-analyze can say how far births agree across seeds.
         for offset, other in enumerate(models[1:], start=1):
             other.save(staged / seed_folder(seed + offset))
+        if rejected_path(wh, name).exists():  # an earlier rejected fit is superseded
+            writer.remove_dir(f"{REJECTED_DIR}/{name}")
         writer.put("bases", [{
             "name": name, "kind": kind, "arch": arch, "n_sources": config.n_sources,
             "d_model": data.d_model, "d_hidden": config.d_hidden,

@@ -4,10 +4,16 @@ The sources are either all activation sets (LABEL=SET) or, with --tokens-from, a
 (LABEL=RUN@STEP:STAGE or LABEL=hf:DIR:STAGE) read through an activation buffer while training,
 with no activation files written (featurestore.activation_buffer).
 
-Outputs, in one commit: the weights under warehouse/bases/<name>/, and rows in `bases`,
-`features` (decoder geometry, activation statistics, latent scaling), `decoder_directions` and
-`training_metrics`. The resumable training state lives in warehouse/training/<name>/ while the
-job runs (it survives a kill, for --resume) and is removed once the basis is registered.
+Outputs, in one commit: the weights under warehouse/bases/<name>/, and rows in `bases` (with
+the fit-quality report), `features` (decoder geometry, activation statistics, latent scaling),
+`decoder_directions` and `training_metrics`. The resumable training state lives in
+warehouse/training/<name>/ while the job runs (it survives a kill, for --resume) and is removed
+once the basis is registered.
+
+A crosscoder that misses a quality bound (featurestore.fit_quality, the policy
+shared-feature-fit applies too) registers nothing: its weights and report go to
+warehouse/rejected/<name>/, and its training state stays, so --resume with a relaxed bound
+registers those same weights without training again.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import math
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, utc_now
 
@@ -41,6 +48,7 @@ class CrossCoderJobResult:
     tokens: int
     final_metrics: dict
     seconds: float
+    notes: list[str] = field(default_factory=list)  # about the token file (--tokens-from)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,26 +134,50 @@ def train_crosscoder_job(
     seed: int = 0,
     tokens_from: str | None = None,
     pool_batches: int = DEFAULT_POOL_BATCHES,
+    epochs: int = 1,
+    text_column: str = "text",
+    tokenizer: str | None = None,
+    seq_len: int | None = None,
+    splits: list[str] | tuple[str, ...] | None = None,
+    min_explained_variance: float = FitBounds.min_explained_variance,
+    max_active_fraction: float = FitBounds.max_active_fraction,
+    max_dead_fraction: float = FitBounds.max_dead_fraction,
     wandb: bool = False,
     warehouse: str | None = None,
     progress: bool = True,
 ) -> CrossCoderJobResult:
     """Train and register a crosscoder. With tokens_from the sources are models, `tokens`
-    bounds the token stream (each token is used once) and the pool holds pool_batches batches."""
+    bounds the token stream (each token used once per epoch, `epochs` times) and the pool holds
+    pool_batches batches. The fit must reach the bounds (featurestore.fit_quality)."""
     import time
 
     import torch
 
     from featurestore.activation_buffer import open_model_buffer
     from featurestore.aligned import AlignedActivations
+    from featurestore.corpus import CorpusOptions
     from featurestore.crosscoder import CrossCoder, CrossCoderConfig
-    from featurestore.crosscoder_training import Distributed, TrainerConfig, train_crosscoder
+    from featurestore.crosscoder_training import (
+        MIN_STEPS,
+        Distributed,
+        TrainerConfig,
+        check_enough_steps,
+        train_crosscoder,
+    )
+    from featurestore.token_text import missing_token_strings
 
     check_name(name, "basis name")
     if steps is not None and tokens is not None:
         raise FeaturestoreError("give --steps or --tokens, not both")
     if pool_batches < 1:
         raise FeaturestoreError(f"--pool-batches must be at least 1, got {pool_batches}")
+    if epochs < 1:
+        raise FeaturestoreError(f"--epochs must be at least 1, got {epochs}")
+    if epochs > 1 and tokens_from is None:
+        raise FeaturestoreError(
+            f"--epochs {epochs} replays the token stream of --tokens-from; activation sets are "
+            "read for as many passes as --steps or --tokens need, so drop --epochs")
+    bounds = FitBounds(min_explained_variance, max_active_fraction, max_dead_fraction)
     parsed = [parse_source(s) for s in sources]
     labels = [label for label, _ in parsed]
     if len(set(labels)) != len(labels):
@@ -167,13 +199,25 @@ def train_crosscoder_job(
                 source_rows = [{"label": source.label, **info,
                                 "norm_scale": float(source.activations.norm_scale)}
                                for source, info in resolved]
-                steps = steps or (math.ceil(tokens / batch_size) if tokens else defaults.steps)
+                if steps is None and tokens is not None:
+                    steps = math.ceil(tokens / batch_size)
+                    fixes = [f"give more --tokens (at least {MIN_STEPS * batch_size})"]
+                    if tokens // MIN_STEPS:
+                        fixes.append(f"a smaller --batch-size (at most {tokens // MIN_STEPS})")
+                    check_enough_steps(steps, f"--tokens {tokens} // --batch-size {batch_size}",
+                                       fixes)
+                steps = steps or defaults.steps
             else:
+                options = CorpusOptions(text_column, seq_len,
+                                        None if splits is None else tuple(splits))
                 data, steps = open_model_buffer(wh, con, parsed, tokens_from, tokens,
                                                 pool_batches * batch_size, seed, batch_size,
-                                                steps, defaults.steps)
+                                                steps, defaults.steps, epochs, options, tokenizer)
                 source_rows = [{"label": source.label, **source.info, "norm_scale": scale}
                                for source, scale in zip(data.sources, data.scales)]
+                # The source runs' token strings, for any that has none yet (as collect does).
+                string_rows = missing_token_strings(
+                    con, [(s.run_info, s.folder) for s in data.sources if s.run_info], tokenizer)
         finally:
             con.close()
         d_hidden = dict_size or 16 * data.d_model
@@ -210,23 +254,37 @@ def train_crosscoder_job(
             return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
                                        {}, time.perf_counter() - started)
 
-        stats = feature_statistics(model, data)
+        report, stats = fit_report(model, data)
+        report["bounds"] = asdict(bounds)
+        # Trained from models, the settings include where the tokens came from.
+        trainer_config = (trainer.to_dict() if tokens_from is None else
+                          {**trainer.to_dict(), "data": data.describe()})
+        failed = bounds.failures(report, "source")
+        if failed:
+            reject_fit(wh, "train-crosscoder", name, report, failed, model.save, {
+                "sources": source_rows, "config": config.to_dict(),
+                "trainer_config": trainer_config, "final_metrics": result.final},
+                advice=f"Train longer (--steps, --tokens{', --epochs' if tokens_from else ''}) "
+                       f"or change the dictionary (--dict-size, --k, --l1-coeff). The training "
+                       f"state stays in {state_dir}: the same command with a relaxed bound and "
+                       "--resume registers these weights without training again.")
         from featurestore.latent_scaling import latent_scaling
 
         scaling = latent_scaling(model, data.in_order(EVAL_BATCH, EVAL_TOKENS))
         relative = f"bases/{name}"
         model.save(writer.stage_dir(relative))
+        if rejected_path(wh, name).exists():  # an earlier rejected fit is superseded
+            writer.remove_dir(f"{REJECTED_DIR}/{name}")
         writer.put("bases", [{
             "name": name, "kind": "crosscoder", "arch": arch, "n_sources": len(labels),
             "d_model": data.d_model, "d_hidden": d_hidden,
             "k": k if arch == "batchtopk" else None,
             "sources": source_rows,
             "config": json.dumps(config.to_dict()),
-            # Trained from models, the settings include where the tokens came from.
-            "trainer_config": json.dumps(trainer.to_dict() if tokens_from is None else
-                                         {**trainer.to_dict(), "data": data.describe()}),
+            "trainer_config": json.dumps(trainer_config),
             "path": relative, "steps": result.steps, "tokens": result.tokens,
-            "final_metrics": json.dumps(result.final), "created_at": utc_now(),
+            "final_metrics": json.dumps(result.final), "fit_quality": json.dumps(report),
+            "created_at": utc_now(),
         }])
         writer.put("features", feature_rows(name, model, stats, scaling),
                    replace_where={"basis": name})
@@ -234,27 +292,44 @@ def train_crosscoder_job(
                    replace_where={"basis": name})
         writer.put("training_metrics", training_metric_rows(name, result.metrics),
                    replace_where={"basis": name})
+        if tokens_from is not None and string_rows:
+            writer.put("token_strings", string_rows)
     shutil.rmtree(state_dir, ignore_errors=True)  # registered: the resume state is not needed
     return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
-                               result.final, time.perf_counter() - started)
+                               result.final, time.perf_counter() - started,
+                               notes=list(data.tokens.notes) if tokens_from else [])
 
 
-def feature_statistics(model, data) -> dict[str, np.ndarray]:
-    """Frequency, mean (when active) and max activation of every latent, with the inference rule."""
+def fit_report(model, data) -> tuple[dict, dict[str, np.ndarray]]:
+    """The fit-quality report (explained variance per source, L0, active and dead fraction) and
+    the feature statistics (frequency, mean when active, max activation of every latent), in one
+    pass over the first EVAL_TOKENS tokens with the inference rule, in normalised units."""
     import torch
+
+    from featurestore.shared_basis import ReconstructionSums
 
     h = model.config.d_hidden
     count, total, peak, seen = np.zeros(h), np.zeros(h), np.zeros(h), 0
+    sums = [ReconstructionSums() for _ in model.config.source_labels]
     with torch.no_grad():
         for x in data.in_order(EVAL_BATCH, EVAL_TOKENS):
-            f = model.encode(x, normalized=True).double().numpy()
+            latents = model.encode(x, normalized=True)
+            x_hat = model.decode(latents, normalized=True).double().numpy()
+            f = latents.double().numpy()
             count += (f > 0).sum(axis=0)
             total += f.sum(axis=0)
             peak = np.maximum(peak, f.max(axis=0))
             seen += f.shape[0]
+            for s, source_sums in enumerate(sums):
+                source_sums.add(x[:, s].double().numpy(), x_hat[:, s])
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
-    return {"frequency": count / seen, "mean": mean, "max": peak}
+    l0 = count.sum() / seen
+    report = {"explained_variance": {label: source_sums.explained_variance for label, source_sums
+                                     in zip(model.config.source_labels, sums)},
+              "l0": float(l0), "active_fraction": float(l0 / h),
+              "dead_fraction": float((count == 0).mean()), "eval_tokens": seen}
+    return report, {"frequency": count / seen, "mean": mean, "max": peak}
 
 
 def feature_rows(name, model, stats, scaling=None) -> list[dict]:

@@ -10,6 +10,7 @@ bounded by the batch and the basis) gathers everything the tables need:
                          squares x ~ f W + b over all tokens (from the sums F'F and F'x)
     feature_activations  every non-zero activation, one Parquet file per checkpoint
     feature_examples     the top EXAMPLES activations per feature, with their token contexts
+                         (as text too, when the basis's run has token_strings)
     checkpoint_summary   explained variance, relative error, L0, dead fraction
     split_profiles       per feature and token split: activation rate and mean activation
 
@@ -79,6 +80,7 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
                              warehouse: str | None = None, progress: bool = True) -> SweepResult:
     from featurestore.registry import parse_steps
     from featurestore.shared_basis import load_shared_basis
+    from featurestore.token_text import TokenStrings
 
     if workers < 1:
         raise FeaturestoreError(f"--workers must be at least 1, got {workers}")
@@ -88,6 +90,7 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
         con = wh.connect()
         try:
             shared, sets = load_shared_basis(wh, con, basis)
+            strings = TokenStrings.load(con, shared.run)  # None: examples stay token ids
         finally:
             con.close()
         available = shared.steps
@@ -116,6 +119,8 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
                                                          for c in indices])
 
         tables = sweep_tables(basis, sweeps)
+        if strings is not None:
+            strings.decode_examples(tables["feature_examples"])
         tables["seed_trajectories"] = seed_trajectory_rows(shared, sweeps)
         for table, rows in tables.items():
             writer.put(table, rows)

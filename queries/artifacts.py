@@ -8,7 +8,12 @@ Teams that read files rather than the warehouse get, under
                                              with each checkpoint's step and norm scale
     shared_feature_basis.json                the bases row: kind, config, fit quality, stability,
                                              checkpoints
-    shared_feature_basis_features.json       one object per feature (features table)
+    shared_feature_basis_features.json       one object per feature (features table), with
+                                             top_examples: its top contexts at the last swept
+                                             checkpoint (token and context as text, the token
+                                             marked ⟦token⟧; token ids where there is no text)
+    feature_examples.jsonl                   one feature_examples row per line, every step, with
+                                             the same token and context for reading
     feature_trajectories.jsonl               one trajectories row per line
     feature_checkpoint_summary.json          checkpoint_summary rows
     feature_split_profiles.json              split_profiles rows
@@ -109,8 +114,20 @@ def _write_tables(wh: Warehouse, con, basis: str, basis_row: dict, directory: Pa
         "fit_quality": json.loads(basis_row["fit_quality"] or "null"),
         "final_metrics": json.loads(basis_row["final_metrics"] or "null")})
     by_basis = "WHERE basis = ? ORDER BY ALL"
+    # Each feature with its top contexts at the last swept checkpoint, readable as text.
+    examples: dict[int, list[dict]] = {}
+    for row in json_records(con, f"""
+            SELECT feature_id, step, rank, value, split, {_SHOWN_EXAMPLE}
+            FROM feature_examples
+            WHERE basis = ? AND step = (SELECT max(step) FROM feature_examples WHERE basis = ?)
+            ORDER BY feature_id, rank""", [basis, basis]):
+        examples.setdefault(row.pop("feature_id"), []).append(row)
+    features = json_records(con, f"SELECT * FROM features {by_basis}", [basis])
     _write_json(directory / "shared_feature_basis_features.json",
-                json_records(con, f"SELECT * FROM features {by_basis}", [basis]))
+                [{**f, "top_examples": examples.get(f["feature_id"], [])} for f in features])
+    _write_jsonl(directory / "feature_examples.jsonl", json_records(
+        con, f"SELECT *, {_SHOWN_EXAMPLE} FROM feature_examples WHERE basis = ? "
+             "ORDER BY feature_id, step, rank", [basis]))
     _write_jsonl(directory / "feature_trajectories.jsonl",
                  json_records(con, "SELECT * FROM trajectories WHERE basis = ? "
                             "ORDER BY feature_id, step", [basis]))
@@ -131,6 +148,13 @@ def _write_tables(wh: Warehouse, con, basis: str, basis_row: dict, directory: Pa
         _write_json(directory / f"feature_lineage_{step}.json", json_records(
             con, "SELECT * FROM lineage_edges WHERE basis = ? AND step = ? "
                  "ORDER BY dst_id, method, src_type, rank", [basis, step]))
+
+
+# An example's activating token and context for reading: decoded text with the token marked
+# ⟦token⟧ where the run has token strings, else the ids marked (sql/macros/example_context.sql).
+_SHOWN_EXAMPLE = (
+    "example_token(token_text, context_token_ids, position, context_start) AS token, "
+    "example_context(context_text, context_token_ids, position, context_start) AS context")
 
 
 def _write_weights(wh: Warehouse, basis_row: dict, path: Path) -> None:

@@ -21,10 +21,15 @@ Nodes (id: attributes; every node has `node_type` and `label`)
                              birth or death falls in the last persistence - 1 checkpoints, so its
                              persistence could not be observed in full), top_tokens (the
                              most frequent activating token ids of its top `feature_examples` at
-                             `examples_step`), top_context_tokens (the same over the whole context
-                             windows), examples_step, activation_rate, mean_active_activation,
-                             energy (`trajectories` at examples_step). Every feature of the basis is
-                             a node; upstream features appear where a flows_to edge names them.
+                             `examples_step`), top_token_texts (those tokens as text, where the
+                             run has token strings), top_context_tokens (the same over the whole
+                             context windows), top_context (the strongest example's context,
+                             decoded with the activating token marked ⟦token⟧, or its ids marked
+                             so), examples_step, activation_rate, mean_active_activation,
+                             energy (`trajectories` at examples_step). The label names the top
+                             tokens as text when there is text, else by id. Every feature of the
+                             basis is a node; upstream features appear where a flows_to edge
+                             names them.
     head:L<b>H<h>            attention_head: layer, head
     neuron:L<b>N<n>          mlp_neuron: layer, neuron
     embedding                token + position embeddings
@@ -119,7 +124,8 @@ axis of a viewer becomes the training axis). `prompt` says so in words.
               node; nodes sorted by that mass, largest first; influence = the running sum / total,
               so the strongest node has the smallest value); activation: a feature's
               trajectories.mean_active_activation at that step (null otherwise); plus step,
-              basis / feature_id / birth_step / birth_censored where they apply.
+              basis / feature_id / birth_step / birth_censored / present_at_init / top_tokens /
+              top_token_texts / top_context where they apply.
     links     source, target (node_ids), weight, plus step, ctx_idx, edge_type, method, rank.
 
 born_at and patch_effect edges, and checkpoint nodes, are not attributions and stay out of this
@@ -428,28 +434,38 @@ def _births(con: duckdb.DuckDBPyConnection, rule: dict | None) -> dict[int, dict
 
 def _top_tokens(con: duckdb.DuckDBPyConnection, basis: str, step: int | None,
                 features: list[int] | None = None) -> dict[int, dict]:
-    """feature -> top_tokens (activating tokens) and top_context_tokens of its top examples."""
+    """feature -> top_tokens (activating token ids), top_token_texts (their text, or None when
+    any lacks it), top_context_tokens and top_context (the rank-1 context for display)."""
     if step is None:
         return {}
     where = "" if features is None else "AND list_contains(?::INTEGER[], feature_id)"
     params = [basis, step, TOP_EXAMPLES] + ([] if features is None else [features])
     rows = con.execute(f"""
         SELECT feature_id, context_token_ids,
-               context_token_ids[position - context_start + 1] AS token
+               context_token_ids[position - context_start + 1] AS token, token_text,
+               example_context(context_text, context_token_ids, position, context_start)
         FROM feature_examples
         WHERE basis = ? AND step = ? AND rank <= ? {where}
         ORDER BY feature_id, rank""", params).fetchall()
     tokens: dict[int, Counter] = {}
     context: dict[int, Counter] = {}
-    for feature_id, window, token in rows:
+    texts: dict[int, str] = {}  # token id -> text, where the run has token strings
+    first_context: dict[int, str] = {}  # the rank-1 context of each feature
+    for feature_id, window, token, token_text, shown in rows:
         if token is not None:
             tokens.setdefault(int(feature_id), Counter())[int(token)] += 1
+            if token_text is not None:
+                texts[int(token)] = token_text
         context.setdefault(int(feature_id), Counter()).update(int(t) for t in window or [])
+        first_context.setdefault(int(feature_id), shown)
     result = {}
     for feature_id in sorted(set(tokens) | set(context)):
+        top = _most_common(tokens.get(feature_id, Counter()))
         result[feature_id] = {
-            "top_tokens": _most_common(tokens.get(feature_id, Counter())),
+            "top_tokens": top,
+            "top_token_texts": [texts[t] for t in top] if all(t in texts for t in top) else None,
             "top_context_tokens": _most_common(context.get(feature_id, Counter())),
+            "top_context": first_context.get(feature_id),
         }
     return result
 
@@ -493,12 +509,23 @@ def _feature_attrs(basis: str, stage: str, feature_id: int, births: dict, tokens
              "feature_threshold": _float(born.get("feature_threshold")),
              "top_tokens": top.get("top_tokens", []),
              "top_context_tokens": top.get("top_context_tokens", []),
+             "top_token_texts": top.get("top_token_texts"),
+             "top_context": top.get("top_context"),
              "examples_step": examples_step}
     for key, value in trajectory.get(feature_id, {}).items():
         attrs[key] = _float(value)
-    shown = ", ".join(map(str, attrs["top_tokens"][:3]))
-    attrs["label"] = f"{basis} #{feature_id}" + (f": tokens {shown}" if shown else "")
+    attrs["label"] = f"{basis} #{feature_id}" + _tokens_label(attrs)
     return attrs
+
+
+def _tokens_label(attrs: dict) -> str:
+    """': tokens "+", " 7"' from the decoded top tokens, or ': tokens 335, 12' from their ids
+    when the run has no token strings; '' when the feature has no examples."""
+    if attrs["top_token_texts"]:
+        return ": tokens " + ", ".join(json.dumps(t, ensure_ascii=False)
+                                       for t in attrs["top_token_texts"][:3])
+    shown = ", ".join(map(str, attrs["top_tokens"][:3]))
+    return f": tokens {shown}" if shown else ""
 
 
 # -- the graph ---------------------------------------------------------------------------------
@@ -882,7 +909,7 @@ def _attribution_node(G: nx.MultiDiGraph, n: str, step: int, ctx_idx: int, n_lay
         feature = data.get("feature_id", -1)
         layer = _stage_layer(data.get("stage"), n_layers)
         for k in ("basis", "feature_id", "birth_step", "birth_censored", "present_at_init",
-                  "top_tokens"):
+                  "top_tokens", "top_token_texts", "top_context"):
             if k in data:
                 extra[k] = data[k]
         activation = None

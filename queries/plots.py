@@ -66,8 +66,9 @@ def feature_trajectories(con: duckdb.DuckDBPyConnection, basis: str,
         WHERE basis = ? AND feature_id IN (SELECT feature_id FROM top)
         ORDER BY feature_id, step""", [basis, top, basis])
     _require(rows, _missing(info, "trajectories", "feature-trajectory-sweep"))
+    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
     return (
-        alt.Chart(_inline(rows))
+        chart
         .transform_calculate(step_plus_1="datum.step + 1")
         .mark_line(point=True)
         .encode(
@@ -77,7 +78,7 @@ def feature_trajectories(con: duckdb.DuckDBPyConnection, basis: str,
                             scale=alt.Scale(scheme="tableau20")),
             tooltip=[alt.Tooltip("feature_id:N", title="feature"), "step:Q",
                      alt.Tooltip("activation_rate:Q", format=".4f"),
-                     alt.Tooltip("energy:Q", format=".4f")],
+                     alt.Tooltip("energy:Q", format=".4f"), *context],
         )
         .properties(
             title=alt.Title(f"{basis}: feature activation rate over training",
@@ -123,8 +124,9 @@ def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
              + (f"; {censored} censored (present from birth to the last checkpoint, fewer than "
                 f"K = {params['persistence']} observed)" if censored else "")
              if params else "no births stored (feature-birth-analyze), so in feature order")
+    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
     return (
-        alt.Chart(_inline(rows))
+        chart
         .mark_rect()
         .encode(
             x=alt.X("step:O", title="checkpoint step"),
@@ -135,7 +137,7 @@ def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
             color=alt.Color("activation_rate:Q", title="activation rate",
                             scale=alt.Scale(type="sqrt", scheme="viridis")),
             tooltip=[alt.Tooltip("feature_id:O", title="feature"), "step:O",
-                     alt.Tooltip("activation_rate:Q", format=".4f"), "birth:N"],
+                     alt.Tooltip("activation_rate:Q", format=".4f"), "birth:N", *context],
         )
         .properties(
             title=alt.Title(f"{basis}: activation rate of every feature at every checkpoint",
@@ -247,7 +249,8 @@ def compare_scatter(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChar
         color="grey", strokeDash=[4, 4]
     ).encode(x=rate_axis(alt.X, "rate:Q", f"activation rate at step {source}"),
              y=rate_axis(alt.Y, "rate:Q", f"activation rate at step {target}"))
-    points = alt.Chart(_inline(rows)).mark_circle(size=40, opacity=0.8).encode(
+    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
+    points = chart.mark_circle(size=40, opacity=0.8).encode(
         x=rate_axis(alt.X, "source_activation_rate:Q", f"activation rate at step {source}"),
         y=rate_axis(alt.Y, "target_activation_rate:Q", f"activation rate at step {target}"),
         color=alt.Color("log_rate_ratio:Q", title="log rate ratio",
@@ -256,7 +259,8 @@ def compare_scatter(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChar
                  alt.Tooltip("source_activation_rate:Q", format=".4f"),
                  alt.Tooltip("target_activation_rate:Q", format=".4f"),
                  alt.Tooltip("log_rate_ratio:Q", format=".3f"),
-                 alt.Tooltip("direction_cosine:Q", format=".3f"), "rank_by_log_ratio:Q"])
+                 alt.Tooltip("direction_cosine:Q", format=".3f"), "rank_by_log_ratio:Q",
+                 *context])
     return alt.layer(diagonal, points).properties(
         title=alt.Title(f"{basis}: activation rate per feature, step {source} vs step {target}",
                         subtitle="dashed: unchanged; symlog axes, linear below one token"),
@@ -521,6 +525,31 @@ def _missing(info: dict, what: str, command: str, arguments: str = "") -> str:
         return (f"{name} is a train-crosscoder basis: {what} come from {command} on a shared "
                 "basis (shared-feature-fit)")
     return f"no {what} for {name}: run featurestore {command} --basis {name} {arguments}".strip()
+
+
+def _with_top_context(chart: alt.Chart, con: duckdb.DuckDBPyConnection, basis: str
+                      ) -> tuple[alt.Chart, list[alt.Tooltip]]:
+    """A per-feature chart with each feature's strongest example at the last swept checkpoint
+    looked up by feature_id (one row per feature, not per point), and the tooltips that show
+    it: the activating token and its context, as text with the token marked ⟦token⟧ where the
+    run has token strings, else as ids. Unchanged, with no tooltips, before a sweep."""
+    rows = json_records(con, """
+        SELECT feature_id,
+               example_token(token_text, context_token_ids, position, context_start)
+                   AS top_token,
+               example_context(context_text, context_token_ids, position, context_start)
+                   AS top_context
+        FROM feature_examples
+        WHERE basis = ? AND rank = 1
+          AND step = (SELECT max(step) FROM feature_examples WHERE basis = ?)
+        ORDER BY feature_id""", [basis, basis])
+    if not rows:
+        return chart, []
+    lookup = alt.LookupData(data=_inline(rows), key="feature_id",
+                            fields=["top_token", "top_context"])
+    return chart.transform_lookup(lookup="feature_id", from_=lookup), [
+        alt.Tooltip("top_token:N", title="top token (last checkpoint)"),
+        alt.Tooltip("top_context:N", title="top context (last checkpoint)")]
 
 
 def _require(rows, reason: str) -> None:

@@ -1,4 +1,4 @@
-"""`featurestore report`: the milestone questions for one shared basis, in one document.
+"""`featurestore report`: the milestone questions for one basis, in one document.
 
 Each section is a question, the SQL that answers it, the answer as a table, and a plot where one
 helps:
@@ -11,6 +11,22 @@ helps:
     Causal importance     which features matter at which checkpoints, with the reconstruction
                           error each effect must be judged against (patches)
     Lineage               which heads, neurons and upstream features build them (lineage_edges)
+    Top examples          the top contexts of the highlighted features (those whose own patch
+                          moved the loss most, then the most energetic) at the last checkpoint,
+                          the activating token marked ⟦token⟧ (feature_examples)
+
+A two-source train-crosscoder basis (a model diff, e.g. base vs fine-tuned) gets the model-diff
+report instead:
+
+    Latent classes        latents exclusive to either source or shared (model_diff_summary),
+                          with the relative decoder norm histogram
+    Most exclusive latents in each source
+                          per-source statistics of the live latents leaning furthest toward
+                          each source, exclusive or not (crosscoder_latent_stats)
+    Contexts of the most exclusive latents
+                          their top contexts with what they write into each source
+                          (crosscoder_examples)
+    Training              the last logged training metrics (training_metrics), with the curves
 
 The report is written as Markdown (plots linked as PNG files next to it) and as one HTML file
 with the plots inline, so it opens anywhere with no network. A section whose data is missing
@@ -26,11 +42,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from featurestore.errors import NotFoundError
+from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import write_atomic
 from featurestore.warehouse import Warehouse
 
 ROW_LIMIT = 15  # rows shown per table; the SQL above it gives them all
+HIGHLIGHTED = 8  # features whose top contexts the report shows
+CONTEXTS = 3  # contexts shown per highlighted feature
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class Section:
     missing: str  # what to run when the query returns nothing
     plots: tuple[str, ...] = ()
     note: str = ""  # how to read the answer, shown under the question
+    row_limit: int = ROW_LIMIT
 
 
 SECTIONS = (
@@ -117,6 +136,101 @@ SECTIONS = (
         "WHERE basis = $basis AND rank = 1 AND dst_type = 'feature'\n"
         "ORDER BY step, feature, method, src_type",
         "featurestore feature-lineage --basis {basis}"),
+    Section(
+        "Top examples", "On which tokens do the highlighted features fire at the last checkpoint?",
+        "WITH last AS (\n"
+        "    SELECT max(step) AS step FROM feature_examples WHERE basis = $basis),\n"
+        "patched AS (\n"
+        "    SELECT feature_ids[1] AS feature_id, max(abs(delta)) AS effect FROM patches\n"
+        "    WHERE basis = $basis AND metric = 'loss' AND len(feature_ids) = 1 GROUP BY ALL),\n"
+        "highlighted AS (\n"
+        "    SELECT t.feature_id FROM trajectories t LEFT JOIN patched p USING (feature_id)\n"
+        "    WHERE t.basis = $basis AND t.step = (SELECT step FROM last)\n"
+        f"    ORDER BY p.effect DESC NULLS LAST, t.energy DESC, t.feature_id LIMIT {HIGHLIGHTED})\n"
+        "SELECT e.feature_id, e.step, e.rank, round(e.value, 3) AS value, e.split,\n"
+        "       example_context(e.context_text, e.context_token_ids, e.position,\n"
+        "                       e.context_start) AS context\n"
+        "FROM feature_examples e JOIN highlighted USING (feature_id)\n"
+        f"WHERE e.basis = $basis AND e.step = (SELECT step FROM last) AND e.rank <= {CONTEXTS}\n"
+        "ORDER BY e.feature_id, e.rank",
+        "featurestore feature-trajectory-sweep --basis {basis}",
+        note=f"The {HIGHLIGHTED} highlighted features: those whose own patch moved the loss "
+             "most, then those with the largest energy at the last checkpoint. The activating "
+             "token is marked ⟦token⟧; contexts are decoded text when the run has token "
+             "strings, token ids otherwise. `featurestore feature ID --basis {basis}` shows one "
+             "feature in full.",
+        row_limit=HIGHLIGHTED * CONTEXTS),
+)
+
+
+# The model-diff report of a two-source train-crosscoder basis (base vs fine-tuned): which latents
+# each model has alone, what they do in each model, and on which tokens they fire.
+MOST_EXCLUSIVE = 5  # latents leaning furthest toward each source, shown with stats and contexts
+MOST_EXCLUSIVE_SQL = (
+    "    SELECT d.feature_id, d.class, d.relative_decoder_norm,\n"
+    "           CASE WHEN d.relative_decoder_norm < 0.5 THEN b.sources[1].label\n"
+    "                ELSE b.sources[2].label END AS toward\n"
+    "    FROM model_diff d JOIN bases b ON b.name = d.basis\n"
+    "    WHERE d.basis = $basis AND d.class <> 'dead'\n"
+    "    QUALIFY row_number() OVER (PARTITION BY toward ORDER BY\n"
+    "        abs(d.relative_decoder_norm - 0.5) DESC, d.frequency DESC, d.feature_id)\n"
+    f"        <= {MOST_EXCLUSIVE}")
+MODEL_DIFF_SECTIONS = (
+    Section(
+        "Latent classes", "Which latents does each model have alone, and which do they share?",
+        "SELECT class, n_features, round(mean_decoder_cosine, 3) AS mean_decoder_cosine,\n"
+        "       round(mean_frequency, 4) AS mean_frequency\n"
+        "FROM model_diff_summary WHERE basis = $basis ORDER BY class",
+        "featurestore train-crosscoder --name {basis} ... (the basis has no features rows)",
+        ("relative_norm_histogram",),
+        note="Classes by relative decoder norm ||d_B|| / (||d_A|| + ||d_B||): exclusive to the "
+             "first source below 0.3, to the second above 0.7, shared between; dead latents "
+             "never fired on the evaluation tokens (the model_diff view)."),
+    Section(
+        "Most exclusive latents in each source",
+        "What do the latents that lean furthest toward one model do in each model?",
+        f"WITH most AS (\n{MOST_EXCLUSIVE_SQL})\n"
+        "SELECT m.toward, m.class, m.feature_id,\n"
+        "       round(m.relative_decoder_norm, 3) AS relative_norm,\n"
+        "       s.source, round(s.activation_rate, 4) AS activation_rate,\n"
+        "       round(s.mean_active_activation, 3) AS mean_active_activation,\n"
+        "       round(s.energy, 4) AS energy, round(s.mean_encoder_input, 3) AS encoder_input\n"
+        "FROM most m JOIN crosscoder_latent_stats s USING (feature_id)\n"
+        "WHERE s.basis = $basis\n"
+        "ORDER BY m.toward, abs(m.relative_decoder_norm - 0.5) DESC, m.feature_id, s.source_index",
+        "featurestore crosscoder-sweep --basis {basis}",
+        note=f"The {MOST_EXCLUSIVE} live latents whose relative decoder norm lies furthest from "
+             "0.5 on each side, exclusive or not (class says which). The code "
+             "is joint, so a latent fires on the same tokens for every source; what differs is "
+             "what it writes into each (mean_active_activation, energy: its share of that "
+             "source's reconstruction) and how much each source's activations drive it "
+             "(encoder_input: that source's term of the pre-activation where it fires).",
+        row_limit=4 * MOST_EXCLUSIVE),
+    Section(
+        "Contexts of the most exclusive latents",
+        "On which tokens do the latents that lean furthest toward one model fire?",
+        f"WITH most AS (\n{MOST_EXCLUSIVE_SQL})\n"
+        "SELECT m.toward, m.class, e.feature_id, e.rank, round(e.value, 3) AS value,\n"
+        "       e.source_values, e.source_inputs, e.split,\n"
+        "       example_context(e.context_text, e.context_token_ids, e.position,\n"
+        "                       e.context_start) AS context\n"
+        "FROM most m JOIN crosscoder_examples e USING (feature_id)\n"
+        f"WHERE e.basis = $basis AND e.rank <= {CONTEXTS}\n"
+        "ORDER BY m.toward, abs(m.relative_decoder_norm - 0.5) DESC, e.feature_id, e.rank",
+        "featurestore crosscoder-sweep --basis {basis}",
+        note="source_values: what the latent writes into each source at that token (value x "
+             "decoder norm); source_inputs: each source's term of its pre-activation. The "
+             "activating token is marked ⟦token⟧; contexts are decoded text when the run has "
+             "token strings, token ids otherwise.",
+        row_limit=2 * MOST_EXCLUSIVE * CONTEXTS),
+    Section(
+        "Training", "How well does the crosscoder reconstruct each source?",
+        "SELECT metric, round(value, 4) AS value, step, tokens FROM training_metrics\n"
+        "WHERE basis = $basis\n"
+        "QUALIFY step = max(step) OVER (PARTITION BY metric)\n"
+        "ORDER BY metric",
+        "featurestore train-crosscoder --name {basis} ...",
+        ("training_curves",)),
 )
 
 
@@ -142,23 +256,32 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
-        (found,), = con.execute("SELECT count(*) FROM bases WHERE name = ? AND run IS NOT NULL",
-                                [basis]).fetchall()
+        found = con.execute("SELECT run, stage, n_sources, sources FROM bases WHERE name = ?",
+                            [basis]).fetchall()
         if not found:
-            shared = [n for (n,) in con.execute(
-                "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-            raise NotFoundError(f"--basis {basis!r}: no shared basis of that name; shared "
-                                f"bases: {', '.join(shared) or 'none'}")
-        (run, stage), = con.execute("SELECT run, stage FROM bases WHERE name = ?",
-                                    [basis]).fetchall()
-        answers = [(section, *_query(con, section.sql, basis)) for section in SECTIONS]
+            names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
+            raise NotFoundError(f"--basis {basis!r}: no basis of that name; bases: "
+                                f"{', '.join(names) or 'none'}")
+        (run, stage, n_sources, sources), = found
+        if run is not None:  # a shared basis: the milestone questions of its stage
+            sections = SECTIONS
+            title = f"Feature dynamics of {run} at {stage} (basis {basis})"
+        elif n_sources == 2:  # a train-crosscoder model diff
+            sections = MODEL_DIFF_SECTIONS
+            first, second = (s["label"] for s in sources)
+            title = f"Model diff {first} vs {second} (crosscoder {basis})"
+        else:
+            raise FeaturestoreError(
+                f"--basis {basis} is a train-crosscoder basis with {n_sources} source(s): the "
+                "report covers shared bases (shared-feature-fit) and two-source crosscoders "
+                "(model diffs)")
+        answers = [(section, *_query(con, section.sql, basis)) for section in sections]
     finally:
         con.close()
 
     directory = Path(out) if out else wh.root / "exports" / basis / "report"
-    wanted = [name for section in SECTIONS for name in section.plots]
+    wanted = [name for section in sections for name in section.plots]
     plots = export_plots(basis, out=directory / "plots", warehouse=warehouse, plots=wanted)
-    title = f"Feature dynamics of {run} at {stage} (basis {basis})"
     markdown = _markdown(title, basis, answers, plots.written)
     page = _html(title, basis, answers, plots.written)
     paths = {name: write_atomic(directory / name, _text_writer(text))
@@ -180,6 +303,8 @@ def _query(con, sql: str, basis: str) -> tuple[list[str], list[tuple]]:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict):  # a MAP column, e.g. crosscoder_examples.source_values
+        return "{" + ", ".join(f"{k}: {_cell(v)}" for k, v in value.items()) + "}"
     return "" if value is None else str(value)
 
 
@@ -189,15 +314,18 @@ def _markdown(title: str, basis: str, answers, plots: dict) -> str:
         lines += [f"## {section.title}", "", f"*{section.question}*", "", "```sql",
                   section.sql.replace("$basis", f"'{basis}'"), "```", ""]
         if section.note:
-            lines += [section.note, ""]
+            lines += [section.note.replace("{basis}", basis), ""]
         if not rows:
             lines += [f"No data yet: run `{section.missing.format(basis=basis)}`.", ""]
         else:
+            limit = section.row_limit
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |"
-                      for row in rows[:ROW_LIMIT]]
-            if len(rows) > ROW_LIMIT:
-                lines.append(f"\n({len(rows) - ROW_LIMIT} more rows: run the query above)")
+            # A bare | or a newline (token strings hold them) would break the table row.
+            lines += ["| " + " | ".join(_cell(v).replace("|", "\\|").replace("\n", "\\n")
+                                         for v in row) + " |"
+                      for row in rows[:limit]]
+            if len(rows) > limit:
+                lines.append(f"\n({len(rows) - limit} more rows: run the query above)")
             lines.append("")
         for name in section.plots:
             if name in plots:
@@ -213,18 +341,19 @@ def _html(title: str, basis: str, answers, plots: dict) -> str:
                  f"<pre><code>{html.escape(section.sql.replace('$basis', repr(basis)))}"
                  "</code></pre>"]
         if section.note:
-            body.append(f"<p>{html.escape(section.note)}</p>")
+            body.append(f"<p>{html.escape(section.note.replace('{basis}', basis))}</p>")
         if not rows:
             body.append(f"<p>No data yet: run <code>"
                         f"{html.escape(section.missing.format(basis=basis))}</code>.</p>")
         else:
+            limit = section.row_limit
             body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
                         + "</tr>")
             body += ["<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
-                     + "</tr>" for row in rows[:ROW_LIMIT]]
+                     + "</tr>" for row in rows[:limit]]
             body.append("</table>")
-            if len(rows) > ROW_LIMIT:
-                body.append(f"<p>({len(rows) - ROW_LIMIT} more rows: run the query above)</p>")
+            if len(rows) > limit:
+                body.append(f"<p>({len(rows) - limit} more rows: run the query above)</p>")
         for name in section.plots:
             if name in plots:
                 # Inline, so the page is one file that needs nothing else to display.

@@ -23,10 +23,11 @@ from featurestore.activation_buffer import (
 )
 from featurestore.activations import ActivationSet, norm_sample, norm_scale, write_activation_set
 from featurestore.aligned import Source
+from featurestore.corpus import sequence_columns
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
 from featurestore.errors import FeaturestoreError
-from featurestore.ingest.collect import _columns, read_stages
+from featurestore.ingest.collect import read_stages
 
 from .conftest import TINY_D_MODEL, TINY_RUN
 
@@ -144,7 +145,7 @@ def test_training_from_models_equals_training_on_the_same_tokens_collected(
     # Pre-collect the stream's tokens the way collect reads them, into activation sets.
     stream = buffer.tokens
     token_ids = torch.cat([stream.batch(i) for i in range(N_ROWS // stream.rows_per_batch)])
-    columns = _columns(token_ids, np.full(len(token_ids), "demo", dtype=object))
+    columns = sequence_columns(token_ids, np.full(len(token_ids), "demo", dtype=object))
     sources = []
     for source in model_sources:
         values = read_stages(source.reader, token_ids, [source.stage])[source.stage]

@@ -119,6 +119,7 @@ def test_train_collect_and_rebuild_from_the_command_line(tmp_path):
     assert json.loads(collected.output)["sets"][0]["name"] == "cli@3:embed"
     (wh / "featurestore.duckdb").unlink()
     rebuilt = run(["catalog", "rebuild", "--json"], wh)
+    # token_strings: collect decoded the demo run's vocabulary once, for its examples.
     assert set(json.loads(rebuilt.output)) == {"runs", "checkpoints", "activation_sets",
-                                               "schema_version"}
+                                               "token_strings", "schema_version"}
     assert "cli@3:embed" in run(["sql", "SELECT name FROM activation_sets"], wh).output

@@ -12,17 +12,17 @@ from featurestore.crosscoder import CrossCoder
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.warehouse import connect
 
-from .conftest import TINY_RUN, TINY_STEPS
+from .conftest import RELAXED_BOUNDS, RELAXED_FLAGS, TINY_RUN, TINY_STEPS
 
 SOURCES = [f"base={TINY_RUN}@0:layer_2_post_mlp", f"tuned={TINY_RUN}@{TINY_STEPS}:layer_2_post_mlp"]
 OPTIONS = ["--arch", "vanilla", "--dict-size", "32", "--steps", "12", "--batch-size", "64",
-           "--log-every", "4", "--save-every", "4", "--seed", "1"]
+           "--log-every", "4", "--save-every", "4", "--seed", "1", *RELAXED_FLAGS]
 
 
 def test_two_processes_train_the_same_basis_as_one(warehouse_copy):
     train_crosscoder_job("single", SOURCES, arch="vanilla", dict_size=32, steps=12,
                          batch_size=64, log_every=4, save_every=4, seed=1,
-                         warehouse=warehouse_copy, progress=False)
+                         warehouse=warehouse_copy, progress=False, **RELAXED_BOUNDS)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "featurestore", "--warehouse",
                str(warehouse_copy), "--threads", "1", "train-crosscoder", "--name", "ddp",

@@ -377,7 +377,9 @@ def test_reconstruction_error_and_feature_labels(con, graphs, last_step):
         GROUP BY ALL ORDER BY n DESC, feature_id, token LIMIT 1""", [last_step]).fetchone()
     node = G.nodes[f"feature:tiny-l2:{feature}"]
     assert node["top_tokens"][0] == token and node["examples_step"] == last_step
-    assert str(token) in node["label"]
+    # Named by text where the run has token strings, else by id.
+    texts = node.get("top_token_texts")
+    assert (json.dumps(texts[0], ensure_ascii=False) if texts else str(token)) in node["label"]
 
 
 def test_censored_births_are_flagged_on_nodes_and_edges(tmp_path):

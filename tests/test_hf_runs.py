@@ -59,9 +59,13 @@ def test_collect_from_a_token_file_matches_the_models_hidden_states(hf_run):
         "SELECT tokens_fingerprint FROM activation_sets").fetchall()}) == 1
     con.close()
     stored = open_activation_set(Warehouse(wh), row)
+    # Ten of the file's twelve sequences, drawn at random (seed 0).
+    sequences, _ = stored.token_columns().sequences(row["name"], "this test")
+    assert len(sequences) == 10 and {tuple(s) for s in sequences} <= {tuple(s) for s in ids}
+    assert not np.array_equal(sequences, ids[:10])
     model = transformers.AutoModelForCausalLM.from_pretrained(folders[1])
     with torch.no_grad():
-        hidden = model(torch.tensor(ids[:10]), output_hidden_states=True).hidden_states
+        hidden = model(torch.tensor(sequences), output_hidden_states=True).hidden_states
     np.testing.assert_allclose(stored.all_rows(), hidden[-1].reshape(-1, 16).numpy(),
                                rtol=1e-5, atol=1e-5)
     assert set(stored.token_columns().split) == {"web"}
@@ -79,7 +83,7 @@ def test_hf_runs_need_tokens_of_their_own(hf_run, tmp_path):
     with pytest.raises(FeaturestoreError, match="vocabulary of 64"):
         collect("gpt", ["final_norm"], tokens=3, tokens_from=str(tmp_path / "big_ids.parquet"),
                 warehouse=wh, progress=False)
-    with pytest.raises(FeaturestoreError, match="needs 2 sequences of 3 tokens but .* has 1"):
+    with pytest.raises(FeaturestoreError, match="holds at most 3 tokens .* at most 3"):
         collect("gpt", ["final_norm"], tokens=6, tokens_from=str(tmp_path / "big_ids.parquet"),
                 warehouse=wh, progress=False)
     with pytest.raises(UnknownStageError, match="valid stages: embed, layer_0_post_attn"):

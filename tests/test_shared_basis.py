@@ -215,7 +215,11 @@ def test_a_poor_fit_names_the_bound_and_registers_nothing(warehouse_copy):
     assert result.exit_code == 1
     assert "below --min-explained-variance 0.999 (short by" in result.output
     assert "nothing was registered" in result.output
-    assert snapshot(warehouse_copy) == before
+    # Only the rejected fit's weights and report were added, kept aside for inspection.
+    after = snapshot(warehouse_copy)
+    kept = {path for path in after if path.startswith("rejected/poor/")}
+    assert "rejected/poor/report.json" in kept
+    assert {path: data for path, data in after.items() if path not in kept} == before
 
 
 def test_sweep_of_an_unknown_basis_lists_the_shared_bases(swept):

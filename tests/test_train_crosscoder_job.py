@@ -15,12 +15,12 @@ from featurestore.errors import FeaturestoreError, InvalidActivationsError, NotF
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.warehouse import connect
 
-from .conftest import TINY_D_MODEL, TINY_RUN, TINY_STEPS, snapshot
+from .conftest import RELAXED_BOUNDS, RELAXED_FLAGS, TINY_D_MODEL, TINY_RUN, TINY_STEPS, snapshot
 
 BASE = f"base={TINY_RUN}@0:layer_2_post_mlp"
 TUNED = f"tuned={TINY_RUN}@{TINY_STEPS}:layer_2_post_mlp"
 SMALL = {"dict_size": 64, "k": 4, "steps": 30, "batch_size": 128, "log_every": 10,
-         "save_every": 10, "progress": False}
+         "save_every": 10, "progress": False, **RELAXED_BOUNDS}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_the_command_line_trains_a_single_source_sae(warehouse_copy):
     result = CliRunner().invoke(cli, [
         "--warehouse", str(warehouse_copy), "--threads", "1", "train-crosscoder", "--name",
         "sae", "--source", BASE, "--arch", "vanilla", "--dict-size", "32", "--steps", "10",
-        "--batch-size", "64", "--json", "--quiet"], catch_exceptions=False)
+        "--batch-size", "64", *RELAXED_FLAGS, "--json", "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert (out["arch"], out["sources"], out["steps"]) == ("vanilla", ["base"], 10)
@@ -168,7 +168,9 @@ def test_wandb_logging_works_offline(warehouse_copy, tmp_path, monkeypatch):
 
 MODEL_BASE = f"base={TINY_RUN}@0:layer_2_post_mlp"
 MODEL_TUNED = f"tuned={TINY_RUN}@LAST:layer_2_post_mlp"
-FROM_MODELS = {**SMALL, "steps": None, "tokens": 2048, "tokens_from": "demo", "pool_batches": 4}
+# 2048 tokens in batches of 16: 128 steps, above the 100 a run needs.
+FROM_MODELS = {**SMALL, "steps": None, "tokens": 2048, "batch_size": 16, "tokens_from": "demo",
+               "pool_batches": 4}
 
 
 def test_training_from_models_writes_no_activations_and_registers_the_basis(warehouse_copy):
@@ -178,9 +180,10 @@ def test_training_from_models_writes_no_activations_and_registers_the_basis(ware
         "--warehouse", str(warehouse_copy), "--threads", "1", "train-crosscoder", "--name",
         "live", "--source", MODEL_BASE, "--source", MODEL_TUNED, "--tokens-from", "demo",
         "--tokens", "2048", "--pool-batches", "4", "--dict-size", "64", "--k", "4",
-        "--batch-size", "128", "--log-every", "4", "--json", "--quiet"], catch_exceptions=False)
+        "--batch-size", "16", "--log-every", "4", *RELAXED_FLAGS, "--json", "--quiet"],
+        catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["steps"] == 2048 // 128  # each streamed token used once
+    assert json.loads(result.output)["steps"] == 2048 // 16  # each streamed token used once
 
     assert rows(warehouse_copy, "SELECT name FROM activation_sets ORDER BY name") == sets_before
     assert {p for p in (warehouse_copy / "activations").rglob("*")} == files_before
@@ -192,7 +195,7 @@ def test_training_from_models_writes_no_activations_and_registers_the_basis(ware
                                             None)]
     data = json.loads(basis["trainer_config"])["data"]
     assert data["tokens"].startswith("demo task") and data["n_rows"] == 2048
-    assert data["pool_rows"] == 4 * 128
+    assert data["pool_rows"] == 4 * 16
     model = CrossCoder.load(warehouse_copy / "bases" / "live")
     assert model.norm_scales.tolist() == pytest.approx([s["norm_scale"] for s in basis["sources"]])
     assert rows(warehouse_copy, "SELECT count(*) AS n FROM features WHERE basis = 'live'") == [
@@ -230,14 +233,14 @@ def test_bad_model_sources_fail_clearly_and_write_nothing(warehouse_copy, tmp_pa
         train([f"x=hf:{tmp_path}:layer_0_post_mlp"], tokens_from=None)
     with pytest.raises(FeaturestoreError, match="not a Hugging Face model directory"):
         train([f"x=hf:{tmp_path}:layer_0_post_mlp"])
-    with pytest.raises(FeaturestoreError, match="exhausted before the first batch: it has 100 "
-                                                "tokens, fewer than --batch-size 128"):
-        train([MODEL_BASE], tokens=100)
-    # A tokenized dataset on disk: 1024 tokens allow 8 steps of 128, and its ids must fit.
+    with pytest.raises(FeaturestoreError, match="exhausted before the first batch: it has 10 "
+                                                "tokens, fewer than --batch-size 16"):
+        train([MODEL_BASE], tokens=10)
+    # A tokenized dataset on disk: 1024 tokens allow 64 steps of 16, and its ids must fit.
     ids = np.arange(1024).reshape(64, 16) % 20
     pq.write_table(pa.table({"input_ids": ids.tolist()}), tmp_path / "tokens.parquet")
-    with pytest.raises(FeaturestoreError, match="--steps 30 .* lower --steps to at most 8"):
-        train([MODEL_BASE], tokens_from=str(tmp_path / "tokens.parquet"), tokens=None, steps=30)
+    with pytest.raises(FeaturestoreError, match="--steps 100 .* lower --steps to at most 64"):
+        train([MODEL_BASE], tokens_from=str(tmp_path / "tokens.parquet"), tokens=None, steps=100)
     pq.write_table(pa.table({"input_ids": (ids + 1000).tolist()}), tmp_path / "wide.parquet")
     with pytest.raises(FeaturestoreError, match="token ids reach 1019 but the model of source "
                                                 "base .* has a vocabulary of"):

@@ -21,9 +21,9 @@ COMMENT ON COLUMN activation_sets.name IS 'Set id: RUN@STEP:STAGE for sets tied 
 COMMENT ON COLUMN activation_sets.run IS 'Run of the checkpoint (runs.run); NULL for a set registered by name only.';
 COMMENT ON COLUMN activation_sets.step IS 'Checkpoint step (checkpoints.step); NULL for a set registered by name only.';
 COMMENT ON COLUMN activation_sets.stage IS 'Stage name, e.g. layer_2_post_mlp or final_norm; NULL for a set registered by name only.';
-COMMENT ON COLUMN activation_sets.path IS 'Location relative to the warehouse root (collected sets) or absolute (registered sets).';
+COMMENT ON COLUMN activation_sets.path IS 'Location relative to the warehouse root (collected and converted sets) or absolute (sets registered in place).';
 COMMENT ON COLUMN activation_sets.format IS 'hf_dataset (a datasets save_to_disk folder) or parquet.';
-COMMENT ON COLUMN activation_sets.source IS 'collected (read from a model here through nnsight) or registered (brought from elsewhere).';
+COMMENT ON COLUMN activation_sets.source IS 'collected (read from a model here through nnsight), registered (brought from elsewhere in the activation-set format, used in place) or converted (brought from elsewhere in another form, converted once into a float32 copy inside the warehouse; token_source names the input and its form).';
 COMMENT ON COLUMN activation_sets.n_tokens IS 'Number of rows, one per token position.';
 COMMENT ON COLUMN activation_sets.d_model IS 'Length of each activation vector.';
 COMMENT ON COLUMN activation_sets.norm_scale IS 'Scalar that brings the mean L2 norm of the activations to sqrt(d_model); readers multiply by it on request and models trained on the set store it.';

@@ -39,7 +39,7 @@ COMMENT ON COLUMN bases.tokens IS 'Training tokens consumed (steps x batch size)
 COMMENT ON COLUMN bases.final_metrics IS 'Metrics of the last logged step as JSON (loss, explained variance per source, L0, dead fraction, ...).';
 COMMENT ON COLUMN bases.run IS 'Shared bases (shared-feature-fit): the run whose checkpoints were pooled; NULL for train-crosscoder bases.';
 COMMENT ON COLUMN bases.stage IS 'Shared bases: the stage fitted (e.g. layer_2_post_mlp); NULL for train-crosscoder bases.';
-COMMENT ON COLUMN bases.fit_quality IS 'Shared bases: the fit-quality report as JSON: explained variance per checkpoint, L0, active and dead fraction, and the bounds they were checked against.';
+COMMENT ON COLUMN bases.fit_quality IS 'The fit-quality report as JSON: explained variance per fitted checkpoint (shared bases) or source (crosscoders), L0, active and dead fraction, and the bounds they were checked against; NULL for crosscoders registered before it was recorded.';
 COMMENT ON COLUMN bases.seeds IS 'shared-feature-fit --seeds N: the N seeds fitted. The first is this basis; each other seed''s weights lie in <path>/seed_<seed>/, and the sweep encodes every checkpoint in them too (seed_trajectories). NULL for other bases and rows written before this column existed.';
 COMMENT ON COLUMN bases.stability IS 'Shared bases fitted with --seeds N > 1: mean share of features matched at decoder cosine >= 0.9 (Hungarian assignment) between the first seed and each other seed; NULL otherwise.';
 COMMENT ON COLUMN bases.created_at IS 'When the basis was registered (UTC).';
