@@ -10,6 +10,7 @@ ids (featurestore.corpus). A run's token_strings are written by its first collec
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -258,6 +259,9 @@ def stage_batches(reader, token_ids, stages: list[str]):
         rows = slice(start * n_ctx, (start + batch.shape[0]) * n_ctx)
         yield rows, {stage: value.reshape(-1, value.shape[-1]).float().numpy()
                      for stage, value in reader.read(batch, stages).items()}
+        # A trace's objects hold each other in reference cycles that keep the batch's tensors
+        # alive until the cyclic collector happens to run: several batches piled up otherwise.
+        gc.collect()
 
 
 def read_stages(reader, token_ids, stages: list[str]) -> dict[str, np.ndarray]:
