@@ -15,10 +15,11 @@ run and interleaved round-robin:
                                 serial and with --workers 2 (baseline: serial).
     write feature_activations   write_partition_file (order checked, zstd, fsync) against
                                 pyarrow.parquet.write_table with its defaults.
-    queries                     through a warm featurestore connection (views over the Parquet
-                                files) against pandas reading the same files and filtering:
-                                one feature's trajectory; one feature's token activations at one
-                                checkpoint; births in a step window; the top-20 diffs.
+    queries                     through a warm featurestore connection (views over the DuckLake
+                                tables) against pandas reading the tables' Parquet files
+                                (Warehouse.data_files) and filtering: one feature's trajectory;
+                                one feature's token activations at one checkpoint; births in a
+                                step window; the top-20 diffs.
 
 Peak memory: the resident set of a fresh process that sweeps one checkpoint. Writing: the share of
 each sweep's wall time spent writing feature_activations, and its rows/s.
@@ -52,7 +53,7 @@ from harness import (
     tf32_matmuls,
 )
 
-from featurestore.ingest.birth_analysis import analyze_births
+from featurestore.ingest.birth_analysis import DEFAULT_PERSISTENCE, analyze_births
 from featurestore.ingest.feature_compare import compare_features
 from featurestore.ingest.register import register_activations
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
@@ -90,7 +91,8 @@ def run(options: RunOptions) -> BenchmarkResult:
         basis, sets = load_shared_basis(wh, con, BASIS)
         con.close()
         activations_file = Path(tmp) / "sweep.parquet"
-        written = pq.read_table(wh.path(wh.manifest().paths("feature_activations")[0]))
+        # One checkpoint's partition as the sweep wrote it: the rows the write figures write.
+        written = pq.read_table(wh.data_files("feature_activations")[0])
         peak_rss_mb = sweep_peak_rss_mb(root, activations_file)
 
         # Per run of the sweep figures: the share of its wall time spent writing
@@ -234,10 +236,14 @@ def cuda_encode_figures(basis, activations, n_tokens: int
 
 
 def query_figures(root: Path, wh: Warehouse) -> list[Figure]:
-    """Typical questions, in SQL on a warm connection and in pandas on the Parquet files."""
+    """Typical questions, in SQL on a warm connection and in pandas on the Parquet files.
+
+    The files are those of the snapshot the connection reads (both are taken before the sweep
+    figures commit new ones; a commit never changes or deletes a file). Each table was written
+    once by then, so no rows are deleted in them and pandas needs no DuckLake delete files.
+    """
     con = wh.connect()
-    manifest = wh.manifest()
-    files = {table: [str(wh.path(p)) for p in manifest.paths(table)]
+    files = {table: [str(p) for p in wh.data_files(table)]
              for table in ("trajectories", "feature_activations", "births", "diffs")}
     (feature,), = con.execute("SELECT feature_id FROM trajectories WHERE basis = ? GROUP BY 1 "
                               "ORDER BY max(activation_rate) DESC LIMIT 1", [BASIS]).fetchall()
@@ -328,7 +334,10 @@ def build_warehouse(tmp: Path, n_checkpoints: int, n_tokens: int) -> Path:
                        warehouse=root, progress=False, min_explained_variance=-1.0,
                        max_active_fraction=1.0, max_dead_fraction=1.0)
     feature_trajectory_sweep(BASIS, warehouse=root, progress=False)
-    analyze_births(BASIS, warehouse=root)
+    # A birth must persist over checkpoints after a first one it is absent at: the --quick run
+    # has too few for the default persistence (its births are only there to be queried).
+    analyze_births(BASIS, warehouse=root,
+                   persistence=min(DEFAULT_PERSISTENCE, n_checkpoints - 1))
     compare_features(BASIS, 0, (n_checkpoints - 1) * 100, warehouse=root)
     return root
 
@@ -366,7 +375,7 @@ class DenseSweepReference:
 
 
 def _sweep_one_checkpoint(root: str, activations_file: Path) -> None:
-    sweep_checkpoint(root, BASIS, 0, activations_file)
+    sweep_checkpoint(root, None, BASIS, 0, activations_file)  # None: the default catalog
 
 
 def sweep_peak_rss_mb(root: Path, activations_file: Path) -> float:

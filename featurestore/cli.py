@@ -15,6 +15,7 @@ from datetime import date, datetime
 import click
 
 from featurestore.errors import FeaturestoreError
+from featurestore.lake import CATALOG_ENV
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
 
 
@@ -76,11 +77,16 @@ def _fit_bound_options(command):
                                            "max_content_width": 100})
 @click.option("--warehouse", type=click.Path(file_okay=False), envvar=WAREHOUSE_ENV,
               help=f"Warehouse directory [env {WAREHOUSE_ENV}; default ./warehouse].")
+@click.option("--catalog", envvar=CATALOG_ENV, metavar="CATALOG",
+              help=f"Where the warehouse's DuckLake catalog lives: 'postgres:dbname=NAME "
+                   f"host=HOST' or 'postgresql://USER@HOST/NAME' for many machines [env "
+                   f"{CATALOG_ENV}; default catalog.sqlite in the warehouse].")
 @click.option("--threads", type=click.IntRange(min=1), envvar=THREADS_ENV,
               help=f"Torch CPU threads [env {THREADS_ENV}; default min(cores, 4)].")
 @click.version_option(package_name="featurestore")
 @click.pass_context
-def cli(ctx: click.Context, warehouse: str | None, threads: int | None) -> None:
+def cli(ctx: click.Context, warehouse: str | None, catalog: str | None,
+        threads: int | None) -> None:
     """featurestore: how learned features form during training, queryable with SQL.
 
     \b
@@ -89,6 +95,14 @@ def cli(ctx: click.Context, warehouse: str | None, threads: int | None) -> None:
       featurestore tables                      # what the warehouse holds
       featurestore sql "SELECT * FROM run_summary"
     """
+    import os
+
+    if catalog:  # every Warehouse of this process, and the workers it spawns, use it
+        from featurestore.lake import catalog_location
+        from featurestore.settings import resolve_warehouse
+
+        catalog_location(resolve_warehouse(warehouse), catalog)  # a bad value fails here
+        os.environ[CATALOG_ENV] = catalog
     ctx.obj = {"warehouse": warehouse, "threads": threads}
 
 
@@ -986,24 +1000,28 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]),
               default="table", show_default=True, help="Output format on stdout.")
+@click.option("--as-of", "as_of", metavar="SNAPSHOT|TIME",
+              help="Query the warehouse as it was at a snapshot id (see `featurestore "
+                   "snapshots`) or a time (UTC unless given), e.g. 12 or '2026-12-06 14:00'.")
 @click.pass_context
-def sql_command(ctx, query, fmt):
+def sql_command(ctx, query, fmt, as_of):
     """Run a SQL query on the warehouse and print the result.
 
-    Tables, views (sql/views), macros and UDFs are all available; the connection is in memory,
-    so statements cannot change the warehouse.
+    Tables, views (sql/views), macros and UDFs are all available; the tables are attached
+    read-only, so statements cannot change the warehouse.
 
     \b
     Examples:
       featurestore sql "SELECT run, step, heldout_loss FROM checkpoints ORDER BY run, step"
       featurestore sql "SELECT * FROM checkpoint_metrics WHERE split = 'induction'" --format csv
       featurestore sql "SELECT * FROM activation_sets" --format parquet > sets.parquet
+      featurestore sql "SELECT count(*) FROM births" --as-of 12
     """
     import duckdb
 
     from featurestore.warehouse import connect
 
-    con = connect(_warehouse(ctx))
+    con = connect(_warehouse(ctx), as_of=as_of)
     try:
         try:
             table = con.sql(query).to_arrow_table()
@@ -1306,32 +1324,128 @@ def init_command(ctx, as_json):
                    f"{result.schema_version}); nothing changed")
 
 
-@cli.group("catalog")
-def catalog_group():
-    """Maintain the DuckDB catalog (featurestore.duckdb)."""
-
-
-@catalog_group.command("rebuild")
-@click.option("--json", "as_json", is_flag=True, help="Print the live files as JSON.")
+@cli.command("snapshots")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show the newest N snapshots.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
-def catalog_rebuild_command(ctx, as_json):
-    """Recreate the catalog from the Parquet files alone.
+def snapshots_command(ctx, limit, as_json):
+    """List the warehouse's snapshots, newest first: one per job that wrote.
 
-    Parquet is the source of truth: this restores a deleted or damaged featurestore.duckdb,
-    taking the newest file of each table.
+    Each shows its id, time, the job and its command line, and the tables it changed. Query an
+    older one with `featurestore sql --as-of ID` or `connect(as_of=ID)`.
 
     \b
-    Example:
-      featurestore catalog rebuild
+    Examples:
+      featurestore snapshots
+      featurestore snapshots --limit 100 --json
     """
     from featurestore.warehouse import Warehouse
 
-    live = Warehouse(_warehouse(ctx)).rebuild_catalog()
+    snapshots = Warehouse(_warehouse(ctx)).snapshots(limit)
     if as_json:
-        _emit_json(live)
+        _emit_json([s.to_dict() for s in snapshots])
+        return
+    rows = []
+    for s in snapshots:
+        tables = sorted({t for values in s.changes.values() for t in values
+                         if not t.startswith("main.")})
+        rows.append([str(s.snapshot_id), f"{s.time:%Y-%m-%d %H:%M:%S}", s.job or "",
+                     " ".join(s.command_line) if s.command_line else "", ", ".join(tables)])
+    click.echo(format_table(["snapshot", "time (UTC)", "job", "command line", "tables changed"],
+                            rows))
+
+
+@cli.command("compact")
+@click.option("--older-than", default="7d", show_default=True, metavar="AGE",
+              help="Expire snapshots older than this (e.g. 7d, 12h, 0) and delete files and "
+                   "artefact folders only they read.")
+@click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def compact_command(ctx, older_than, dry_run, as_json):
+    """Merge small table files, expire old snapshots and delete what nothing reads any more.
+
+    Jobs never delete what they replace: older snapshots keep reading it (time travel, open
+    notebooks). This reclaims the space, with DuckLake's own maintenance functions for table
+    files, plus artefact folders (checkpoints, activation sets, weights) and scratch of killed
+    jobs. The newest snapshot is always kept.
+
+    \b
+    Examples:
+      featurestore compact --dry-run
+      featurestore compact --older-than 1d --json
+    """
+    from featurestore.compaction import compact_warehouse, parse_age
+
+    result = compact_warehouse(_warehouse(ctx), parse_age(older_than), dry_run)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"expired {result.snapshots_expired} snapshots (kept {result.snapshots_kept}); "
+               f"{verb} {result.table_files_deleted} table files, {result.orphan_files_deleted} "
+               f"orphaned files, {len(result.artefact_folders_deleted)} artefact folders and "
+               f"{result.scratch_folders_deleted} scratch folders")
+
+
+@cli.group("catalog")
+def catalog_group():
+    """Maintain the warehouse's catalog."""
+
+
+@catalog_group.command("migrate")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def catalog_migrate_command(ctx, as_json):
+    """Convert a warehouse of schema 2 (featurestore.duckdb) to DuckLake, in place.
+
+    Every table is copied into the lake in one snapshot; artefacts stay where they are; the old
+    catalog and table files move to schema2-backup/. Jobs that write do this on their own.
+
+    \b
+    Example:
+      featurestore --warehouse old_warehouse catalog migrate
+    """
+    from featurestore.migrate import migrate_warehouse
+
+    result = migrate_warehouse(_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+    elif result.migrated:
+        click.echo(f"converted {result.path} to DuckLake ({len(result.tables)} tables, "
+                   f"{sum(result.tables.values())} rows); the old files are in {result.backup}")
     else:
-        click.echo(f"rebuilt the catalog over {len(live)} tables")
+        click.echo(f"{result.path} holds no schema-2 catalog to convert; nothing changed")
+
+
+@catalog_group.command("backup")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The backup file to write (must not exist).")
+@click.pass_context
+def catalog_backup_command(ctx, out):
+    """Copy the SQLite catalog consistently, even while jobs write.
+
+    To restore, stop the jobs and copy the backup over catalog.sqlite: the warehouse is then at
+    the backup's snapshot (table files written since are orphans, which `featurestore compact`
+    deletes). A PostgreSQL catalog is backed up with pg_dump.
+
+    \b
+    Example:
+      featurestore catalog backup --out ~/backups/catalog-$(date +%F).sqlite
+    """
+    from featurestore.warehouse import Warehouse
+
+    path = Warehouse(_warehouse(ctx)).backup_catalog(out)
+    click.echo(f"backed up the catalog to {path}")
 
 
 def main() -> None:
+    from featurestore import warehouse
+
+    warehouse.COMMAND_LINE = sys.argv[1:]  # recorded in the snapshot of each job
     cli(prog_name="featurestore")
+
+
+if __name__ == "__main__":  # python -m featurestore.cli, as the installed `featurestore` does
+    main()

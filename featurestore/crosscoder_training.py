@@ -32,8 +32,10 @@ from featurestore.crosscoder_metrics import batch_metrics, total_loss
 from featurestore.errors import FeaturestoreError
 from featurestore.model import config_from_dict
 
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
+# One file holds a whole training state: the tensors, and the rest as JSON in its header
+# metadata, so a save replaces both at once (a kill leaves the old state or the new one).
+STATE_FILE = "state.safetensors"
+STATE_METADATA_KEY = "featurestore.state"
 # The fewest optimiser steps a run may have when its length follows from its data (--tokens, or
 # the length of a token stream) rather than from --steps: the learning rate warms up over
 # TrainerConfig.warmup_steps (100) steps, so a shorter run never trains at its peak rate and
@@ -288,7 +290,7 @@ def calibrate_threshold(model: CrossCoder, data: TrainingData, config: TrainerCo
         model.threshold.fill_(torch.stack(smallest).mean())
 
 
-# --- training states: safetensors + JSON ------------------------------------------------------
+# --- training states: one safetensors file, JSON in its metadata ----------------------------
 
 
 def save_state(directory: Path, step: int, model: CrossCoder, optimizer, scheduler,
@@ -321,21 +323,27 @@ def save_state(directory: Path, step: int, model: CrossCoder, optimizer, schedul
         "metrics": metrics,
         "data": data_meta,
     }
-    temp_tensors = directory / f".{STATE_TENSORS}.tmp"
-    temp_json = directory / f".{STATE_JSON}.tmp"
-    save_file(tensors, temp_tensors)
-    temp_json.write_text(json.dumps(meta))
-    for temp in (temp_tensors, temp_json):
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-    # The JSON names the step; rename it last so a state is never half new.
-    os.replace(temp_tensors, directory / STATE_TENSORS)
-    os.replace(temp_json, directory / STATE_JSON)
+    temp = directory / f".{STATE_FILE}.tmp"
+    save_file(tensors, temp, metadata={STATE_METADATA_KEY: json.dumps(meta)})
+    with open(temp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, directory / STATE_FILE)
+
+
+def _state_metadata(directory: Path) -> dict | None:
+    """The JSON part of the saved state in `directory`, or None if there is none."""
+    from safetensors import safe_open
+
+    path = directory / STATE_FILE
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()[STATE_METADATA_KEY])
 
 
 def _saved_step(directory: Path) -> int | None:
-    path = directory / STATE_JSON
-    return json.loads(path.read_text())["step"] if path.exists() else None
+    meta = _state_metadata(directory)
+    return None if meta is None else meta["step"]
 
 
 def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
@@ -343,10 +351,10 @@ def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
     """Load a saved state into model, optimizer and scheduler; (step, metrics, data state)."""
     from safetensors.torch import load_file
 
-    if not (directory / STATE_JSON).exists():
+    meta = _state_metadata(directory)
+    if meta is None:
         raise FeaturestoreError(
             f"--resume: no saved training state in {directory}; run without --resume to start")
-    meta = json.loads((directory / STATE_JSON).read_text())
     if meta["trainer"] != config.to_dict():
         changed = sorted(k for k in config.to_dict() if meta["trainer"].get(k) !=
                          config.to_dict()[k])
@@ -354,7 +362,7 @@ def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
             f"--resume: the saved run used different settings ({', '.join(changed)}); resume "
             "with the same options, or start over without --resume"
         )
-    tensors = load_file(directory / STATE_TENSORS)
+    tensors = load_file(directory / STATE_FILE)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
                            if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}

@@ -1,41 +1,47 @@
-"""The warehouse: Parquet files as the source of truth, one DuckDB file as their catalog.
+"""The warehouse: a DuckLake of Parquet files, its catalog in SQLite (default) or PostgreSQL.
 
 On disk (see warehouse/README.md for the full layout)::
 
-    <root>/featurestore.duckdb          catalog: manifest of live Parquet files, views, macros
-    <root>/tables/<table>/part-*.parquet   one live file per table
-    <root>/tables/<table>/<col>=<value>/.../part-*.parquet
-                                           one per partition of a partitioned table
-                                           (feature_activations/basis=<b>/step=<s>/)
-    <root>/runs/, <root>/activations/      checkpoints and activation sets the tables point to
-    <root>/tmp/                            files being written; never read by queries
-    <root>/.lock                           held by the one job writing
+    <root>/catalog.sqlite                  the DuckLake catalog: tables, snapshots, file lists
+    <root>/data/main/<table>/...parquet    table rows, written and tracked by DuckLake
+    <root>/runs/<run>@<version>/           checkpoints of a run trained here
+    <root>/activations/.../<set>@<version> activation sets
+    <root>/bases/<basis>@<version>/        dictionary weights
+    <root>/tmp/                            scratch of running jobs; never read by queries
 
-How a write stays atomic: a job takes the writer lock, writes every file it produces to tmp/
-(fsync), and at commit renames them into place under new names, then records the new files in the
-catalog's manifest and recreates the views in one DuckDB transaction. Queries only ever read files
-named in the manifest, so a job killed at any point leaves the warehouse as it was: at worst an
-unreferenced file, which the next writer deletes. A file replaced by a commit is "retired": it
-stays for RETIRED_GRACE so that connections opened earlier keep reading their snapshot.
+Every job is one DuckLake snapshot: its table writes commit in one transaction whose commit
+message names the job and its arguments. Artefacts that are not tables (checkpoints, activation
+sets, dictionary weights) are written to folders with a new, never reused version in their name
+before the commit, and the rows that point at them are part of the commit: a job killed at any
+point leaves either the old rows (pointing at the old folders) or the new ones, never a mix.
+Nothing is renamed or deleted in place; replaced files and folders stay readable at older
+snapshots until `featurestore compact` expires those snapshots.
 
-Readers never hold the catalog file open: `connect()` reads the manifest once and builds the views
-in an in-memory DuckDB connection, so a notebook left open does not block jobs.
+Writers do not lock each other out: several jobs (processes, machines) run at once and each
+commits when it is done. Commits that race are retried by DuckLake, or here as a whole
+transaction when the catalog reports the race as a lock, so the last one to commit wins.
+
+Readers never hold a lock either: `connect()` pins the snapshot that was current when it was
+opened (or an older one, `as_of`), so a notebook sees one consistent warehouse.
 """
 
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
+import random
+import re
 import shutil
+import socket
+import sys
 import time
 import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -52,28 +58,46 @@ from featurestore.errors import (
     SchemaVersionError,
     WarehouseBusyError,
 )
+from featurestore.lake import (
+    DATA_FOLDER,
+    LAKE,
+    LAKE_OPTIONS,
+    CatalogLocation,
+    attach_sql,
+    catalog_location,
+    load_extensions,
+    prepare_sqlite,
+)
 from featurestore.settings import check_name, resolve_warehouse
 
-SCHEMA_VERSION = 2
-KNOWN_SCHEMA_VERSIONS = frozenset({2})
-CATALOG_FILE = "featurestore.duckdb"
-MANIFEST = "_manifest"
-PARTITIONS = "_partitions"
+SCHEMA_VERSION = 3
+KNOWN_SCHEMA_VERSIONS = frozenset({3})
+# The catalog of schema 2: a manifest of Parquet files in one DuckDB file (see migrate.py).
+LEGACY_CATALOG = "featurestore.duckdb"
 # Rows of every file are sorted (by the table's sort_by columns, else its key) and written in
 # row groups this size unless the table declares its own, so a filter on a leading sort column
-# decompresses only the groups whose min/max cover it: one feature's trajectory among 3M rows
-# reads one group, not a million rows (bench_warehouse_scale: 66 ms with pyarrow's default
-# groups, 10 ms with these); one feature at one step of feature_activations, 2.6 ms against
-# 3.0 ms with 64k groups. Smaller groups cost more footer to parse per query than they save
-# (4k: trajectory 20 ms), except in tables of a few thousand rows per question (diffs).
-ROW_GROUP = 16_384
+# decompresses only the groups whose min/max cover it. Smaller groups cost more footer to parse
+# per query than they save, except in tables of a few thousand rows per question (diffs).
+ROW_GROUP = LAKE_OPTIONS["parquet_row_group_size"]
 PARTITION_KEY_METADATA = b"featurestore.partition"
-RETIRED = "_retired"
-# A replaced Parquet file stays on disk this long, so connections opened before the replacing
-# commit keep working; the first writer after that deletes it.
-RETIRED_GRACE = timedelta(hours=1)
-# How long to wait for a commit that holds the catalog file open before calling it busy.
-CATALOG_WAIT_SECONDS = 15.0
+# A commit that loses a race is tried again, as a whole, up to this many times, waiting a random
+# time that grows each round (the catalog serialises commits; jitter keeps racers apart).
+COMMIT_ATTEMPTS = 40
+COMMIT_WAIT_SECONDS = (0.02, 1.0)
+# Errors of a commit that lost a race (SQLite: the catalog was written since this transaction
+# began; DuckLake: conflicting snapshots, or its own retries used up).
+_RACE_MESSAGES = ("database is locked", "conflict", "duplicate key", "retry", "busy",
+                  "could not serialize")
+# One row per table, replaced by every commit that writes the table. DuckLake sees two commits
+# that insert rows into one table as compatible, even when the rows have the same key (neither
+# delete found the other's rows, which were not committed yet); two commits that delete the same
+# row conflict. So each commit also replaces its tables' token rows: of two concurrent commits
+# to a table, the second is refused and run again, and its deletes then see the first one's rows.
+COMMIT_TOKENS = "featurestore_commit_tokens"
+# The version part of an artefact folder's name: <name>@20261206T203628-1a2b3c
+VERSION_SUFFIX = re.compile(r"@\d{8}T\d{6}-[0-9a-f]{6}$")
+# What the CLI records of its own command line in each snapshot (set by featurestore.cli).
+COMMAND_LINE: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,11 +130,9 @@ class TableSpec:
     arrow_schema: pa.Schema
     # Large tables declare `-- partition_by: a, b` (one file per value of those columns, which a
     # write replaces whole); any table may declare `-- sort_by: c, d`, the order of rows in its
-    # files (default: its key), chosen for the filters its questions use, and
-    # `-- row_group_size: N`.
+    # files (default: its key), chosen for the filters its questions use.
     partition_by: tuple[str, ...] = ()
     sort_by: tuple[str, ...] = ()
-    row_group_size: int = ROW_GROUP
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
@@ -156,11 +178,9 @@ def table_specs() -> dict[str, TableSpec]:
                 [pa.field(f.name, pa.string()) if _is_json(c) else f
                  for f, c in zip(schema, columns)]
             )
-            row_group = _declared(ddl, "row_group_size")
             specs[name] = TableSpec(name, comment[0][0] or "", columns,
                                     tuple(key[0][0]) if key else (), schema,
-                                    _declared(ddl, "partition_by"), _declared(ddl, "sort_by"),
-                                    int(row_group[0]) if row_group else ROW_GROUP)
+                                    _declared(ddl, "partition_by"), _declared(ddl, "sort_by"))
         return specs
     finally:
         scratch.close()
@@ -175,16 +195,17 @@ def _declared(ddl: str, directive: str) -> tuple[str, ...]:
 
 
 def partition_key(table: TableSpec, values: dict | tuple) -> str:
-    """The manifest's name for one partition: its column values as JSON, e.g. ["demo-l2", 100]."""
+    """One partition's column values as JSON, e.g. ["demo-l2", 100]: stored in its file's
+    metadata, and checked when a job hands the file over (adopt_partition)."""
     if isinstance(values, dict):
         values = tuple(values[c] for c in table.partition_by)
     return json.dumps([v.item() if hasattr(v, "item") else v for v in values])
 
 
 def partition_folder(table: TableSpec, key: str) -> str:
-    """The folder of one partition under tables/<table>/, one level per partition column:
-    basis=demo-l2/step=100. DuckDB reads the values from the path (hive partitioning), so a
-    query on one partition skips every other file without opening it."""
+    """The folder of one partition under the table's data folder, one level per partition
+    column (basis=demo-l2/step=100): the layout DuckLake itself writes partitioned tables in,
+    from which it records the file's partition values."""
     return "/".join(f"{c}={v}" for c, v in zip(table.partition_by, json.loads(key)))
 
 
@@ -199,46 +220,21 @@ def spec(table: str) -> TableSpec:
     return specs[table]
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Building the catalog: views over the live files, then sql/views and sql/macros
+# Reading: views over the lake's tables, then sql/views and sql/macros
 
 
-def _table_view_sql(table: TableSpec, paths: list[str], hive: bool,
-                    file_columns: set[str] | None = None) -> str:
-    """The view over a table's files. Explicit casts keep the view's types fixed by the DDL
-    whatever the file holds; a column the DDL added after a file was written (not in
-    `file_columns`, given for unpartitioned tables) reads as its DEFAULT, or NULL."""
-    if not paths:
-        select = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in table.columns)
-        return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} WHERE false"
-    select = ", ".join(c.select(file_columns is None or c.name in file_columns)
-                       for c in table.columns)
-    files = ", ".join(_sql_string(p) for p in paths)
-    options = ""
-    if hive:
-        # A filter on a partition column is then checked against each path at planning time:
-        # only the matching partitions' files are opened. Without this, DuckDB opens every
-        # file's footer to learn its min/max (200 checkpoints: 150 ms for a one-step query).
-        types = ", ".join(f"{_sql_string(c)}: {table.column(c).type}" for c in table.partition_by)
-        options = f", hive_partitioning = true, hive_types = {{{types}}}"
-    return (f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} "
-            f"FROM read_parquet([{files}]{options})")
-
-
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest, root: Path) -> None:
-    """Create every table view (over its live files, or empty), with comments, views and macros.
-    `root`: the warehouse folder the manifest's paths are relative to."""
+def build_views(con: duckdb.DuckDBPyConnection, snapshot: int | None) -> None:
+    """Create a view per table in the connection's own schema, reading the lake at `snapshot`
+    (None: an empty view of the DDL's columns, for a warehouse with no catalog yet), with the
+    DDL's comments; then the macros and views of sql/."""
+    present = _lake_columns(con) if snapshot is not None else {}
     for table in table_specs().values():
-        hive = bool(table.partition_by) and not live.legacy_partitions(table)
-        paths = live.paths(table.name)
-        file_columns = None
-        if paths and not table.partition_by:
-            file_columns = set(pq.read_schema(root / paths[0]).names)
-        con.execute(_table_view_sql(table, paths, hive, file_columns))
+        try:
+            con.execute(_table_view_sql(table, snapshot, present.get(table.name)))
+        except duckdb.Error:  # an older snapshot, with fewer columns or without the table
+            con.execute(_table_view_sql(table, snapshot, _columns_at(con, table.name, snapshot)))
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
@@ -248,31 +244,38 @@ def build_catalog(con: duckdb.DuckDBPyConnection, live: Manifest, root: Path) ->
         con.execute(text)
 
 
-@dataclass
-class Manifest:
-    """What the catalog says is live: one file per table, and one per partition of a partitioned
-    table, plus the retired files kept for readers of older snapshots."""
+def _lake_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    rows = con.execute("SELECT table_name, column_name FROM duckdb_columns() "
+                       "WHERE database_name = ? AND schema_name = 'main'", [LAKE]).fetchall()
+    columns: dict[str, set[str]] = {}
+    for table, column in rows:
+        columns.setdefault(table, set()).add(column)
+    return columns
 
-    files: dict[str, str]  # table -> live file (unpartitioned tables)
-    partitions: dict[str, dict[str, str]]  # table -> partition key -> live file
-    retired: set[str]
 
-    def paths(self, table: str) -> list[str]:
-        if table in self.partitions:
-            return [self.partitions[table][k] for k in sorted(self.partitions[table])]
-        return [self.files[table]] if table in self.files else []
+def _columns_at(con: duckdb.DuckDBPyConnection, table: str, snapshot: int) -> set[str] | None:
+    """The lake table's columns at `snapshot`; None if it did not exist then."""
+    try:
+        cursor = con.execute(f"SELECT * FROM {LAKE}.{table} AT (VERSION => {int(snapshot)}) "
+                             "LIMIT 0")
+    except duckdb.Error:
+        return None
+    return {d[0] for d in cursor.description}
 
-    def legacy_partitions(self, table: TableSpec) -> list[str]:
-        """Partitions whose file is not in its partition folder: written before featurestore
-        used the folder layout (flat in tables/<table>/). The next commit links them into place;
-        until then the table is read without partition pruning (DuckDB needs every path of one
-        scan in the same layout)."""
-        return [key for key, path in self.partitions.get(table.name, {}).items()
-                if Path(path).parent != Path("tables", table.name, partition_folder(table, key))]
 
-    def all_paths(self) -> set[str]:
-        return {*self.files.values(), *(p for parts in self.partitions.values()
-                                         for p in parts.values()), *self.retired}
+def _table_view_sql(table: TableSpec, snapshot: int | None, present: set[str] | None) -> str:
+    """The view over one lake table at a snapshot. Explicit casts keep the view's types fixed by
+    the DDL; a column the lake table lacks (added by a newer featurestore) reads as its DEFAULT."""
+    if snapshot is None or present is None:
+        select = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in table.columns)
+        return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} WHERE false"
+    select = ", ".join(c.select(c.name in present) for c in table.columns)
+    return (f"CREATE OR REPLACE VIEW {table.name} AS SELECT {select} "
+            f"FROM {LAKE}.{table.name} AT (VERSION => {int(snapshot)})")
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,15 +294,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Warehouse:
-    """A warehouse directory. Cheap to construct; touches the disk only when used."""
+@dataclass
+class Snapshot:
+    """One committed state of the warehouse: which job made it, when, with which arguments."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    snapshot_id: int
+    time: datetime
+    job: str | None
+    command_line: list[str] | None  # the featurestore arguments, when run from the CLI
+    host: str | None
+    changes: dict[str, list[str]]  # e.g. {"tables_inserted_into": ["trajectories", ...]}
+
+    def to_dict(self) -> dict:
+        return {"snapshot_id": self.snapshot_id, "time": self.time.isoformat(), "job": self.job,
+                "command_line": self.command_line, "host": self.host, "changes": self.changes}
+
+
+class Warehouse:
+    """A warehouse directory and its catalog. Cheap to construct; touches nothing until used.
+
+    `catalog`: where the DuckLake catalog lives (see featurestore.lake); default
+    $FEATURESTORE_CATALOG, else catalog.sqlite in the folder.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, catalog: str | None = None):
         self.root = resolve_warehouse(root)
-        self.catalog_path = self.root / CATALOG_FILE
-        self.tables_dir = self.root / "tables"
+        self.catalog_setting = catalog
+        self.catalog: CatalogLocation = catalog_location(self.root, catalog)
+        self.data_path = self.root / DATA_FOLDER
         self.tmp_dir = self.root / "tmp"
-        self.lock_path = self.root / ".lock"
+        self.legacy_catalog = self.root / LEGACY_CATALOG
         # True while this object's writer is held: a warehouse with no catalog yet then reads
         # as empty to the job (see connect), instead of "no warehouse".
         self._writing = False
@@ -311,142 +335,269 @@ class Warehouse:
         """Absolute path of a path stored in a table (relative to the root, or already absolute)."""
         return self.root / relative
 
+    # -- the lake -------------------------------------------------------------------------------
+
+    def _open(self, *, read_only: bool, create: bool = False) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with the lake attached as `lake`."""
+        if create and self.catalog.kind == "sqlite" and not self.catalog.exists():
+            prepare_sqlite(Path(self.catalog.target))
+        con = duckdb.connect(":memory:")
+        try:
+            load_extensions(con, self.catalog.kind)
+            # Relative artefact paths in the tables resolve against the root.
+            con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
+            attach = attach_sql(self.catalog, self.data_path, read_only=read_only, create=create)
+            for attempt in range(COMMIT_ATTEMPTS):  # a catalog being created or recovered
+                try:
+                    con.execute(attach)
+                    break
+                except duckdb.Error as error:
+                    if not _is_race(error) or attempt + 1 == COMMIT_ATTEMPTS:
+                        raise
+                    time.sleep(random.uniform(*COMMIT_WAIT_SECONDS) / 4)
+        except duckdb.Error as error:
+            con.close()
+            raise self._unreachable(error) from None
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _unreachable(self, error: duckdb.Error) -> FeaturestoreError:
+        text = str(error)
+        if "does not exist" in text or "not exist" in text and self.catalog.kind == "sqlite":
+            return self._missing()
+        return FeaturestoreError(
+            f"cannot open the warehouse catalog {self.catalog.describe()}: {text.strip()}. "
+            "Check --catalog / $FEATURESTORE_CATALOG (the server must be running and the "
+            "database created), or that the file is a featurestore catalog.")
+
+    def _missing(self) -> FeaturestoreError:
+        if self.legacy_catalog.exists():
+            return SchemaVersionError(
+                f"{self.root} is a warehouse of schema 2 (a {LEGACY_CATALOG} catalog); this "
+                f"featurestore reads schema {SCHEMA_VERSION}. Convert it in place with "
+                "`featurestore catalog migrate` (every table and artefact is kept), or run any "
+                "job that writes, which converts it first.")
+        return NotFoundError(
+            f"no warehouse at {self.root} (no catalog {self.catalog.describe()}). Create an "
+            "empty one with `featurestore init`, or run a job that writes one, e.g. "
+            "`featurestore train-model --run demo`, or point --warehouse / "
+            "FEATURESTORE_WAREHOUSE (and --catalog / FEATURESTORE_CATALOG) at an existing one.")
+
+    def _has_catalog(self) -> bool:
+        """Whether the catalog database holds a DuckLake (a SQLite file is there; a PostgreSQL
+        database has DuckLake's tables)."""
+        if self.catalog.kind == "sqlite":
+            return self.catalog.exists()
+        try:
+            self._open(read_only=True).close()
+            return True
+        except NotFoundError:
+            return False
+
     def exists(self) -> bool:
-        return self.catalog_path.exists()
+        """Whether the catalog holds a featurestore warehouse (a first commit happened)."""
+        if not self._has_catalog():
+            return False
+        con = self._open(read_only=True)
+        try:
+            return _initialised(con)
+        finally:
+            con.close()
+
+    def current_snapshot(self, con: duckdb.DuckDBPyConnection) -> int:
+        (snapshot,) = con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()
+        return int(snapshot)
+
+    def _resolve_as_of(self, con: duckdb.DuckDBPyConnection, as_of) -> int:
+        """A snapshot id from an id, an ISO timestamp or a datetime (the last snapshot at or
+        before that time)."""
+        known = [s for (s,) in con.execute(
+            f"SELECT snapshot_id FROM {LAKE}.snapshots() ORDER BY snapshot_id").fetchall()]
+        if isinstance(as_of, int) or (isinstance(as_of, str) and as_of.strip().isdigit()):
+            snapshot = int(as_of)
+            if snapshot not in known:
+                raise NotFoundError(
+                    f"--as-of {as_of}: no snapshot {snapshot} in {self.root} (it holds "
+                    f"{known[0]}..{known[-1]}, older ones expired by `featurestore compact`); "
+                    "`featurestore snapshots` lists them")
+            return snapshot
+        try:
+            moment = as_of if isinstance(as_of, datetime) else datetime.fromisoformat(str(as_of))
+        except ValueError:
+            raise FeaturestoreError(
+                f"--as-of {as_of!r} is neither a snapshot id nor a time; give e.g. 12 or "
+                "'2026-12-06 14:00' (UTC unless it names a zone)") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        row = con.execute(f"SELECT max(snapshot_id) FROM {LAKE}.snapshots() "
+                          "WHERE snapshot_time <= ?", [moment]).fetchone()
+        if row[0] is None:
+            raise NotFoundError(f"--as-of {as_of}: the warehouse has no snapshot that old; "
+                                "`featurestore snapshots` lists them")
+        return int(row[0])
 
     # -- reading --------------------------------------------------------------------------------
 
-    def live_files(self) -> dict[str, str]:
-        """The manifest: table -> live Parquet file (relative to the root), unpartitioned tables."""
-        return self.manifest().files
-
-    def manifest(self) -> Manifest:
-        """Every live file, partitions included, and the retired files still kept."""
-        if not self.exists():
-            raise NotFoundError(
-                f"no warehouse at {self.root} (no {CATALOG_FILE}). Create an empty one with "
-                "`featurestore init`, or run a job that writes one, e.g. `featurestore "
-                "train-model --run demo`, or point --warehouse / FEATURESTORE_WAREHOUSE at an "
-                "existing warehouse; if its tables/ folder is there but the catalog was deleted, "
-                "run `featurestore catalog rebuild`."
-            )
-        con = duckdb.connect(":memory:")
-        try:
-            self._attach_catalog(con, read_only=True)
-            rows = con.execute(f"SELECT table_name, path FROM catalog.{MANIFEST}").fetchall()
-            retired = con.execute(f"SELECT path FROM catalog.{RETIRED}").fetchall()
-            partitions: dict[str, dict[str, str]] = {}
-            for table, key, path in con.execute(
-                    f"SELECT table_name, partition, path FROM catalog.{PARTITIONS}").fetchall():
-                partitions.setdefault(table, {})[key] = path
-            con.execute("DETACH catalog")
-        finally:
-            con.close()
-        return Manifest(dict(rows), partitions, {path for (path,) in retired})
-
-    def _attach_catalog(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
-        mode = " (READ_ONLY)" if read_only else ""
-        deadline = time.monotonic() + CATALOG_WAIT_SECONDS
-        while True:
-            try:
-                con.execute(f"ATTACH {_sql_string(str(self.catalog_path))} AS catalog{mode}")
-                return
-            except duckdb.IOException as error:
-                if "lock" not in str(error).lower() or time.monotonic() > deadline:
-                    raise WarehouseBusyError(
-                        f"warehouse busy: the catalog {self.catalog_path} is held open by another "
-                        "process. Close other DuckDB sessions on that file (featurestore's own "
-                        "connections never hold it) and retry."
-                    ) from error
-                time.sleep(0.1)
-
-    def connect(self) -> duckdb.DuckDBPyConnection:
+    def connect(self, as_of: int | str | datetime | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with every table, view, macro and UDF of the warehouse.
 
-        Inside this warehouse's own writer, a warehouse with no catalog yet (a missing or empty
-        folder) reads as empty: every table is there with no rows, and the job's commit creates
-        the catalog. Anywhere else a missing catalog is a NotFoundError.
+        The tables read the snapshot that is current now (or `as_of`: a snapshot id, or a time),
+        and keep reading it however many jobs commit later. Inside this warehouse's own writer,
+        a warehouse with no catalog yet reads as empty; anywhere else that is a NotFoundError.
         """
-        first_write = self._writing and not self.exists()
-        if first_write:
-            self._check_catalog_not_lost()
-        live = Manifest({}, {}, set()) if first_write else self.manifest()
-        con = duckdb.connect(":memory:")
+        if self._writing and not self._has_catalog():
+            con = duckdb.connect(":memory:")
+            build_views(con, None)
+        else:
+            if not self._has_catalog():
+                raise self._missing()
+            con = self._open(read_only=True)
+            try:
+                if not _initialised(con):
+                    if not self._writing:
+                        raise self._missing()
+                    build_views(con, None)
+                else:
+                    snapshot = (self.current_snapshot(con) if as_of is None
+                                else self._resolve_as_of(con, as_of))
+                    build_views(con, snapshot)
+                    check_schema_version(con, self.root)
+            except BaseException:
+                con.close()
+                raise
         _open_connections.add(con)
-        # Relative paths in the views resolve against the root, wherever the process runs.
-        con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
-        # Parquet footers are parsed once per connection, not once per query: a warm lookup in
-        # the 3M-row trajectories file (a 350 kB footer of 200 row groups) drops from 12.8 to
-        # 9.9 ms. Safe because a live file never changes: a commit writes new files.
+        # Parquet footers are parsed once per connection, not once per query: safe because a
+        # data file never changes (a commit writes new files).
         con.execute("SET parquet_metadata_cache = true")
-        build_catalog(con, live, self.root)
-        if not first_write:  # the first commit writes the schema version
-            check_schema_version(con, self.root)
         from featurestore.queries.udfs import register_udfs
 
         register_udfs(con, self)
         return con
 
+    def data_files(self, table: str) -> list[Path]:
+        """The Parquet files that hold `table`'s rows at the newest snapshot, for tools that read
+        Parquet directly. Rows deleted since a file was written stay in it (DuckLake records
+        them in delete files) until `featurestore compact` rewrites it."""
+        spec(table)
+        con = self._open(read_only=True)
+        try:
+            return [Path(path) for (path,) in con.execute(
+                "SELECT data_file FROM ducklake_list_files(?, ?)", [LAKE, table]).fetchall()]
+        finally:
+            con.close()
+
+    def snapshots(self, limit: int | None = None) -> list[Snapshot]:
+        """Committed snapshots, newest first: id, time, job and its arguments, what changed."""
+        if not self._has_catalog():
+            raise self._missing()
+        con = self._open(read_only=True)
+        try:
+            rows = con.execute(
+                f"SELECT snapshot_id, snapshot_time, commit_message, commit_extra_info, changes "
+                f"FROM {LAKE}.snapshots() ORDER BY snapshot_id DESC"
+                + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+            # Changes name tables by id; every name a table id ever had, for display.
+            names = dict(con.execute(
+                f"SELECT table_id::VARCHAR, table_name FROM __ducklake_metadata_{LAKE}."
+                "ducklake_table").fetchall())
+        finally:
+            con.close()
+        snapshots = []
+        for snapshot, moment, message, extra, changes in rows:
+            info = json.loads(extra) if extra else {}
+            snapshots.append(Snapshot(
+                int(snapshot), moment, message, info.get("command_line"), info.get("host"),
+                {kind: [names.get(str(v), str(v)) for v in values
+                        if names.get(str(v)) != COMMIT_TOKENS]
+                 for kind, values in (changes or {}).items()}))
+        return snapshots
+
     # -- writing --------------------------------------------------------------------------------
 
     @contextmanager
     def writer(self, job: str) -> Iterator[Writer]:
-        """Hold the writer lock for a job; commit what it wrote when the block exits cleanly.
+        """A job's writes, committed as one snapshot when the block exits cleanly.
 
-        Take it at the start of the job, so a second writer is refused before doing any work.
-        The warehouse need not exist yet: its first commit creates it, and a job that fails
-        before any commit leaves no catalog, tmp/ or lock behind (nor the folder, if it made it).
+        No lock is taken: other jobs may write at the same time. A schema-2 warehouse is
+        converted first. A job that fails before its commit leaves the warehouse as it was
+        (its scratch and unreferenced artefact folders are deleted; if the warehouse did not
+        exist, nothing of it is left).
         """
+        if self.legacy_catalog.exists() and not self.exists():
+            from featurestore.migrate import migrate_warehouse
+
+            print(f"featurestore: converting {self.root} from schema 2 to {SCHEMA_VERSION} "
+                  "(DuckLake) before writing", file=sys.stderr)
+            migrate_warehouse(self)
         made_root = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip() or "unknown job"
-                raise WarehouseBusyError(
-                    f"warehouse busy: {self.root} is being written by {holder}. Wait for that "
-                    "job to finish (or stop it) and run this command again."
-                ) from None
-            lock.seek(0)
-            lock.truncate()
-            lock.write(json.dumps({"pid": os.getpid(), "job": job, "since": utc_now().isoformat()}))
-            lock.flush()
-            try:
-                self._clean_leftovers()
-                writer = Writer(self, job)
-                self._writing = True
-                try:
-                    yield writer
-                    writer.commit()
-                finally:
-                    self._writing = False
-                    writer.discard()
-                    if not self.exists():  # no commit ever happened here
-                        self._remove_scaffolding(made_root)
-            finally:
-                lock.seek(0)
-                lock.truncate()
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        had_catalog = self._has_catalog()
+        if not had_catalog:
+            self._check_catalog_not_lost()
+        writer = Writer(self, job)
+        self._writing = True
+        try:
+            yield writer
+            writer.commit()
+        finally:
+            self._writing = False
+            writer.discard()
+            if not writer.committed and not had_catalog:
+                self._remove_uncommitted_catalog(made_root)
 
     def _check_catalog_not_lost(self) -> None:
-        """A folder with table files but no catalog lost its catalog; starting a new warehouse
-        there would make the next writer delete those files as unreferenced."""
-        if self.tables_dir.exists() and next(self.tables_dir.rglob("part-*.parquet"), None):
+        """Table files but no catalog: the catalog was deleted or lost. A new catalog would not
+        know those files, and compaction would delete them as orphans."""
+        if self.data_path.exists() and next(self.data_path.rglob("*.parquet"), None):
             raise NotFoundError(
-                f"{self.root} holds table files (tables/) but no catalog ({CATALOG_FILE}): it was "
-                "deleted or lost. Run `featurestore catalog rebuild` to recreate it from the "
-                "files before writing to this warehouse."
-            )
+                f"{self.root} holds table files ({DATA_FOLDER}/) but no catalog "
+                f"({self.catalog.describe()}): it was deleted or lost, or --catalog / "
+                "$FEATURESTORE_CATALOG names another one. Restore the catalog from a backup "
+                "(`featurestore catalog backup` makes one; see the README's recovery section) "
+                "before writing to this warehouse.")
 
-    def _remove_scaffolding(self, made_root: bool) -> None:
-        """After a job that never committed to a warehouse with no catalog: remove its tmp/,
-        its lock (still held, so no other writer can be between open and lock) and any folder
-        left empty, the root too if this job made it. What a failed job keeps on purpose (a
+    def backup_catalog(self, out: Path) -> Path:
+        """A consistent copy of the SQLite catalog at `out`, taken while jobs may be writing
+        (SQLite's online backup). With it and the data folder the warehouse can be restored to
+        the snapshot of the backup."""
+        if self.catalog.kind != "sqlite":
+            raise FeaturestoreError(
+                "catalog backup copies a SQLite catalog; back up a PostgreSQL catalog with "
+                "pg_dump (or continuous archiving) of its database")
+        if not self._has_catalog():
+            raise self._missing()
+        out = Path(out).expanduser().resolve()
+        if out.exists():
+            raise FeaturestoreError(f"--out {out} exists; choose a new file name")
+        import sqlite3
+
+        source = sqlite3.connect(f"file:{self.catalog.target}?mode=ro", uri=True)
+        target = sqlite3.connect(out)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        return out
+
+    def _remove_uncommitted_catalog(self, made_root: bool) -> None:
+        """After a first job that never committed: the SQLite catalog it may have created, its
+        empty folders, and the root if the job made it. What a failed job keeps on purpose (a
         training state for --resume, a rejected fit) stays."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.lock_path.unlink(missing_ok=True)
+        if self.catalog.kind == "sqlite":
+            con = None
+            try:  # only a catalog with no featurestore tables in it
+                con = self._open(read_only=True)
+                initialised = _initialised(con)
+            except FeaturestoreError:
+                initialised = False
+            finally:
+                if con is not None:
+                    con.close()
+            if not initialised:
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(self.catalog.target + suffix).unlink(missing_ok=True)
         for folder, _, _ in sorted(os.walk(self.root), key=lambda entry: -len(entry[0])):
             if Path(folder) != self.root or made_root:
                 try:
@@ -454,97 +605,21 @@ class Warehouse:
                 except OSError:
                     pass
 
-    def _clean_leftovers(self) -> None:
-        """Remove what killed jobs left: tmp/ and Parquet files the catalog does not know."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True)
-        if not self.exists() or not self.tables_dir.exists():
-            return
-        known = {self.path(p) for p in self.manifest().all_paths()}
-        for file in self.tables_dir.rglob("part-*.parquet"):
-            if file not in known:
-                file.unlink()
 
-    def rebuild_catalog(self) -> dict[str, list[str]]:
-        """Recreate featurestore.duckdb from the Parquet files alone: the newest file per table,
-        or per partition (named in each partition file's metadata) of a partitioned table.
-
-        A partition dropped less than RETIRED_GRACE ago still has its file, and comes back.
-        """
-        with self.writer("catalog rebuild"):
-            live = Manifest({}, {}, set())
-            for table in table_specs().values():
-                folder = self.tables_dir / table.name
-                if table.partition_by:  # in partition folders, or flat (older warehouses)
-                    files = sorted(folder.rglob("part-*.parquet"), key=lambda f: f.name)
-                else:
-                    files = sorted(folder.glob("part-*.parquet"))
-                if files and table.partition_by:
-                    newest = {}
-                    for file in files:  # time-ordered names: later files win
-                        key = pq.read_schema(file).metadata[PARTITION_KEY_METADATA].decode()
-                        newest[key] = str(file.relative_to(self.root))
-                    live.partitions[table.name] = newest
-                elif files:
-                    live.files[table.name] = str(files[-1].relative_to(self.root))
-            if "schema_version" not in live.files:
-                raise SchemaVersionError(
-                    f"cannot rebuild the catalog of {self.root}: tables/schema_version/ holds no "
-                    "Parquet file, so the warehouse layout is unknown. Is this a featurestore "
-                    "warehouse?"
-                )
-            fresh = self.tmp_dir / CATALOG_FILE
-            con = duckdb.connect(str(fresh))
-            try:
-                _create_manifest(con)
-                for table, path in live.files.items():
-                    rows = pq.read_metadata(self.path(path)).num_rows
-                    con.execute(
-                        f"INSERT INTO {MANIFEST} VALUES (?, ?, ?, 'catalog rebuild', ?)",
-                        [table, path, rows, utc_now()],
-                    )
-                for table, parts in live.partitions.items():
-                    for key, path in parts.items():
-                        rows = pq.read_metadata(self.path(path)).num_rows
-                        con.execute(
-                            f"INSERT INTO {PARTITIONS} VALUES (?, ?, ?, ?, 'catalog rebuild', ?)",
-                            [table, key, path, rows, utc_now()],
-                        )
-                con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
-                build_catalog(con, live, self.root)
-                check_schema_version(con, self.root)
-                con.execute("CHECKPOINT")
-            finally:
-                con.close()
-            os.replace(fresh, self.catalog_path)
-            _fsync_dir(self.root)
-            return {table: live.paths(table) for table in [*live.files, *live.partitions]}
-
-
-def _create_manifest(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {MANIFEST} (table_name VARCHAR PRIMARY KEY, path VARCHAR "
-        "NOT NULL, n_rows BIGINT NOT NULL, job VARCHAR NOT NULL, committed_at TIMESTAMPTZ "
-        "NOT NULL)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {RETIRED} (path VARCHAR PRIMARY KEY, retired_at "
-        "TIMESTAMPTZ NOT NULL)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {PARTITIONS} (table_name VARCHAR NOT NULL, partition VARCHAR "
-        "NOT NULL, path VARCHAR NOT NULL, n_rows BIGINT NOT NULL, job VARCHAR NOT NULL, "
-        "committed_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (table_name, partition))"
-    )
+def _initialised(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the attached lake holds featurestore's tables (its first commit happened)."""
+    return bool(con.execute(
+        "SELECT 1 FROM duckdb_tables() WHERE database_name = ? AND table_name = 'schema_version'",
+        [LAKE]).fetchall())
 
 
 def check_schema_version(con: duckdb.DuckDBPyConnection, root: Path) -> int:
     versions = [v for (v,) in con.execute("SELECT version FROM schema_version").fetchall()]
     if not versions:
         raise SchemaVersionError(
-            f"the warehouse at {root} records no schema version (tables/schema_version/ is empty "
-            "or missing); it was not written by featurestore, or was damaged. Recreate it by "
-            "re-running the jobs, or restore tables/schema_version/ from a backup."
+            f"the warehouse at {root} records no schema version (its schema_version table is "
+            "empty); it was not written by featurestore, or was damaged. Recreate it by "
+            "re-running the jobs, or restore its catalog from a backup."
         )
     version = max(versions)
     if version not in KNOWN_SCHEMA_VERSIONS:
@@ -561,20 +636,110 @@ def check_schema_version(con: duckdb.DuckDBPyConnection, root: Path) -> int:
     return version
 
 
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the lake tables the DDL declares and the lake lacks, and add columns a newer DDL
+    added (with their DEFAULT), inside the caller's transaction. No statement runs when the
+    lake already matches, so this adds nothing to a commit (and no conflict with another)."""
+    present = _lake_columns(con)
+    first = "schema_version" not in present
+    if first:
+        for option, value in LAKE_OPTIONS.items():
+            con.execute(f"CALL {LAKE}.set_option(?, ?)", [option, value])
+    if COMMIT_TOKENS not in present:
+        con.execute(f"CREATE TABLE {LAKE}.{COMMIT_TOKENS} (table_name VARCHAR NOT NULL, "
+                    "job VARCHAR, committed_at TIMESTAMP WITH TIME ZONE)")
+        con.execute(f"COMMENT ON TABLE {LAKE}.{COMMIT_TOKENS} IS 'featurestore''s own: one row "
+                    "per table, replaced by each commit that writes it, so that concurrent "
+                    "commits to one table conflict and are retried'")
+    for table in table_specs().values():
+        if table.name not in present:
+            _create_lake_table(con, table)
+            con.execute(f"INSERT INTO {LAKE}.{COMMIT_TOKENS} VALUES (?, NULL, NULL)",
+                        [table.name])
+            continue
+        for column in table.columns:
+            if column.name not in present[table.name]:
+                default = f" DEFAULT {column.default}" if column.default else ""
+                con.execute(f"ALTER TABLE {LAKE}.{table.name} ADD COLUMN {column.name} "
+                            f"{column.type}{default}")
+                con.execute(f"COMMENT ON COLUMN {LAKE}.{table.name}.{column.name} IS "
+                            f"{_sql_string(column.comment)}")
+    if first:
+        con.execute(f"INSERT INTO {LAKE}.schema_version VALUES (?, ?, ?)",
+                    [SCHEMA_VERSION, package_version(), utc_now()])
+
+
+def _create_lake_table(con: duckdb.DuckDBPyConnection, table: TableSpec) -> None:
+    """The DDL's table in the lake. DuckLake has no PRIMARY KEY: the Writer keeps keys unique
+    by deleting the rows a commit replaces. Partitioned tables get one folder of files per
+    partition; every table's files are sorted by its sort_by columns (else its key)."""
+    columns = ", ".join(
+        f"{c.name} {c.type}{'' if c.nullable else ' NOT NULL'}"
+        + (f" DEFAULT {c.default}" if c.default else "") for c in table.columns)
+    con.execute(f"CREATE TABLE {LAKE}.{table.name} ({columns})")
+    con.execute(f"COMMENT ON TABLE {LAKE}.{table.name} IS {_sql_string(table.comment)}")
+    for c in table.columns:
+        con.execute(f"COMMENT ON COLUMN {LAKE}.{table.name}.{c.name} IS "
+                    f"{_sql_string(c.comment)}")
+    if table.partition_by:
+        con.execute(f"ALTER TABLE {LAKE}.{table.name} SET PARTITIONED BY "
+                    f"({', '.join(table.partition_by)})")
+    order = table.sort_by or table.key
+    if order:
+        con.execute(f"ALTER TABLE {LAKE}.{table.name} SET SORTED BY ({', '.join(order)})")
+
+
+def _is_race(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(message in text for message in _RACE_MESSAGES)
+
+
+def new_version() -> str:
+    """A version for an artefact folder: time-ordered, and never reused (random suffix)."""
+    return f"{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
 class Writer:
-    """What one job writes: table rows and directories, committed together or not at all."""
+    """What one job writes: table rows and artefact folders, committed as one snapshot."""
 
     def __init__(self, warehouse: Warehouse, job: str):
         self.warehouse = warehouse
         self.job = job
+        # Scratch of this job alone (other jobs may be writing to the same warehouse).
+        self.tmp_dir = warehouse.tmp_dir / f"job-{uuid.uuid4().hex}"
         self._rows: dict[str, list[pa.Table]] = {}
         self._replace: dict[str, list[dict]] = {}  # table -> filters whose old rows are dropped
-        # Partitioned tables: table -> partition key -> (file in tmp/ holding it, rows)
-        self._partitions: dict[str, dict[str, tuple[Path, int]]] = {}
-        self._dirs: dict[Path, Path | None] = {}  # final path -> staged temp path (None: remove)
-        self._created: list[Path] = []  # files/dirs to delete if the commit does not happen
-        self._expired: list[str] = []  # retired files past their grace, deleted after commit
-        self._committed = False
+        # Partitioned tables: table -> partition key -> (values, file holding it, rows)
+        self._partitions: dict[str, dict[str, tuple[dict, Path, int]]] = {}
+        self._versions: dict[str, str] = {}  # artefact name -> its versioned relative path
+        self._remove_after: list[str] = []  # untracked folders to delete once committed
+        self.committed = False
+        self.attempts = 0  # commit attempts: more than one when other jobs committed first
+
+    # -- artefact folders -----------------------------------------------------------------------
+
+    def versioned(self, relative: str) -> str:
+        """The folder this job writes `relative` to, relative to the root: <relative>@<version>,
+        the same for every call in one job. Store this path in the rows that point at it."""
+        if relative not in self._versions:
+            check_name(Path(relative).name, f"{relative} (it names a folder)")
+            self._versions[relative] = f"{relative}@{new_version()}"
+        return self._versions[relative]
+
+    def stage_dir(self, relative: str) -> Path:
+        """A new, empty folder for an artefact (at `versioned(relative)`): only the rows of this
+        job's commit point at it, so it is invisible until then, and deleted if the job fails."""
+        path = self.warehouse.path(self.versioned(relative))
+        path.mkdir(parents=True)
+        return path
+
+    def remove_dir(self, relative: str) -> None:
+        """Delete <root>/<relative> once this job has committed: for folders no table tracks
+        (a rejected fit kept aside). Tracked artefacts are never deleted by a job: the rows
+        stop pointing at them, and `featurestore compact` removes them later."""
+        self._remove_after.append(relative)
+
+    # -- table rows -----------------------------------------------------------------------------
 
     def put(self, table: str, rows: pa.Table | list[dict],
             replace_where: dict | None = None) -> None:
@@ -582,8 +747,8 @@ class Writer:
 
         `replace_where` ({column: value}) also drops every existing row that matches it: a job
         that owns a whole slice of a table (all checkpoints of a run) replaces the slice.
-        Rows of a partitioned table replace whole partitions instead, and are written to tmp/
-        right away, so a job can put a large table one partition at a time in bounded memory.
+        Rows of a partitioned table replace whole partitions instead, and are written to this
+        job's scratch right away, so a job can put a large table one partition at a time.
         """
         table_spec = spec(table)
         if replace_where:
@@ -613,14 +778,14 @@ class Writer:
             for column, value in values.items():
                 match = pc.equal(rows[column], value)
                 mask = match if mask is None else pc.and_(mask, match)
-            part = rows.filter(mask)
-            temp = self.warehouse.tmp_dir / f"{table.name}-{uuid.uuid4().hex}.parquet"
-            write_partition_file(table, values, part, temp)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            temp = self.tmp_dir / f"{table.name}-{uuid.uuid4().hex}.parquet"
+            write_partition_file(table, values, rows.filter(mask), temp)
             self.adopt_partition(table.name, values, temp)
 
     def adopt_partition(self, table: str, values: dict, temp: Path) -> None:
-        """Commit a partition file written to tmp/ by write_partition_file (e.g. by a worker
-        process); it replaces the partition's live file."""
+        """Commit a partition file written by write_partition_file (e.g. by a worker process,
+        into this job's tmp_dir); it replaces the partition's rows."""
         table_spec = spec(table)
         key = partition_key(table_spec, values)
         for column, value in zip(table_spec.partition_by, json.loads(key)):
@@ -629,174 +794,155 @@ class Writer:
         if key in parts:
             raise FeaturestoreError(f"{self.job}: partition {table} {key} was written twice")
         stored = pq.read_schema(temp)
-        if stored.metadata.get(PARTITION_KEY_METADATA, b"").decode() != key:
+        if (stored.metadata or {}).get(PARTITION_KEY_METADATA, b"").decode() != key:
             raise FeaturestoreError(f"{self.job}: {temp} does not hold partition {table} {key}")
-        self._created.append(temp)
-        parts[key] = (temp, pq.read_metadata(temp).num_rows)
+        values = dict(zip(table_spec.partition_by, json.loads(key)))
+        parts[key] = (values, temp, pq.read_metadata(temp).num_rows)
 
-    def stage_dir(self, relative: str) -> Path:
-        """A fresh temp directory to fill; at commit it becomes <root>/<relative>."""
-        final = self.warehouse.path(relative)
-        staged = self.warehouse.tmp_dir / f"dir-{uuid.uuid4().hex}"
-        staged.mkdir(parents=True)
-        self._dirs[final] = staged
-        self._created.append(staged)
-        return staged
-
-    def remove_dir(self, relative: str) -> None:
-        """Delete <root>/<relative> at commit (a job replacing what it wrote before)."""
-        self._dirs[self.warehouse.path(relative)] = None
+    # -- commit ---------------------------------------------------------------------------------
 
     def commit(self) -> None:
+        """Every table write of the job in one DuckLake transaction: one snapshot, whose commit
+        message is the job and whose extra info holds its command line. A commit that loses a
+        race with another job's is run again from the start, so its deletes see the other job's
+        rows: of two jobs writing the same rows, the one that commits last wins."""
         wh = self.warehouse
-        first_write = not wh.exists()
-        if first_write:
-            wh._check_catalog_not_lost()
-            self.put("schema_version", [{
-                "version": SCHEMA_VERSION,
-                "featurestore_version": package_version(),
-                "created_at": utc_now(),
-            }])
-        live = Manifest({}, {}, set()) if first_write else wh.manifest()
-
-        # 1. New table files, merged with the rows they do not replace; partition files moved
-        # next to them under new names.
-        new_files: dict[str, tuple[str, int]] = {}
-        for table, parts in self._rows.items():
-            merged = _merge(live.files.get(table) and wh.path(live.files[table]),
-                            pa.concat_tables(parts), spec(table), self._replace.get(table, []))
-            new_files[table] = (self._write_parquet(table, merged), merged.num_rows)
-        new_partitions: dict[tuple[str, str], tuple[str, int]] = {}
-        for table, parts in self._partitions.items():
-            for key, (temp, n_rows) in parts.items():
-                new_partitions[table, key] = (self._move_into_tables(table, temp, key), n_rows)
-        dropped_partitions = [
-            (table, key) for table, filters in self._replace.items() if spec(table).partition_by
-            for key in live.partitions.get(table, {})
-            if (table, key) not in new_partitions
-            and any(_partition_matches(spec(table), key, where) for where in filters)
-        ]
-        # Partition files of an older warehouse, flat in tables/<table>/, get a hard link in
-        # their partition folder (no copy); the flat name is retired like a replaced file.
-        for table in live.partitions:
-            for key in live.legacy_partitions(spec(table)):
-                if (table, key) not in new_partitions and (table, key) not in dropped_partitions:
-                    temp = wh.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
-                    os.link(wh.path(live.partitions[table][key]), temp)
-                    self._created.append(temp)
-                    n_rows = pq.read_metadata(temp).num_rows
-                    new_partitions[table, key] = (self._move_into_tables(table, temp, key),
-                                                  n_rows)
-
-        # 2. Staged directories into place; the old contents wait in tmp/ until the catalog
-        # commit, so a failure before it can put them back.
-        moved_in: list[tuple[Path, Path | None]] = []  # (final path, where its old contents are)
-        try:
-            for final, staged in self._dirs.items():
-                final.parent.mkdir(parents=True, exist_ok=True)
-                old = None
-                if final.exists():
-                    old = wh.tmp_dir / f"old-{uuid.uuid4().hex}"
-                    os.rename(final, old)
-                if staged is not None:
-                    os.rename(staged, final)
-                moved_in.append((final, old))
-                _fsync_dir(final.parent)
-
-            # 3. One transaction: manifest and views.
-            con = duckdb.connect(":memory:")
+        new_rows = {table: _unique_rows(pa.concat_tables(parts), spec(table), self.job)
+                    for table, parts in self._rows.items()}
+        partition_files = self._place_partition_files()
+        extra = commit_info()
+        low, high = COMMIT_WAIT_SECONDS
+        for attempt in range(COMMIT_ATTEMPTS):
+            self.attempts = attempt + 1
+            con = wh._open(read_only=False, create=True)
             try:
-                wh._attach_catalog(con, read_only=False)
-                con.execute("USE catalog")
-                con.execute(f"SET file_search_path = {_sql_string(str(wh.root))}")
                 con.execute("BEGIN TRANSACTION")
-                _create_manifest(con)
-                now = utc_now()
-                for table, (path, n_rows) in new_files.items():
-                    if table in live.files:
-                        con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)",
-                                    [live.files[table], now])
-                    con.execute(
-                        f"INSERT OR REPLACE INTO {MANIFEST} VALUES (?, ?, ?, ?, ?)",
-                        [table, path, n_rows, self.job, now],
-                    )
-                    live.files[table] = path
-                for table, key in dropped_partitions:
-                    con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)",
-                                [live.partitions[table].pop(key), now])
-                    con.execute(f"DELETE FROM {PARTITIONS} WHERE table_name = ? AND partition = ?",
-                                [table, key])
-                for (table, key), (path, n_rows) in new_partitions.items():
-                    parts = live.partitions.setdefault(table, {})
-                    if key in parts:
-                        con.execute(f"INSERT INTO {RETIRED} VALUES (?, ?)", [parts[key], now])
-                    con.execute(
-                        f"INSERT OR REPLACE INTO {PARTITIONS} VALUES (?, ?, ?, ?, ?, ?)",
-                        [table, key, path, n_rows, self.job, now],
-                    )
-                    parts[key] = path
-                self._expired = [p for (p,) in con.execute(
-                    f"DELETE FROM {RETIRED} WHERE retired_at < ? RETURNING path",
-                    [now - RETIRED_GRACE]).fetchall()]
-                build_catalog(con, live, wh.root)
+                con.execute(f"CALL {LAKE}.set_commit_message('featurestore', ?, "
+                            "extra_info => ?)", [self.job, extra])
+                ensure_schema(con)
+                _renew_tokens(con, sorted({*new_rows, *self._replace, *partition_files}),
+                              self.job)
+                for table, rows in new_rows.items():
+                    self._write_rows(con, spec(table), rows)
+                for table, filters in self._replace.items():
+                    if spec(table).partition_by:
+                        for where in filters:
+                            _delete_where(con, table, where)
+                for table, files in partition_files.items():
+                    for values, path in files:
+                        _delete_where(con, table, values)
+                        con.execute("CALL ducklake_add_data_files(?, ?, ?)",
+                                    [LAKE, table, str(path)])
                 con.execute("COMMIT")
-                self._committed = True
-                con.execute("USE memory")
-                con.execute("DETACH catalog")
+                self.committed = True
+                break
+            except duckdb.Error as error:
+                _rollback(con)
+                if _is_race(error) and attempt + 1 < COMMIT_ATTEMPTS:
+                    time.sleep(random.uniform(low, min(high, low * 1.5 ** attempt)))
+                    continue
+                if _is_race(error):
+                    raise WarehouseBusyError(
+                        f"{self.job}: could not commit after {COMMIT_ATTEMPTS} tries, other jobs "
+                        f"kept committing to {wh.catalog.describe()} first ({error}). Run it "
+                        "again when fewer jobs write at once.") from None
+                raise FeaturestoreError(f"{self.job}: the commit failed and nothing was "
+                                        f"written: {error}") from None
             finally:
                 con.close()
-        except BaseException:
-            if not self._committed:
-                for final, old in reversed(moved_in):
-                    shutil.rmtree(final, ignore_errors=True)
-                    if old is not None:
-                        os.rename(old, final)
-            raise
-        for _, old in moved_in:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        for relative in self._remove_after:
+            shutil.rmtree(wh.path(relative), ignore_errors=True)
 
-    def _write_parquet(self, table: str, rows: pa.Table) -> str:
-        """Write to tmp/, fsync, rename into tables/<table>/ under a new, time-ordered name."""
-        temp = self.warehouse.tmp_dir / f"{table}-{uuid.uuid4().hex}.parquet"
-        pq.write_table(rows, temp, compression="zstd",
-                       row_group_size=spec(table).row_group_size)
-        _fsync_file(temp)
-        return self._move_into_tables(table, temp)
+    def _write_rows(self, con: duckdb.DuckDBPyConnection, table: TableSpec,
+                    rows: pa.Table) -> None:
+        """Delete what `rows` replace (same key, or a replace_where slice); insert `rows`."""
+        for where in self._replace.get(table.name, []):
+            _delete_where(con, table.name, where)
+        if rows.num_rows == 0:
+            return
+        con.register("new_rows", rows)
+        try:
+            if table.key:
+                match = " AND ".join(f"n.{c} IS NOT DISTINCT FROM old.{c}" for c in table.key)
+                con.execute(f"DELETE FROM {LAKE}.{table.name} AS old WHERE EXISTS "
+                            f"(SELECT 1 FROM new_rows AS n WHERE {match})")
+            names = ", ".join(c.name for c in table.columns)
+            con.execute(f"INSERT INTO {LAKE}.{table.name} ({names}) SELECT {names} FROM new_rows")
+        finally:
+            con.unregister("new_rows")
 
-    def _move_into_tables(self, table: str, temp: Path, partition: str | None = None) -> str:
-        """Rename into tables/<table>/ (a partition: into its folder) under a new name."""
-        wh = self.warehouse
-        folder = wh.tables_dir / table
-        if partition is not None:
-            folder = folder / partition_folder(spec(table), partition)
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        os.rename(temp, final)
-        self._created.append(final)
-        # The new name, and any folder just created for it, made durable.
-        for directory in [folder, *folder.parents]:
-            _fsync_dir(directory)
-            if directory == wh.tables_dir / table:
-                break
-        return str(final.relative_to(wh.root))
+    def _place_partition_files(self) -> dict[str, list[tuple[dict, Path]]]:
+        """Move this job's partition files into the table's data folder under new names (they
+        become visible only when the commit registers them; a failed job's are orphans that
+        `featurestore compact` deletes)."""
+        placed: dict[str, list[tuple[dict, Path]]] = {}
+        for table, parts in self._partitions.items():
+            for key, (values, temp, _) in parts.items():
+                folder = (self.warehouse.data_path / "main" / table
+                          / partition_folder(spec(table), key))
+                folder.mkdir(parents=True, exist_ok=True)
+                final = folder / f"featurestore-{new_version()}.parquet"
+                try:
+                    os.replace(temp, final)
+                except OSError:  # another filesystem (a data path elsewhere)
+                    shutil.copyfile(temp, final)
+                    _fsync_file(final)
+                _fsync_dir(folder)
+                placed.setdefault(table, []).append((values, final))
+        return placed
 
     def discard(self) -> None:
-        """Delete what a job that did not commit wrote; after a commit, expired retired files."""
-        if self._committed:
-            for path in self._expired:
-                self.warehouse.path(path).unlink(missing_ok=True)
-            return
-        for path in self._created:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists():
-                path.unlink()
+        """Delete this job's scratch; if it did not commit, also the artefact folders it made."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if not self.committed:
+            for relative in self._versions.values():
+                shutil.rmtree(self.warehouse.path(relative), ignore_errors=True)
+
+
+def commit_info() -> str:
+    """A snapshot's extra info: the command line that made it (when run from the CLI), and
+    where and by which featurestore."""
+    return json.dumps({"command_line": COMMAND_LINE, "host": socket.gethostname(),
+                       "pid": os.getpid(), "featurestore": package_version()})
+
+
+def _renew_tokens(con: duckdb.DuckDBPyConnection, tables: list[str], job: str) -> None:
+    """Replace the commit-token rows of `tables` (see COMMIT_TOKENS)."""
+    if not tables:
+        return
+    marks = ", ".join("?" for _ in tables)
+    con.execute(f"DELETE FROM {LAKE}.{COMMIT_TOKENS} WHERE table_name IN ({marks})", tables)
+    con.execute(f"INSERT INTO {LAKE}.{COMMIT_TOKENS} SELECT unnest(?::VARCHAR[]), ?, ?",
+                [tables, job, utc_now()])
+
+
+def _delete_where(con: duckdb.DuckDBPyConnection, table: str, where: dict) -> None:
+    condition = " AND ".join(f"{column} = ?" for column in where)
+    con.execute(f"DELETE FROM {LAKE}.{table} WHERE {condition}", list(where.values()))
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # the failed COMMIT already ended the transaction
+
+
+def _unique_rows(rows: pa.Table, table: TableSpec, job: str) -> pa.Table:
+    """`rows` sorted as the table's files are, refusing two rows with one key."""
+    if table.key and rows.num_rows:
+        keys = rows.group_by(list(table.key)).aggregate([([], "count_all")])
+        if keys.num_rows != rows.num_rows:
+            raise FeaturestoreError(
+                f"{job}: rows for {table.name} repeat a key ({', '.join(table.key)}); each "
+                "must be unique")
+    order = table.sort_by or table.key
+    return rows.sort_by([(c, "ascending") for c in order]) if order and rows.num_rows else rows
 
 
 def write_partition_file(table: TableSpec, values: dict, rows: pa.Table, path: Path) -> None:
     """One partition of a partitioned table as a Parquet file, sorted by the table's sort_by
-    columns, with the partition named in its metadata (so the catalog can be rebuilt from it)."""
+    columns, with the partition named in its metadata (checked when a job adopts the file)."""
     rows = rows.select(table.arrow_schema.names).cast(table.arrow_schema)
     if table.sort_by and not _is_sorted(rows, table.sort_by):
         rows = rows.sort_by([(c, "ascending") for c in table.sort_by])
@@ -804,7 +950,7 @@ def write_partition_file(table: TableSpec, values: dict, rows: pa.Table, path: P
     rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata})
     # Dictionary pages only for the partition columns, which hold one value: for the sorted
     # numeric columns plain pages under zstd are smaller and a fifth faster to write.
-    pq.write_table(rows, path, compression="zstd", row_group_size=table.row_group_size,
+    pq.write_table(rows, path, compression="zstd", row_group_size=ROW_GROUP,
                    use_dictionary=list(table.partition_by))
     _fsync_file(path)
 
@@ -826,44 +972,6 @@ def _is_sorted(rows: pa.Table, columns: tuple[str, ...]) -> bool:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _partition_matches(table: TableSpec, key: str, where: dict) -> bool:
-    values = dict(zip(table.partition_by, json.loads(key)))
-    return all(values[column] == value for column, value in where.items())
-
-
-def _merge(existing: Path | None, new: pa.Table, table: TableSpec,
-           replace_where: list[dict]) -> pa.Table:
-    """Existing rows not replaced (same key, or matching a replace_where filter), plus `new`."""
-    keys = list(zip(*(new[c].to_pylist() for c in table.key)))
-    if len(set(keys)) != len(keys):
-        raise FeaturestoreError(
-            f"rows for {table.name} repeat a key ({', '.join(table.key)}); each must be unique"
-        )
-    if existing is not None:
-        old = _read_table_file(existing, table)
-        replaced = set(keys)
-        keep = [k not in replaced for k in zip(*(old[c].to_pylist() for c in table.key))]
-        for where in replace_where:
-            matches = zip(*(old[c].to_pylist() for c in where))
-            keep = [k and m != tuple(where.values()) for k, m in zip(keep, matches)]
-        new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
-    return new.sort_by([(c, "ascending") for c in table.sort_by or table.key])
-
-
-def _read_table_file(path: Path, table: TableSpec) -> pa.Table:
-    """A table's file in the DDL's schema, columns added since it was written at their DEFAULT."""
-    present = set(pq.read_schema(path).names)
-    if present >= set(table.arrow_schema.names):
-        return pq.read_table(path).select(table.arrow_schema.names).cast(table.arrow_schema)
-    con = duckdb.connect(":memory:")
-    try:
-        select = ", ".join(c.select(c.name in present) for c in table.columns)
-        rows = con.sql(f"SELECT {select} FROM read_parquet({_sql_string(str(path))})")
-        return rows.to_arrow_table().cast(table.arrow_schema)
-    finally:
-        con.close()
 
 
 @cache
@@ -892,14 +1000,16 @@ def records(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> list[dict]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def connect(warehouse: str | os.PathLike | None = None) -> duckdb.DuckDBPyConnection:
+def connect(warehouse: str | os.PathLike | None = None, as_of: int | str | datetime | None = None,
+            catalog: str | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection on the warehouse (default: $FEATURESTORE_WAREHOUSE or ./warehouse).
 
-    Every table is a view over its Parquet file, with the views and macros of sql/ and the Python
-    UDFs of featurestore.queries.udfs. The connection is in-memory: it holds no lock on the
-    warehouse, and it sees the warehouse as it was when it was opened.
+    Every table is a view over its DuckLake table, with the views and macros of sql/ and the
+    Python UDFs of featurestore.queries.udfs. The connection is in memory and read-only: it
+    holds no lock, and it sees the warehouse as it was when it was opened, or at `as_of` (a
+    snapshot id from `featurestore snapshots`, or a time).
     """
-    return Warehouse(warehouse).connect()
+    return Warehouse(warehouse, catalog).connect(as_of)
 
 
 @dataclass
@@ -914,11 +1024,12 @@ class InitResult:
                 "schema_version": self.schema_version, "tables": self.tables}
 
 
-def init_warehouse(warehouse: str | os.PathLike | None = None) -> InitResult:
+def init_warehouse(warehouse: str | os.PathLike | None = None,
+                   catalog: str | None = None) -> InitResult:
     """Create an empty warehouse (its catalog, with every table empty, and the schema version)
     in a missing or empty folder. A warehouse already there is left as it is. Jobs create the
     warehouse themselves on their first commit; this makes it explicit."""
-    wh = Warehouse(warehouse)
+    wh = Warehouse(warehouse, catalog)
     created = not wh.exists()
     if created:
         with wh.writer("init"):
@@ -937,7 +1048,7 @@ def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:
     try:
         objects = con.execute(
             "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal "
-            "AND schema_name = 'main' ORDER BY view_name"
+            "AND database_name = 'memory' AND schema_name = 'main' ORDER BY view_name"
         ).fetchall()
         tables = table_specs()
         result = []
@@ -956,11 +1067,13 @@ def describe_table(table: str, warehouse: str | os.PathLike | None = None) -> li
     try:
         rows = con.execute(
             "SELECT column_name, data_type, comment FROM duckdb_columns() "
-            "WHERE table_name = ? AND schema_name = 'main' ORDER BY column_index", [table]
+            "WHERE table_name = ? AND database_name = 'memory' AND schema_name = 'main' "
+            "ORDER BY column_index", [table]
         ).fetchall()
         if not rows:
             names = [n for (n,) in con.execute(
-                "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'"
+                "SELECT view_name FROM duckdb_views() WHERE NOT internal "
+                "AND database_name = 'memory' AND schema_name = 'main'"
                 " ORDER BY view_name").fetchall()]
             raise NotFoundError(f"unknown table {table!r}; tables and views: {', '.join(names)}")
         return [{"column": n, "type": t, "description": c or ""} for n, t, c in rows]

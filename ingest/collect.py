@@ -198,7 +198,7 @@ def collect(
             for stage, (width, scale) in write_stages(
                     writer, run, checkpoint.step, reader, token_ids, columns, list(stages),
                     sample, bar.update).items():
-                relative = stage_folder(run, stage, checkpoint.step)
+                relative = writer.versioned(stage_folder(run, stage, checkpoint.step))
                 row = {
                     "name": activation_set_name(run, checkpoint.step, stage), "run": run,
                     "step": checkpoint.step, "stage": stage, "path": relative,

@@ -98,7 +98,7 @@ def register_activations(path: str, name: str | None = None, run: str | None = N
             activations = ActivationSet(staged, "hf_dataset", name=name)
             tokens, scale = _check(activations, f"{given.path} (converted to float32)",
                                    include_first_position)
-            stored, fmt, source = relative, "hf_dataset", "converted"
+            stored, fmt, source = writer.versioned(relative), "hf_dataset", "converted"
         writer.put("activation_sets", [{
             "name": name, "run": run, "step": step, "stage": stage, "path": stored,
             "format": fmt, "source": source, "n_tokens": len(activations),

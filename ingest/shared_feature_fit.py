@@ -137,7 +137,7 @@ def shared_feature_fit(
             model = CrossCoder(config, data.norm_scales)
             seeded = dataclasses.replace(trainer, seed=seed + offset)
             results.append(train_crosscoder(model, data.with_seed(seed + offset), seeded,
-                                            wh.tmp_dir / f"fit-{name}-{offset}",
+                                            writer.tmp_dir / f"fit-{offset}",
                                             progress=progress))
             models.append(model)
         model, result = models[0], results[0]
@@ -171,8 +171,8 @@ def shared_feature_fit(
             training_metric_rows,
         )
 
-        relative = f"bases/{name}"
-        staged = writer.stage_dir(relative)
+        staged = writer.stage_dir(f"bases/{name}")
+        relative = writer.versioned(f"bases/{name}")
         model.save(staged)
         # The other seeds' weights go with the basis: the sweep encodes every checkpoint in them
         # too, so that feature-birth-analyze can say how far births agree across seeds.

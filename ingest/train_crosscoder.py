@@ -271,8 +271,8 @@ def train_crosscoder_job(
         from featurestore.latent_scaling import latent_scaling
 
         scaling = latent_scaling(model, data.in_order(EVAL_BATCH, EVAL_TOKENS))
-        relative = f"bases/{name}"
-        model.save(writer.stage_dir(relative))
+        model.save(writer.stage_dir(f"bases/{name}"))
+        relative = writer.versioned(f"bases/{name}")
         if rejected_path(wh, name).exists():  # an earlier rejected fit is superseded
             writer.remove_dir(f"{REJECTED_DIR}/{name}")
         writer.put("bases", [{

@@ -105,7 +105,7 @@ def _train_and_register(wh: Warehouse, run: str, kind: str, model, task_config, 
         run_dir = writer.stage_dir(f"runs/{run}")
 
         def on_checkpoint(step, model, metrics):
-            relative = f"runs/{run}/checkpoints/step_{step:09d}"
+            relative = f"{writer.versioned(f'runs/{run}')}/checkpoints/step_{step:09d}"
             directory = run_dir / "checkpoints" / f"step_{step:09d}"
             directory.mkdir(parents=True)
             save_checkpoint(model, directory, {
@@ -140,7 +140,6 @@ def _train_and_register(wh: Warehouse, run: str, kind: str, model, task_config, 
         writer.put("checkpoints", checkpoint_rows, replace_where={"run": run})
         # Activation sets of an earlier run under this name describe weights that are gone.
         writer.put("activation_sets", [], replace_where={"run": run})
-        writer.remove_dir(f"activations/{run}")
     last = checkpoint_rows[-1]
     return TrainResult(
         run=run, kind=kind, steps=train_config.steps,

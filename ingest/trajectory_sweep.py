@@ -96,7 +96,8 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
         available = shared.steps
         wanted = shared.resolve_steps(parse_steps(checkpoints), "--checkpoints")
         indices = [available.index(s) for s in wanted]
-        files = {c: wh.tmp_dir / f"sweep-{basis}-{available[c]}.parquet" for c in indices}
+        writer.tmp_dir.mkdir(parents=True)
+        files = {c: writer.tmp_dir / f"sweep-{available[c]}.parquet" for c in indices}
         if workers == 1:
             from tqdm import tqdm
 
@@ -115,8 +116,8 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
             threads = max(1, torch.get_num_threads() // workers)
             with multiprocessing.get_context("spawn").Pool(
                     workers, initializer=set_torch_threads, initargs=(threads,)) as pool:
-                sweeps = pool.starmap(sweep_checkpoint, [(str(wh.root), basis, c, files[c])
-                                                         for c in indices])
+                sweeps = pool.starmap(sweep_checkpoint, [
+                    (str(wh.root), wh.catalog_setting, basis, c, files[c]) for c in indices])
 
         tables = sweep_tables(basis, sweeps)
         if strings is not None:
@@ -135,12 +136,12 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
                        tokens / seconds, n_rows / max(write_seconds, 1e-9), write_seconds)
 
 
-def sweep_checkpoint(root: str, basis_name: str, c: int, activations_file: Path
-                     ) -> CheckpointSweep:
+def sweep_checkpoint(root: str, catalog: str | None, basis_name: str, c: int,
+                     activations_file: Path) -> CheckpointSweep:
     """Checkpoint c of the basis, swept (runs in a worker process with --workers)."""
     from featurestore.shared_basis import load_shared_basis
 
-    wh = Warehouse(root)
+    wh = Warehouse(root, catalog)
     con = wh.connect()
     try:
         basis, sets = load_shared_basis(wh, con, basis_name)

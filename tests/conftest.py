@@ -73,11 +73,13 @@ def query(root: Path, sql: str, params=()) -> list[tuple]:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under a warehouse (but the lock and tmp/) with its contents."""
+    """Every file under a warehouse (but tmp/ and SQLite's shared-memory index and write-ahead
+    log, which readers touch) with its contents: the catalog and every data file."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock" and "tmp" not in p.relative_to(root).parts
+        if p.is_file() and not p.name.endswith(("-shm", "-wal"))
+        and "tmp" not in p.relative_to(root).parts
     }
 
 

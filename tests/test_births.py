@@ -466,16 +466,18 @@ NEW_BIRTH_COLUMNS = {"births": ["presence", "feature_threshold", "birth_censored
 
 def test_births_of_an_older_release_read_with_the_new_columns_defaulted(tmp_path):
     """An older release wrote births without presence or censoring: its rows read as absolute
-    (what they were) with unknown censoring, and a new analysis merges beside them."""
-    import pyarrow.parquet as pq
-
+    (what they were) with unknown censoring, and a new analysis adds the columns and its rows
+    beside them."""
     write_basis(tmp_path, "hand", HAND)
     analyze_births("hand", **RULE, permutations=1, warehouse=tmp_path)
-    live = Warehouse(tmp_path).live_files()
-    for table, columns in NEW_BIRTH_COLUMNS.items():
-        path = tmp_path / live[table]
-        old = pq.read_table(path)
-        pq.write_table(old.drop_columns(columns), path)  # as the older release wrote it
+    lake = Warehouse(tmp_path)._open(read_only=False)
+    try:  # the lake tables as the older release created them
+        for table, columns in NEW_BIRTH_COLUMNS.items():
+            lake.execute(f"ALTER TABLE lake.{table} RESET SORTED BY")  # sorted by presence
+            for column in columns:
+                lake.execute(f"ALTER TABLE lake.{table} DROP COLUMN {column}")
+    finally:
+        lake.close()
 
     old_rows = stored_births(tmp_path)
     assert {row["presence"] for row in old_rows.values()} == {"absolute"}

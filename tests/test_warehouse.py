@@ -1,16 +1,14 @@
-"""The warehouse: Parquet + catalog round trips, atomic writes, the writer lock, the schema."""
+"""The warehouse: DuckLake round trips, one snapshot per job, time travel, concurrent writers."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -18,13 +16,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from featurestore.cli import cli
+from featurestore.compaction import compact_warehouse
 from featurestore.errors import (
     FeaturestoreError,
     NotFoundError,
     SchemaVersionError,
-    WarehouseBusyError,
 )
+from featurestore.lake import load_extensions
 from featurestore.warehouse import (
     Warehouse,
     connect,
@@ -58,8 +59,8 @@ def test_round_trip_through_duckdb_and_polars(tmp_path):
     assert frame["d_model"].to_list() == [16, 32]
     assert frame["created_at"][0] == NOW
 
-    # The same rows straight from the Parquet file with polars, no DuckDB involved.
-    (live,) = (wh.root / "tables" / "runs").glob("part-*.parquet")
+    # The same rows straight from the lake's Parquet file with polars, no DuckDB involved.
+    (live,) = (wh.root / "data" / "main" / "runs").glob("*.parquet")
     direct = pl.read_parquet(live).sort("run")
     assert direct["run"].to_list() == ["a", "b"]
     assert direct["d_model"].to_list() == [16, 32]
@@ -75,23 +76,6 @@ def test_rows_with_the_same_key_are_replaced_not_duplicated(tmp_path):
     assert con.execute("SELECT run, d_model FROM runs ORDER BY run").fetchall() == [
         ("a", 16), ("b", 64)]
     con.close()
-
-
-def test_replaced_files_are_kept_for_the_grace_period_then_deleted(tmp_path, monkeypatch):
-    wh = Warehouse(tmp_path / "wh")
-    files = lambda: sorted((wh.root / "tables" / "runs").glob("*.parquet"))  # noqa: E731
-    with wh.writer("first") as writer:
-        writer.put("runs", [run_row("a")])
-    (first,) = files()
-    with wh.writer("second") as writer:
-        writer.put("runs", [run_row("b")])
-    assert first in files() and len(files()) == 2  # retired, still readable by old snapshots
-
-    monkeypatch.setattr("featurestore.warehouse.RETIRED_GRACE", timedelta(0))
-    with wh.writer("third") as writer:
-        writer.put("runs", [run_row("c")])
-    assert first not in files()  # its grace is over
-    assert wh.path(wh.live_files()["runs"]) in files() and len(files()) == 2
 
 
 def test_replace_where_drops_a_whole_slice(tmp_path):
@@ -118,55 +102,10 @@ def test_a_failed_job_leaves_the_warehouse_as_it_was(warehouse_copy):
             writer.put("runs", [run_row("never")])
             (writer.stage_dir("runs/never") / "file.txt").write_text("x")
             raise RuntimeError("boom")
-    assert snapshot(warehouse_copy) == before
+    assert snapshot(warehouse_copy) == before  # its folder runs/never@<version> is gone too
     con = connect(warehouse_copy)
     assert con.execute("SELECT count(*) FROM runs WHERE run = 'never'").fetchall() == [(0,)]
     con.close()
-
-
-KILLED_JOB = textwrap.dedent("""
-    import sys, time
-    from featurestore.warehouse import Warehouse
-    from datetime import datetime, timedelta, timezone
-    wh = Warehouse(sys.argv[1])
-    with wh.writer("killed job") as writer:
-        writer.put("runs", [{"run": "ghost", "kind": "external", "created_at":
-                             datetime.now(timezone.utc), "featurestore_version": "x"}])
-        (writer.stage_dir("runs/ghost") / "weights").write_bytes(b"0" * 1000)
-        print("ready", flush=True)
-        time.sleep(60)
-""")
-
-
-def test_a_killed_job_leaves_nothing_visible_and_the_next_writer_cleans_up(warehouse_copy):
-    before = snapshot(warehouse_copy)
-    job = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(warehouse_copy)],
-                           stdout=subprocess.PIPE, text=True)
-    assert job.stdout.readline().strip() == "ready"
-    # While it holds the lock, a second writer is refused with a clear message.
-    with pytest.raises(WarehouseBusyError, match="killed job"):
-        with Warehouse(warehouse_copy).writer("second"):
-            pass
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
-
-    assert snapshot(warehouse_copy) == before
-    con = connect(warehouse_copy)
-    assert con.execute("SELECT count(*) FROM runs WHERE run = 'ghost'").fetchall() == [(0,)]
-    con.close()
-    assert any((warehouse_copy / "tmp").iterdir())  # the dead job's staging is still there
-    with Warehouse(warehouse_copy).writer("next"):
-        assert not any((warehouse_copy / "tmp").iterdir())
-
-
-def test_second_writer_in_the_same_process_is_refused(tmp_path):
-    wh = Warehouse(tmp_path / "wh")
-    with wh.writer("first job"):
-        with pytest.raises(WarehouseBusyError, match="warehouse busy.*first job"):
-            with wh.writer("second job"):
-                pass
-    with wh.writer("third job"):  # the lock is released after the first job
-        pass
 
 
 def test_unknown_or_newer_schema_version_is_refused(tmp_path):
@@ -183,27 +122,6 @@ def test_unknown_or_newer_schema_version_is_refused(tmp_path):
 def test_missing_warehouse_names_the_fix(tmp_path):
     with pytest.raises(NotFoundError, match="no warehouse at .*featurestore train-model"):
         connect(tmp_path / "nowhere")
-
-
-def test_catalog_rebuild_restores_every_table(warehouse_copy):
-    con = connect(warehouse_copy)
-    before = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in table_specs()}
-    con.close()
-    (warehouse_copy / "featurestore.duckdb").unlink()
-    with pytest.raises(NotFoundError, match="catalog rebuild"):
-        connect(warehouse_copy)
-    Warehouse(warehouse_copy).rebuild_catalog()
-    con = connect(warehouse_copy)
-    after = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in table_specs()}
-    con.close()
-    assert after == before
-    assert before["activation_sets"]  # the comparison is not vacuous
-
-
-def test_rebuild_refuses_a_folder_that_is_not_a_warehouse(tmp_path):
-    (tmp_path / "wh" / "tables").mkdir(parents=True)
-    with pytest.raises(SchemaVersionError, match="schema_version"):
-        Warehouse(tmp_path / "wh").rebuild_catalog()
 
 
 def test_a_moved_warehouse_works_from_another_directory(trained_warehouse, tmp_path, monkeypatch):
@@ -231,15 +149,19 @@ def test_readers_do_not_block_writers(warehouse_copy):
     fresh.close()
 
 
-def test_the_catalog_file_opens_directly_in_duckdb(trained_warehouse, monkeypatch):
-    # Someone using DuckDB itself, from the warehouse root, sees the same views.
-    monkeypatch.chdir(trained_warehouse)
-    con = duckdb.connect("featurestore.duckdb", read_only=True)
+def test_the_warehouse_opens_as_a_plain_ducklake(trained_warehouse):
+    # Someone using DuckDB and its ducklake extension alone, without featurestore, reads the
+    # same tables.
+    con = duckdb.connect()
     try:
-        (n,) = con.execute("SELECT count(*) FROM checkpoint_metrics").fetchall()[0]
+        load_extensions(con, "sqlite")
+        con.execute(f"ATTACH 'ducklake:sqlite:{trained_warehouse}/catalog.sqlite' AS wh "
+                    f"(DATA_PATH '{trained_warehouse}/data/', READ_ONLY)")
+        plain = con.execute("SELECT run, step, path FROM wh.checkpoints ORDER BY ALL").fetchall()
     finally:
         con.close()
-    assert n > 0
+    assert plain == query(trained_warehouse, "SELECT run, step, path FROM checkpoints ORDER BY ALL")
+    assert plain
 
 
 def test_every_table_and_column_has_a_description(trained_warehouse):
@@ -258,12 +180,12 @@ def test_not_null_columns_are_enforced(tmp_path):
     assert not wh.exists()
 
 
-def test_live_files_are_plain_parquet(trained_warehouse):
-    live = Warehouse(trained_warehouse).live_files()
-    assert {"runs", "checkpoints", "activation_sets", "schema_version"} <= set(live)
-    assert set(live) <= set(table_specs())
-    for table, path in live.items():
-        assert pq.read_metadata(trained_warehouse / path).num_rows >= 1, table
+def test_every_row_is_in_a_parquet_file_not_in_the_catalog(trained_warehouse):
+    # No data inlining: the rows of each table are the rows of its Parquet files.
+    for table in ("runs", "checkpoints", "activation_sets", "schema_version"):
+        files = sorted((trained_warehouse / "data" / "main" / table).rglob("*.parquet"))
+        (rows,) = query(trained_warehouse, f"SELECT count(*) FROM {table}")[0]
+        assert rows >= 1 and sum(pq.read_metadata(f).num_rows for f in files) == rows, table
 
 
 def test_the_warehouse_readme_documents_every_table_and_column():
@@ -280,7 +202,7 @@ def test_the_warehouse_readme_documents_every_table_and_column():
 
 
 # ---------------------------------------------------------------------------------------------
-# Partitioned tables: one file per (basis, step) in tables/feature_activations/basis=B/step=S/
+# Partitioned tables: one file per (basis, step) in data/main/feature_activations/basis=B/step=S/
 
 
 def activation_rows(seed: int, bases=("a", "b"), steps=(0, 10, 20), n: int = 40) -> pa.Table:
@@ -309,33 +231,15 @@ def test_partitions_live_in_one_folder_per_basis_and_step(tmp_path):
     wh = Warehouse(tmp_path / "wh")
     with wh.writer("sweep") as writer:
         writer.put("feature_activations", activation_rows(0))
-    parts = wh.manifest().partitions["feature_activations"]
-    assert len(parts) == 6
-    for key, path in parts.items():
-        basis, step = json.loads(key)
-        assert Path(path).parent == Path(f"tables/feature_activations/basis={basis}/step={step}")
-
-
-def test_a_query_on_one_partition_opens_only_that_partitions_file(tmp_path):
-    wh = Warehouse(tmp_path / "wh")
-    rows = activation_rows(1)
-    with wh.writer("sweep") as writer:
-        writer.put("feature_activations", rows)
-    parts = wh.manifest().partitions["feature_activations"]
-    con = connect(wh.root)
-    # Every other partition's file is made unreadable; the first one of the view's list stays,
-    # as DuckDB reads the first file's schema when it binds the view.
-    first, target = sorted(parts)[0], json.dumps(["b", 10])
-    for key, path in parts.items():
-        if key not in (first, target):
-            (wh.root / path).write_bytes(b"not a parquet file")
-    got = con.execute(ACTIVATIONS.format("basis = ? AND step = ?"), ["b", 10]).fetchall()
-    assert got == rows_where(rows, basis="b", step=10) and got
-    got = con.execute(ACTIVATIONS.format("step = 10 AND basis = 'b' AND feature_id = 3"))
-    assert got.fetchall() == rows_where(rows, basis="b", step=10, feature_id=3)
-    with pytest.raises(duckdb.Error, match="basis=a/step=10"):  # a damaged file read is noticed
-        con.execute(ACTIVATIONS.format("basis = 'a' AND step = 10")).fetchall()
-    con.close()
+    folder = wh.root / "data" / "main" / "feature_activations"
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*.parquet"))
+    assert [str(f.parent) for f in files] == [f"basis={b}/step={s}" for b in "ab"
+                                              for s in (0, 10, 20)]
+    for file in files:  # each holds exactly its partition's rows
+        basis, step = (part.split("=")[1] for part in file.parent.parts)
+        stored = pq.read_table(folder / file)
+        assert set(stored["basis"].to_pylist()) == {basis}
+        assert set(stored["step"].to_pylist()) == {int(step)}
 
 
 def test_pruned_queries_match_numpy_and_the_unpruned_scan(tmp_path):
@@ -343,7 +247,8 @@ def test_pruned_queries_match_numpy_and_the_unpruned_scan(tmp_path):
     rows = activation_rows(2)
     with wh.writer("sweep") as writer:
         writer.put("feature_activations", rows)
-    files = ", ".join(f"'{wh.root / p}'" for p in wh.manifest().paths("feature_activations"))
+    files = ", ".join(f"'{p}'" for p in (wh.root / "data").rglob("*.parquet")
+                      if "feature_activations" in p.parts)
     con = connect(wh.root)
     for where, equal in [("step = 20", {"step": 20}), ("basis = 'a'", {"basis": "a"}),
                          ("feature_id = 2", {"feature_id": 2}),
@@ -354,50 +259,18 @@ def test_pruned_queries_match_numpy_and_the_unpruned_scan(tmp_path):
         assert got == rows_where(rows, **equal) == plain.fetchall(), where
     con.close()
 
-    # A partition written again replaces its file; the rest stay; a rebuilt catalog agrees.
+    # A partition written again replaces its rows; the rest stay; the old snapshot still reads
+    # the old rows.
+    (before,) = [s.snapshot_id for s in wh.snapshots(limit=1)]
     again = activation_rows(3, bases=("a",), steps=(10,), n=7)
     with wh.writer("sweep again") as writer:
         writer.put("feature_activations", again)
     expected = rows_where(again) + [r for r in rows_where(rows) if r[:2] != ("a", 10)]
     assert query(wh.root, ACTIVATIONS.format("true")) == sorted(expected)
     assert query(wh.root, ACTIVATIONS.format("basis = 'a' AND step = 10")) == rows_where(again)
-    wh.rebuild_catalog()
-    assert query(wh.root, ACTIVATIONS.format("true")) == sorted(expected)
-
-
-def test_flat_partition_files_of_an_older_warehouse_are_read_then_moved_into_folders(tmp_path):
-    wh = Warehouse(tmp_path / "wh")
-    rows = activation_rows(4)
-    with wh.writer("sweep") as writer:
-        writer.put("feature_activations", rows)
-    # As featurestore wrote partitions before the folder layout: flat in tables/<table>/, with
-    # the catalog's manifest naming them there.
-    folder = wh.root / "tables" / "feature_activations"
-    paths = wh.manifest().paths("feature_activations")
-    catalog = duckdb.connect(str(wh.catalog_path))
-    for path in paths:
-        (wh.root / path).rename(folder / Path(path).name)
-        catalog.execute("UPDATE _partitions SET path = ? WHERE path = ?",
-                        [str(Path(path).parent.parent.parent / Path(path).name), path])
-    catalog.close()
-    shutil.rmtree(folder / "basis=a"), shutil.rmtree(folder / "basis=b")
-    flat = sorted(wh.manifest().paths("feature_activations"))
-    assert all(Path(p).parent == Path("tables/feature_activations") for p in flat)
-
-    old_reader = connect(wh.root)
-    assert old_reader.execute(ACTIVATIONS.format("step = 10")).fetchall() == rows_where(
-        rows, step=10)
-    with wh.writer("any later job") as writer:  # its commit moves the partitions
-        writer.put("runs", [run_row("a")])
-    live = wh.manifest()
-    assert not live.legacy_partitions(table_specs()["feature_activations"])
-    assert flat == sorted(live.retired)  # kept for readers of the older snapshot
-    assert old_reader.execute(ACTIVATIONS.format("true")).fetchall() == rows_where(rows)
-    old_reader.close()
-    assert query(wh.root, ACTIVATIONS.format("basis = 'b'")) == rows_where(rows, basis="b")
-    # The moved files are links to the same data, not copies.
-    for path in live.paths("feature_activations"):
-        assert (wh.root / path).stat().st_nlink == 2
+    old = connect(wh.root, as_of=before)
+    assert old.execute(ACTIVATIONS.format("true")).fetchall() == rows_where(rows)
+    old.close()
 
 
 def test_a_partition_value_that_cannot_name_a_folder_is_refused(tmp_path):
@@ -428,25 +301,26 @@ def birth_rows(seed: int, features: int, threshold: float = 0.01) -> pa.Table:
         "present_at_init": np.zeros(features, dtype=bool)})
 
 
-def test_a_table_is_stored_in_its_declared_order_and_row_groups(tmp_path):
-    # births declares sort_by (..., birth_step, feature_id) and 4096-row groups, so a step
-    # window is read from the row groups whose birth_step min/max overlap it.
+def test_a_table_is_stored_in_its_declared_order(tmp_path):
+    # births declares sort_by (..., birth_step, feature_id), so a step window is read from the
+    # row groups whose birth_step min/max overlap it.
     births = table_specs()["births"]
-    assert births.sort_by[-2:] == ("birth_step", "feature_id") and births.row_group_size == 4096
+    assert births.sort_by[-2:] == ("birth_step", "feature_id")
     wh = Warehouse(tmp_path / "wh")
     first, second = birth_rows(6, 5000), birth_rows(7, 3000, threshold=0.02)
     with wh.writer("births") as writer:
         writer.put("births", first)
-    with wh.writer("more births") as writer:  # merged with the rows already there
+    with wh.writer("more births") as writer:  # added beside the rows already there
         writer.put("births", second)
-    stored = pq.ParquetFile(wh.root / wh.live_files()["births"])
-    assert [stored.metadata.row_group(i).num_rows for i in range(stored.num_row_groups)] == [
-        4096, 3904]
-    table = stored.read()
-    order = np.lexsort([table["feature_id"].to_numpy(),
-                        table["birth_step"].fill_null(np.iinfo(np.int64).max).to_numpy(),
-                        table["threshold"].to_numpy()])
-    assert (order == np.arange(table.num_rows)).all()  # NULL birth steps last in each rule
+    files = sorted((wh.root / "data" / "main" / "births").glob("*.parquet"),
+                   key=lambda f: pq.read_metadata(f).num_rows)
+    assert [pq.read_metadata(f).num_rows for f in files] == [3000, 5000]
+    for file in files:
+        table = pq.read_table(file)
+        order = np.lexsort([table["feature_id"].to_numpy(),
+                            table["birth_step"].fill_null(np.iinfo(np.int64).max).to_numpy(),
+                            table["threshold"].to_numpy()])
+        assert (order == np.arange(table.num_rows)).all()  # NULL birth steps last
     window = query(wh.root, "SELECT threshold, feature_id FROM births WHERE birth_step BETWEEN "
                             "100 AND 200 ORDER BY ALL")
     expected = [(t, f) for rows in (first, second) for t, f, b in zip(
@@ -472,3 +346,124 @@ def test_partition_files_are_sorted_by_every_key_column_whatever_order_rows_come
         write_partition_file(table, {"basis": "a", "step": 0}, given, path)
         stored = pq.read_table(path)
         assert stored["value"].to_pylist() == [1.0, 0.0, 2.0, 4.0, 3.0, 5.0], name
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots, time travel, compaction
+
+
+def test_each_job_is_one_snapshot_with_its_job_and_command_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("featurestore.warehouse.COMMAND_LINE", ["sql", "--as-of", "1"])
+    wh = Warehouse(tmp_path / "wh")
+    with wh.writer("first") as writer:
+        writer.put("runs", [run_row("a")])
+        writer.put("checkpoints", [{"run": "a", "step": 0, "created_at": NOW}])
+    with wh.writer("second") as writer:
+        writer.put("runs", [run_row("b")])
+    newest, older = wh.snapshots(limit=2)
+    assert (newest.job, older.job) == ("second", "first")
+    assert newest.snapshot_id == older.snapshot_id + 1
+    assert newest.command_line == ["sql", "--as-of", "1"]
+    assert newest.changes["tables_inserted_into"] == ["runs"]
+    # the first commit also created every table and wrote the schema version
+    assert sorted(older.changes["tables_inserted_into"]) == ["checkpoints", "runs",
+                                                             "schema_version"]
+
+
+def test_as_of_reads_the_rows_a_rerun_replaced(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    with wh.writer("first") as writer:
+        writer.put("runs", [run_row("a", 16), run_row("b", 16)])
+    (first,) = wh.snapshots(limit=1)
+    with wh.writer("rerun") as writer:
+        writer.put("runs", [run_row("a", 64)])
+    runs = "SELECT run, d_model FROM runs ORDER BY run"
+    assert query(wh.root, runs) == [("a", 64), ("b", 16)]
+    old = connect(wh.root, as_of=first.snapshot_id)
+    assert old.execute(runs).fetchall() == [("a", 16), ("b", 16)]
+    old.close()
+    # By time, and from the command line.
+    old = connect(wh.root, as_of=first.time.isoformat())
+    assert old.execute(runs).fetchall() == [("a", 16), ("b", 16)]
+    old.close()
+    result = CliRunner().invoke(cli, ["--warehouse", str(wh.root), "sql", runs, "--format",
+                                      "json", "--as-of", str(first.snapshot_id)])
+    assert result.exit_code == 0, result.output
+    assert [r["d_model"] for r in json.loads(result.output)] == [16, 16]
+    with pytest.raises(NotFoundError, match="no snapshot 999"):
+        connect(wh.root, as_of=999)
+    with pytest.raises(FeaturestoreError, match="neither a snapshot id nor a time"):
+        connect(wh.root, as_of="yesterday-ish")
+
+
+def test_compact_keeps_what_snapshots_read_and_deletes_the_rest(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    for d_model in (16, 32):
+        with wh.writer("train") as writer:
+            folder = writer.stage_dir("runs/a")
+            (folder / "weights").write_bytes(b"w" * 100)
+            writer.put("runs", [run_row("a", d_model)])
+            writer.put("checkpoints", [{"run": "a", "step": 0, "created_at": NOW,
+                                        "path": f"{writer.versioned('runs/a')}/weights"}])
+    folders = sorted(p.name for p in (wh.root / "runs").iterdir())
+    assert len(folders) == 2 and all(f.startswith("a@") for f in folders)
+    (wh.root / "tmp" / "job-dead").mkdir(parents=True)  # scratch of a killed job
+
+    # Younger than --older-than: nothing goes.
+    kept = compact_warehouse(wh.root, timedelta(days=7))
+    assert kept.snapshots_expired == 0 and kept.artefact_folders_deleted == []
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == folders
+    dry = compact_warehouse(wh.root, timedelta(0), dry_run=True)
+    assert dry.artefact_folders_deleted == [f"runs/{folders[0]}"]
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == folders
+
+    result = compact_warehouse(wh.root, timedelta(0))
+    assert result.snapshots_kept == 1 and result.snapshots_expired >= 2
+    assert result.artefact_folders_deleted == [f"runs/{folders[0]}"]
+    assert result.scratch_folders_deleted == 1 and not (wh.root / "tmp" / "job-dead").exists()
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == folders[1:]
+    assert query(wh.root, "SELECT d_model FROM runs") == [(32,)]
+    (path,) = query(wh.root, "SELECT path FROM checkpoints")[0]
+    assert (wh.root / path).read_bytes() == b"w" * 100
+    # The replaced rows' files are gone from disk: only the live runs file is left.
+    (live,) = (wh.root / "data" / "main" / "runs").glob("*.parquet")
+    assert pq.read_table(live)["d_model"].to_pylist() == [32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent writers: processes committing to one warehouse at once
+
+WRITER_PROCESS = textwrap.dedent("""
+    import sys
+    from datetime import datetime, timezone
+    from featurestore.warehouse import Warehouse
+    root, name, commits = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for i in range(commits):
+        with Warehouse(root).writer(f"{name} {i}") as writer:
+            writer.put("checkpoints", [{"run": name, "step": i, "train_loss": float(i),
+                                        "created_at": datetime.now(timezone.utc)}])
+            writer.put("runs", [{"run": "shared", "kind": "external", "d_model": i,
+                                 "featurestore_version": name,
+                                 "created_at": datetime.now(timezone.utc)}])
+""")
+
+
+def test_concurrent_writer_processes_lose_nothing_and_never_duplicate_a_key(tmp_path):
+    root = tmp_path / "wh"
+    with Warehouse(root).writer("init") as writer:
+        writer.put("runs", [run_row("seed")])
+    commits = 6
+    jobs = [subprocess.Popen([sys.executable, "-c", WRITER_PROCESS, str(root), f"w{n}",
+                              str(commits)], stderr=subprocess.PIPE, text=True)
+            for n in range(4)]
+    for job in jobs:
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+    # Every process's rows are there once each ...
+    assert query(root, "SELECT run, count(*), min(step), max(step) FROM checkpoints "
+                       "GROUP BY run ORDER BY run") == [
+        (f"w{n}", commits, 0, commits - 1) for n in range(4)]
+    # ... and the row every commit replaced is there once, from one of the last commits.
+    assert query(root, "SELECT count(*), max(d_model) FROM runs WHERE run = 'shared'") == [
+        (1, commits - 1)]
+    # The lake's own first snapshot, "init", then one per commit.
+    assert len(Warehouse(root).snapshots(limit=100)) == 1 + 1 + 4 * commits

@@ -12,7 +12,7 @@ from featurestore.activations import TokenColumns, write_activation_set
 from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
-from featurestore.warehouse import connect, table_specs
+from featurestore.warehouse import Warehouse, connect, table_specs
 
 from .conftest import query
 
@@ -39,15 +39,15 @@ def test_init_creates_an_empty_warehouse_once(tmp_path):
     assert first.exit_code == 0, first.output
     assert f"created an empty warehouse at {root}" in first.output
     assert query(root, "SELECT count(*) FROM runs") == [(0,)]
-    assert query(root, "SELECT version FROM schema_version") == [(2,)]
-    assert sorted(p.name for p in root.iterdir()) == [".lock", "featurestore.duckdb", "tables",
-                                                      "tmp"]
-    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert query(root, "SELECT version FROM schema_version") == [(3,)]
+    assert {p.name for p in root.iterdir()} - {"catalog.sqlite-wal", "catalog.sqlite-shm"} == {
+        "catalog.sqlite", "data"}
+    snapshots = Warehouse(root).snapshots()
     again = runner.invoke(cli, ["--warehouse", str(root), "init", "--json"])
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output) == {"path": str(root), "created": False, "schema_version": 2,
+    assert json.loads(again.output) == {"path": str(root), "created": False, "schema_version": 3,
                                         "tables": len(table_specs())}
-    assert {p: p.read_bytes() for p in files} == files  # nothing changed
+    assert Warehouse(root).snapshots() == snapshots  # nothing committed
 
 
 def test_readers_of_a_missing_warehouse_are_told_to_init(tmp_path):
@@ -73,7 +73,7 @@ def test_a_crosscoder_trains_in_a_missing_or_empty_warehouse(tmp_path, activatio
     assert result.exit_code == 0, result.output
     assert query(root, "SELECT name, n_sources FROM bases") == [("sae", 1)]
     assert query(root, "SELECT count(*) FROM features") == [(32,)]
-    assert query(root, "SELECT version FROM schema_version") == [(2,)]
+    assert query(root, "SELECT version FROM schema_version") == [(3,)]
 
 
 @pytest.mark.parametrize("prepare", ["missing", "mkdir"])
@@ -93,11 +93,16 @@ def test_a_failed_job_leaves_nothing_behind(tmp_path, activation_folder, prepare
 def test_a_lost_catalog_is_not_mistaken_for_a_new_warehouse(tmp_path, activation_folder):
     root = tmp_path / "wh"
     train_crosscoder_job("sae", [f"x={activation_folder}"], warehouse=root, **SMALL)
-    (root / "featurestore.duckdb").unlink()
-    with pytest.raises(FeaturestoreError, match="no catalog .*featurestore catalog rebuild"):
+    backup = CliRunner().invoke(cli, ["--warehouse", str(root), "catalog", "backup", "--out",
+                                      str(tmp_path / "backup.sqlite")])
+    assert backup.exit_code == 0, backup.output
+    for name in ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    with pytest.raises(FeaturestoreError, match="table files .* but no catalog .*from a backup"):
         train_crosscoder_job("other", [f"x={activation_folder}"], warehouse=root, **SMALL)
     result = CliRunner().invoke(cli, ["--warehouse", str(root), "init"])
-    assert result.exit_code == 1 and "catalog rebuild" in result.output
-    # The table files are untouched, so the rebuild brings the basis back.
-    CliRunner().invoke(cli, ["--warehouse", str(root), "catalog", "rebuild"])
+    assert result.exit_code == 1 and "catalog backup" in result.output
+    assert not (root / "catalog.sqlite").exists()
+    # The table files are untouched, so the backup brings the basis back.
+    (tmp_path / "backup.sqlite").rename(root / "catalog.sqlite")
     assert query(root, "SELECT name FROM bases") == [("sae",)]

@@ -1,5 +1,4 @@
 -- sort_by: basis, metric, presence, threshold, persistence, stable_eps, stable_cos, birth_step, feature_id
--- row_group_size: 4096
 -- births: when each feature of a shared basis is born, stabilises and dies (feature-birth-analyze).
 CREATE TABLE births (
     basis VARCHAR NOT NULL,

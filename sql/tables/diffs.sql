@@ -1,5 +1,4 @@
 -- sort_by: basis, source_step, target_step, rank_by_rate_change
--- row_group_size: 4096
 -- diffs: how every feature of a shared basis changed between two checkpoints (feature-compare).
 CREATE TABLE diffs (
     basis VARCHAR NOT NULL,

@@ -1,0 +1,147 @@
+"""`featurestore compact`: expire old snapshots and delete what no remaining snapshot reads.
+
+Nothing a job replaces is deleted when it commits: the old rows' files and the old artefact
+folders stay readable at older snapshots (time travel, and notebooks opened before the commit).
+Compaction is what reclaims them, with DuckLake's own maintenance functions for the table files:
+
+1. merge small table files into larger ones (ducklake_merge_adjacent_files);
+2. expire snapshots older than `older_than` (ducklake_expire_snapshots); the newest snapshot is
+   never expired;
+3. delete the table files only expired snapshots read (ducklake_cleanup_old_files) and files no
+   snapshot knows, e.g. from a killed job (ducklake_delete_orphaned_files), when older than
+   `older_than`;
+4. delete artefact folders (runs/, activations/, bases/ under a versioned name) that no
+   remaining snapshot points at, and scratch folders of jobs, when older than `older_than`.
+
+The age guard on every deletion keeps what a running job has written but not yet committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from featurestore.errors import FeaturestoreError
+from featurestore.lake import LAKE
+from featurestore.warehouse import VERSION_SUFFIX, Warehouse, utc_now
+
+DEFAULT_OLDER_THAN = timedelta(days=7)
+# Tables whose `path` column points at artefact folders.
+ARTEFACT_TABLES = ("checkpoints", "activation_sets", "bases")
+ARTEFACT_ROOTS = ("runs", "activations", "bases")
+
+
+@dataclass
+class CompactResult:
+    older_than_seconds: float
+    dry_run: bool
+    snapshots_expired: int
+    snapshots_kept: int
+    table_files_deleted: int
+    orphan_files_deleted: int
+    artefact_folders_deleted: list[str]
+    scratch_folders_deleted: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_age(text: str) -> timedelta:
+    """'7d', '12h', '30m', '45s' or '0' as a timedelta."""
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    value = text.strip().lower()
+    if value == "0":
+        return timedelta(0)
+    if len(value) < 2 or value[-1] not in units or not value[:-1].replace(".", "", 1).isdigit():
+        raise FeaturestoreError(f"--older-than {text!r}: give a number and a unit, e.g. 7d, "
+                                "12h, 30m or 0 (everything but the newest snapshot)")
+    return timedelta(**{units[value[-1]]: float(value[:-1])})
+
+
+def compact_warehouse(warehouse: str | None = None, older_than: timedelta = DEFAULT_OLDER_THAN,
+                      dry_run: bool = False, catalog: str | None = None) -> CompactResult:
+    wh = Warehouse(warehouse, catalog)
+    if not wh.exists():
+        raise wh._missing()
+    cutoff = utc_now() - older_than
+    con = wh._open(read_only=False)
+    try:
+        before = _snapshot_ids(con)
+        if not dry_run:
+            con.execute("CALL ducklake_merge_adjacent_files(?)", [LAKE])
+        expired = con.execute("CALL ducklake_expire_snapshots(?, older_than => ?, dry_run => ?)",
+                              [LAKE, cutoff, dry_run]).fetchall()
+        cleaned = con.execute("CALL ducklake_cleanup_old_files(?, older_than => ?, "
+                              "dry_run => ?)", [LAKE, cutoff, dry_run]).fetchall()
+        orphans = con.execute("CALL ducklake_delete_orphaned_files(?, older_than => ?, "
+                              "dry_run => ?)", [LAKE, cutoff, dry_run]).fetchall()
+        kept = _snapshot_ids(con) if not dry_run else sorted(
+            set(before) - {int(row[0]) for row in expired})
+        referenced = _referenced_folders(con, kept)
+    finally:
+        con.close()
+    folders = [f for f in _artefact_folders(wh.root)
+               if f not in referenced and _older(wh.path(f), older_than)]
+    scratch = [p for p in (wh.tmp_dir.iterdir() if wh.tmp_dir.exists() else [])
+               if p.name.startswith("job-") and _older(p, older_than)]
+    if not dry_run:
+        for folder in folders:
+            shutil.rmtree(wh.path(folder), ignore_errors=True)
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
+    return CompactResult(older_than.total_seconds(), dry_run, len(expired), len(kept),
+                         len(cleaned), len(orphans), sorted(folders), len(scratch))
+
+
+def _snapshot_ids(con) -> list[int]:
+    return [int(s) for (s,) in con.execute(
+        f"SELECT snapshot_id FROM {LAKE}.snapshots() ORDER BY snapshot_id").fetchall()]
+
+
+def _referenced_folders(con, snapshots: list[int]) -> set[str]:
+    """Versioned artefact folders (relative to the root) that a row of any snapshot points at."""
+    tables = {t for (t,) in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [LAKE]).fetchall()}
+    referenced: set[str] = set()
+    for snapshot in snapshots:
+        for table in ARTEFACT_TABLES:
+            if table not in tables:
+                continue
+            try:
+                paths = con.execute(f"SELECT DISTINCT path FROM {LAKE}.{table} "
+                                    f"AT (VERSION => {snapshot}) WHERE path IS NOT NULL").fetchall()
+            except Exception:  # the table did not exist yet at that snapshot
+                continue
+            for (path,) in paths:
+                referenced.update(_versioned_ancestors(path))
+    return referenced
+
+
+def _versioned_ancestors(path: str) -> list[str]:
+    """runs/demo@V/checkpoints/step_1 -> ['runs/demo@V']."""
+    parts = Path(path).parts
+    return [str(Path(*parts[:i + 1])) for i, part in enumerate(parts)
+            if VERSION_SUFFIX.search(part)]
+
+
+def _artefact_folders(root: Path) -> list[str]:
+    """Every versioned folder under runs/, activations/ and bases/, relative to the root."""
+    found = []
+    for top in ARTEFACT_ROOTS:
+        for folder, children, _ in os.walk(root / top):
+            for child in list(children):
+                if VERSION_SUFFIX.search(child):
+                    found.append(str((Path(folder) / child).relative_to(root)))
+                    children.remove(child)  # do not descend into an artefact
+    return found
+
+
+def _older(path: Path, age: timedelta) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime >= age.total_seconds()
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,84 @@
+"""Several processes sweeping different checkpoints of one basis into one warehouse at once
+give the same tables as one process sweeping them all."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from featurestore.warehouse import Warehouse, table_specs
+
+from .conftest import TINY_RUN, query
+
+SWEPT = ("trajectories", "feature_activations", "feature_examples", "checkpoint_summary",
+         "split_profiles", "feature_directions", "seed_trajectories")
+
+
+@pytest.fixture(scope="module")
+def fitted_warehouse(trained_warehouse, tmp_path_factory):
+    """The tiny run with layer_2_post_mlp collected at every checkpoint and a pooled basis."""
+    from featurestore.ingest.collect import collect
+    from featurestore.ingest.shared_feature_fit import shared_feature_fit
+
+    root = tmp_path_factory.mktemp("concurrent") / "warehouse"
+    shutil.copytree(trained_warehouse, root)
+    collect(TINY_RUN, ["layer_2_post_mlp"], checkpoints="all", tokens=1024, warehouse=root,
+            progress=False)
+    shared_feature_fit(TINY_RUN, "layer_2_post_mlp", "pool", checkpoints="all", dict_size=64,
+                       k=4, steps=60, batch_size=256, min_explained_variance=-1.0,
+                       max_active_fraction=1.0, max_dead_fraction=1.0, warehouse=root,
+                       progress=False)
+    return root
+
+
+def rows(root, table: str) -> list[tuple]:
+    columns = [c.name for c in table_specs()[table].columns if c.name != "created_at"]
+    return query(root, f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
+
+
+def sweep_command(root, checkpoints: str) -> list[str]:
+    return [sys.executable, "-m", "featurestore.cli", "--warehouse", str(root), "--threads", "1",
+            "feature-trajectory-sweep", "--basis", "pool", "--checkpoints", checkpoints,
+            "--quiet"]
+
+
+def test_four_processes_sweeping_at_once_match_a_serial_sweep(fitted_warehouse, tmp_path):
+    steps = [s for (s,) in query(fitted_warehouse, "SELECT step FROM checkpoints "
+                                                   f"WHERE run = '{TINY_RUN}' ORDER BY step")]
+    assert len(steps) >= 4
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    shutil.copytree(fitted_warehouse, serial)
+    shutil.copytree(fitted_warehouse, parallel)
+
+    done = subprocess.run(sweep_command(serial, "all"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    parts = [",".join(map(str, steps[i::4])) for i in range(4)]
+    jobs = [subprocess.Popen(sweep_command(parallel, part), stderr=subprocess.PIPE, text=True)
+            for part in parts]
+    for job in jobs:
+        assert job.wait(timeout=600) == 0, job.stderr.read()
+
+    for table in SWEPT:
+        assert rows(parallel, table) == rows(serial, table), table
+    assert rows(serial, "trajectories")  # the comparison is not vacuous
+    assert {r[0] for r in query(parallel, "SELECT DISTINCT step FROM feature_activations")} == \
+        set(steps)
+    # One snapshot per process, each naming its own checkpoints on its command line.
+    sweeps = [s for s in Warehouse(parallel).snapshots(limit=10)
+              if s.job == "feature-trajectory-sweep pool"]
+    assert sorted(s.command_line[-2] for s in sweeps) == sorted(parts)
+
+
+def test_a_rerun_of_some_checkpoints_replaces_only_those(fitted_warehouse, tmp_path):
+    root = tmp_path / "wh"
+    shutil.copytree(fitted_warehouse, root)
+    steps = [s for (s,) in query(root, "SELECT DISTINCT step FROM activation_sets ORDER BY step")]
+    for checkpoints in ("all", str(steps[-1])):
+        done = subprocess.run(sweep_command(root, checkpoints), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    # The re-run's checkpoint is there once, the others untouched.
+    per_step = dict(query(root, "SELECT step, count(*) FROM trajectories GROUP BY step"))
+    assert set(per_step) == set(steps) and len(set(per_step.values())) == 1
