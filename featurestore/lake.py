@@ -133,6 +133,21 @@ def prepare_sqlite(path: Path) -> None:
         db.close()
 
 
+def sqlite_has_ducklake(path: Path) -> bool:
+    """Whether the SQLite file holds DuckLake's tables (DuckLake creates them all at once)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        return bool(db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                               "name = 'ducklake_metadata'").fetchall())
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
 def attach_sql(location: CatalogLocation, data_path: Path | None, *, read_only: bool,
                create: bool, snapshot_version: int | None = None,
                snapshot_time: str | None = None) -> str:

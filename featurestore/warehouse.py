@@ -67,6 +67,7 @@ from featurestore.lake import (
     catalog_location,
     load_extensions,
     prepare_sqlite,
+    sqlite_has_ducklake,
 )
 from featurestore.settings import check_name, resolve_warehouse
 
@@ -379,6 +380,11 @@ class Warehouse:
                 f"featurestore reads schema {SCHEMA_VERSION}. Convert it in place with "
                 "`featurestore catalog migrate` (every table and artefact is kept), or run any "
                 "job that writes, which converts it first.")
+        if self.catalog.kind == "sqlite" and self.catalog.exists():
+            return NotFoundError(
+                f"the warehouse at {self.root} holds no featurestore tables yet: its catalog "
+                f"{self.catalog.describe()} was created by a first job that did not finish. "
+                "Run `featurestore init` or the job again.")
         return NotFoundError(
             f"no warehouse at {self.root} (no catalog {self.catalog.describe()}). Create an "
             "empty one with `featurestore init`, or run a job that writes one, e.g. "
@@ -386,10 +392,10 @@ class Warehouse:
             "FEATURESTORE_WAREHOUSE (and --catalog / FEATURESTORE_CATALOG) at an existing one.")
 
     def _has_catalog(self) -> bool:
-        """Whether the catalog database holds a DuckLake (a SQLite file is there; a PostgreSQL
-        database has DuckLake's tables)."""
+        """Whether the catalog database holds a DuckLake: DuckLake's own tables are in it (a
+        SQLite file created by a first job killed before DuckLake set it up does not count)."""
         if self.catalog.kind == "sqlite":
-            return self.catalog.exists()
+            return self.catalog.exists() and sqlite_has_ducklake(Path(self.catalog.target))
         try:
             self._open(read_only=True).close()
             return True
@@ -532,6 +538,7 @@ class Warehouse:
                   "(DuckLake) before writing", file=sys.stderr)
             migrate_warehouse(self)
         made_root = not self.root.exists()
+        had_file = self.catalog.kind == "sqlite" and self.catalog.exists()
         had_catalog = self._has_catalog()
         if not had_catalog:
             self._check_catalog_not_lost()
@@ -544,7 +551,7 @@ class Warehouse:
             self._writing = False
             writer.discard()
             if not writer.committed and not had_catalog:
-                self._remove_uncommitted_catalog(made_root)
+                self._remove_uncommitted_catalog(made_root, remove_file=not had_file)
 
     def _check_catalog_not_lost(self) -> None:
         """Table files but no catalog: the catalog was deleted or lost. A new catalog would not
@@ -581,11 +588,12 @@ class Warehouse:
             source.close()
         return out
 
-    def _remove_uncommitted_catalog(self, made_root: bool) -> None:
-        """After a first job that never committed: the SQLite catalog it may have created, its
-        empty folders, and the root if the job made it. What a failed job keeps on purpose (a
-        training state for --resume, a rejected fit) stays."""
-        if self.catalog.kind == "sqlite":
+    def _remove_uncommitted_catalog(self, made_root: bool, remove_file: bool) -> None:
+        """After a first job that never committed: the SQLite catalog it created, its empty
+        folders, and the root if the job made it. What a failed job keeps on purpose (a
+        training state for --resume, a rejected fit) stays, and so does a catalog file that was
+        there before the job."""
+        if self.catalog.kind == "sqlite" and remove_file:
             con = None
             try:  # only a catalog with no featurestore tables in it
                 con = self._open(read_only=True)

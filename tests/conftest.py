@@ -72,6 +72,12 @@ def query(root: Path, sql: str, params=()) -> list[tuple]:
         con.close()
 
 
+def basis_path(root: Path, basis: str) -> Path:
+    """The weights folder of a basis, where its `bases` row points (a versioned folder)."""
+    (path,) = query(root, "SELECT path FROM bases WHERE name = ?", [basis])[0]
+    return root / path
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under a warehouse (but tmp/ and SQLite's shared-memory index and write-ahead
     log, which readers touch) with its contents: the catalog and every data file."""

@@ -3,7 +3,6 @@ the same tokens pre-collected into activation sets, and exact resume."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ from featurestore.activations import ActivationSet, norm_sample, norm_scale, wri
 from featurestore.aligned import Source
 from featurestore.corpus import sequence_columns
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
-from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
+from featurestore.crosscoder_training import TrainerConfig, _state_metadata, train_crosscoder
 from featurestore.errors import FeaturestoreError
 from featurestore.ingest.collect import read_stages
 
@@ -181,7 +180,7 @@ def test_a_killed_run_resumes_from_the_pool_rows_and_token_position(tmp_path, mo
     with pytest.raises(Killed):
         train_crosscoder(small_model("batchtopk", TINY_D_MODEL), model_buffer(model_sources), TRAIN,
                          tmp_path / "b", progress=False, on_step=kill_at_14)
-    saved = json.loads((tmp_path / "b" / "state.json").read_text())
+    saved = _state_metadata(tmp_path / "b")
     assert saved["step"] == 12
     # Step 12 starts at position 768, in round 6 of a 256-row pool refilled 128 rows at a time;
     # the stream has been read up to row 256 + 6 x 128.

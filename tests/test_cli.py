@@ -108,7 +108,7 @@ def test_stages_lists_the_runs_stage_names(trained_warehouse):
     assert names[0] == "embed" and names[-1] == "final_norm" and "layer_2_post_mlp" in names
 
 
-def test_train_collect_and_rebuild_from_the_command_line(tmp_path):
+def test_train_collect_and_list_the_snapshots_from_the_command_line(tmp_path):
     wh = tmp_path / "wh"
     trained = run(["--threads", "1", "train-model", "--run", "cli", "--steps", "3", "--json",
                    "--quiet"], wh)
@@ -117,9 +117,15 @@ def test_train_collect_and_rebuild_from_the_command_line(tmp_path):
     collected = run(["collect", "--run", "cli", "--stage", "embed", "--checkpoints", "LAST",
                      "--tokens", "64", "--json", "--quiet"], wh)
     assert json.loads(collected.output)["sets"][0]["name"] == "cli@3:embed"
-    (wh / "featurestore.duckdb").unlink()
-    rebuilt = run(["catalog", "rebuild", "--json"], wh)
+    snapshots = json.loads(run(["snapshots", "--json"], wh).output)
+    assert [s["job"] for s in snapshots] == ["collect cli", "train-model cli", None]
     # token_strings: collect decoded the demo run's vocabulary once, for its examples.
-    assert set(json.loads(rebuilt.output)) == {"runs", "checkpoints", "activation_sets",
-                                               "token_strings", "schema_version"}
+    assert sorted(snapshots[0]["changes"]["tables_inserted_into"]) == [
+        "activation_sets", "token_strings"]
+    listed = run(["snapshots"], wh).output
+    assert "collect cli" in listed and "activation_sets, token_strings" in listed
+    dry = json.loads(run(["compact", "--older-than", "0", "--dry-run", "--json"], wh).output)
+    assert dry["dry_run"] and dry["snapshots_kept"] == 1  # nothing deleted by a dry run
     assert "cli@3:embed" in run(["sql", "SELECT name FROM activation_sets"], wh).output
+    bad = run(["compact", "--older-than", "soon"], wh)
+    assert bad.exit_code != 0 and "--older-than 'soon'" in bad.output

@@ -12,7 +12,7 @@ from featurestore.crosscoder import CrossCoder
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.warehouse import connect
 
-from .conftest import RELAXED_BOUNDS, RELAXED_FLAGS, TINY_RUN, TINY_STEPS
+from .conftest import RELAXED_BOUNDS, RELAXED_FLAGS, TINY_RUN, TINY_STEPS, basis_path
 
 SOURCES = [f"base={TINY_RUN}@0:layer_2_post_mlp", f"tuned={TINY_RUN}@{TINY_STEPS}:layer_2_post_mlp"]
 OPTIONS = ["--arch", "vanilla", "--dict-size", "32", "--steps", "12", "--batch-size", "64",
@@ -31,8 +31,8 @@ def test_two_processes_train_the_same_basis_as_one(warehouse_copy):
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
-    single = CrossCoder.load(warehouse_copy / "bases" / "single").state_dict()
-    ddp = CrossCoder.load(warehouse_copy / "bases" / "ddp").state_dict()
+    single = CrossCoder.load(basis_path(warehouse_copy, "single")).state_dict()
+    ddp = CrossCoder.load(basis_path(warehouse_copy, "ddp")).state_dict()
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
     con = connect(warehouse_copy)

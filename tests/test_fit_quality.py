@@ -20,7 +20,7 @@ from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.warehouse import init_warehouse
 
-from .conftest import TINY_RUN, query, snapshot
+from .conftest import TINY_RUN, basis_path, query, snapshot
 
 N_TOKENS, D_MODEL = 2048, 16
 SMALL = dict(dict_size=32, k=4, steps=40, batch_size=128, log_every=20, save_every=20,
@@ -96,7 +96,7 @@ def test_a_crosscoder_missing_a_bound_is_kept_aside_and_resume_registers_it(tmp_
     # training again, and the rejected folder and training state go.
     result = train_crosscoder_job("cc", source, warehouse=root, resume=True, **RELAXED, **SMALL)
     assert result.steps == SMALL["steps"]
-    registered = CrossCoder.load(root / "bases" / "cc").state_dict()
+    registered = CrossCoder.load(basis_path(root, "cc")).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(registered[key], value), key
     assert not folder.exists() and not (root / "training" / "cc").exists()

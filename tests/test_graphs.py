@@ -88,7 +88,7 @@ def write_censored_basis(root: Path) -> None:
 
 def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and not p.name.endswith(("-shm", "-wal"))}
 
 
 @pytest.fixture(scope="module")

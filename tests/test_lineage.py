@@ -103,7 +103,8 @@ def register_basis(root: Path, name: str, stage: str, model: CrossCoder, kind: s
                          "run": RUN, "step": s, "stage": stage, "norm_scale": scales[s]}
                         for s in STEPS],
             "config": json.dumps(model.config.to_dict()), "trainer_config": "{}",
-            "path": f"bases/{name}", "steps": 0, "tokens": 0, "run": RUN, "stage": stage,
+            "path": writer.versioned(f"bases/{name}"), "steps": 0, "tokens": 0, "run": RUN,
+            "stage": stage,
             "created_at": utc_now()}])
 
 
@@ -116,6 +117,7 @@ def built(tmp_path_factory) -> Path:
     wh = Warehouse(root)
     with wh.writer("test run") as writer:
         run_dir = writer.stage_dir(f"runs/{RUN}")
+        run_path = writer.versioned(f"runs/{RUN}")
         rows = []
         for step in STEPS:
             directory = run_dir / "checkpoints" / f"step_{step:09d}"
@@ -123,7 +125,7 @@ def built(tmp_path_factory) -> Path:
             save_checkpoint(hand_set_model(step), directory,
                             {"run": RUN, "step": step, "task": task.to_dict()})
             rows.append({"run": RUN, "step": step,
-                         "path": f"runs/{RUN}/checkpoints/step_{step:09d}",
+                         "path": f"{run_path}/checkpoints/step_{step:09d}",
                          "created_at": utc_now()})
         model_config = hand_set_model(0).config
         writer.put("runs", [{
@@ -325,7 +327,8 @@ def test_upstream_and_logit_edges(root):
     result = feature_lineage("lin-final", steps="20", features="0,3,5", top_k=4,
                              upstream="lin-l1", tokens=TOKENS, warehouse=root, progress=False)
     assert result.upstream == "lin-l1" and result.steps[0].features == [0, 3, 5]
-    model = load_checkpoint(Warehouse(root).path(f"runs/{RUN}/checkpoints/step_{20:09d}"))
+    (path,) = query(root, "SELECT path FROM checkpoints WHERE run = ? AND step = 20", [RUN])[0]
+    model = load_checkpoint(Warehouse(root).path(path))
     gamma = model.ln_f.weight.detach().double().numpy()
     up = L1_FEATURES.T  # lin-l1's decoder rows, as the final LayerNorm passes them on:
     passed_on = gamma * (up - up.mean(axis=1, keepdims=True))

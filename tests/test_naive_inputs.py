@@ -151,7 +151,9 @@ def test_inputs_are_converted_once_to_the_float32_values(tmp_path, form):
     out = json.loads(result.output)
     assert out["converted_from"] == described
     assert out["input_path"] == str(path) and out["format"] == "hf_dataset"
-    assert Path(out["path"]) == root / "activations" / "ext" / "resid" / "step_000000003"
+    folder = Path(out["path"])  # a new, versioned folder
+    assert folder.parent == root / "activations" / "ext" / "resid"
+    assert folder.name.startswith("step_000000003@")
 
     row, acts = stored(root, "ext@3:resid")
     assert row["source"] == "converted" and str(path) in row["token_source"]

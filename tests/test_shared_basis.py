@@ -19,7 +19,7 @@ from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.warehouse import Warehouse, connect
 
-from .conftest import TINY_RUN, query, snapshot
+from .conftest import TINY_RUN, basis_path, query, snapshot
 
 STAGE = "layer_2_post_mlp"
 # Small and quick; the bounds are relaxed because 20 training steps leave the tiny model's
@@ -101,7 +101,7 @@ def test_trajectories_equal_a_numpy_computation(swept):
         np.testing.assert_allclose(rate, (f > 0).mean(axis=0), atol=2e-3)
         np.testing.assert_allclose(mean, f.mean(axis=0), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(peak, f.max(axis=0), rtol=1e-3, atol=1e-4)
-        weights = load_file(Warehouse(root).path("bases/tiny-l2") / "crosscoder.safetensors")
+        weights = load_file(basis_path(root, "tiny-l2") / "crosscoder.safetensors")
         decoder = np.concatenate([weights["W_dec_shared"], weights["W_dec"][:, 0]])
         contribution = ((f * np.linalg.norm(decoder, axis=1)) ** 2).sum(axis=0)
         np.testing.assert_allclose(energy, contribution / contribution.sum(), atol=1e-3)

@@ -15,7 +15,15 @@ from featurestore.errors import FeaturestoreError, InvalidActivationsError, NotF
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.warehouse import connect
 
-from .conftest import RELAXED_BOUNDS, RELAXED_FLAGS, TINY_D_MODEL, TINY_RUN, TINY_STEPS, snapshot
+from .conftest import (
+    RELAXED_BOUNDS,
+    RELAXED_FLAGS,
+    TINY_D_MODEL,
+    TINY_RUN,
+    TINY_STEPS,
+    basis_path,
+    snapshot,
+)
 
 BASE = f"base={TINY_RUN}@0:layer_2_post_mlp"
 TUNED = f"tuned={TINY_RUN}@{TINY_STEPS}:layer_2_post_mlp"
@@ -60,7 +68,7 @@ def test_the_basis_and_its_tables_are_registered(crosscoder_warehouse):
 
 
 def test_feature_geometry_matches_the_saved_weights(crosscoder_warehouse):
-    model = CrossCoder.load(crosscoder_warehouse / "bases" / "diff")
+    model = CrossCoder.load(basis_path(crosscoder_warehouse, "diff"))
     decoder = model.decoder().detach().double().numpy()
     features = rows(crosscoder_warehouse, "SELECT * FROM features ORDER BY feature_id")
     for f in features[:10]:
@@ -85,7 +93,7 @@ def test_frequencies_match_an_independent_encoding_pass(crosscoder_warehouse):
     from featurestore.registry import get_activation_set_row, open_activation_set
     from featurestore.warehouse import Warehouse
 
-    model = CrossCoder.load(crosscoder_warehouse / "bases" / "diff")
+    model = CrossCoder.load(basis_path(crosscoder_warehouse, "diff"))
     wh = Warehouse(crosscoder_warehouse)
     con = wh.connect()
     sets = [open_activation_set(wh, get_activation_set_row(con, name.split("=")[1]))
@@ -196,7 +204,7 @@ def test_training_from_models_writes_no_activations_and_registers_the_basis(ware
     data = json.loads(basis["trainer_config"])["data"]
     assert data["tokens"].startswith("demo task") and data["n_rows"] == 2048
     assert data["pool_rows"] == 4 * 16
-    model = CrossCoder.load(warehouse_copy / "bases" / "live")
+    model = CrossCoder.load(basis_path(warehouse_copy, "live"))
     assert model.norm_scales.tolist() == pytest.approx([s["norm_scale"] for s in basis["sources"]])
     assert rows(warehouse_copy, "SELECT count(*) AS n FROM features WHERE basis = 'live'") == [
         {"n": 64}]
