@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from bench_warehouse_scale import trajectory_table
 from harness import BenchmarkResult, Figure, RunOptions, measure
 
 from featurestore.warehouse import Warehouse, init_warehouse, table_specs
@@ -47,7 +48,6 @@ from featurestore.warehouse import Warehouse, init_warehouse, table_specs
 WRITER_COUNTS = (1, 2, 4)
 COMMITS, QUICK_COMMITS = 40, 8  # the total per sample; divisible by every writer count
 ROWS = 1_024  # feature rows per commit: one (basis, step) of a 1,024-feature basis
-BASIS = "concurrent-l0"
 STEP_EVERY = 100
 JOB = "bench-concurrent-writers"
 
@@ -204,31 +204,9 @@ class WriterPool:
 
 
 def trajectory_rows(rng: np.random.Generator) -> pa.Table:
-    """ROWS trajectories rows for one checkpoint (its step set per commit): plausible values in
-    every column, as a sweep of one checkpoint writes them."""
-    n = ROWS
-    rate = rng.uniform(0.0, 0.05, n)
-    mean_active = rng.uniform(0.5, 3.0, n)
-    splits = pa.MapArray.from_arrays(
-        pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
-        pa.array(["even", "odd"] * n),
-        pa.array(np.column_stack([rate * rng.uniform(0.5, 1.5, n),
-                                  rate * rng.uniform(0.5, 1.5, n)]).ravel()))
-    return pa.table({
-        "basis": pa.repeat(BASIS, n),
-        "feature_id": np.arange(n, dtype=np.int32),
-        "step": np.zeros(n, dtype=np.int64),
-        "n_tokens": np.full(n, 16_384, dtype=np.int64),
-        "activation_rate": rate,
-        "mean_activation": rate * mean_active,
-        "mean_active_activation": mean_active,
-        "max_activation": mean_active * rng.uniform(1.0, 4.0, n),
-        "energy": rate * rng.uniform(0.0, 1e-3, n),
-        "split_activation_rates": splits,
-        "direction_cosine_previous": rng.uniform(0.8, 1.0, n),
-        "direction_cosine_final": rng.uniform(0.5, 1.0, n),
-        "decoder_norm": pa.nulls(n, pa.float64()),
-    })
+    """ROWS trajectories rows for one checkpoint (its step set per commit), generated as the
+    warehouse-scale benchmark generates a sweep's rows."""
+    return trajectory_table(rng, ROWS, np.zeros(1, dtype=np.int64), 16_384)
 
 
 def worker() -> None:

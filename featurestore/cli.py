@@ -1007,8 +1007,8 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
 def sql_command(ctx, query, fmt, as_of):
     """Run a SQL query on the warehouse and print the result.
 
-    Tables, views (sql/views), macros and UDFs are all available; the tables are attached
-    read-only, so statements cannot change the warehouse.
+    Tables, views (sql/views), macros and UDFs are all available; the warehouse's tables are
+    attached read-only, so INSERT, UPDATE and DELETE on them are refused.
 
     \b
     Examples:

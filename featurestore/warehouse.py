@@ -65,7 +65,7 @@ from featurestore.lake import (
     CatalogLocation,
     attach_sql,
     catalog_location,
-    load_extensions,
+    lake_connection,
     prepare_sqlite,
     sqlite_has_ducklake,
 )
@@ -230,12 +230,17 @@ def build_views(con: duckdb.DuckDBPyConnection, snapshot: int | None) -> None:
     """Create a view per table in the connection's own schema, reading the lake at `snapshot`
     (None: an empty view of the DDL's columns, for a warehouse with no catalog yet), with the
     DDL's comments; then the macros and views of sql/."""
-    present = _lake_columns(con) if snapshot is not None else {}
+    try:  # one transaction: DuckLake reads its catalog once for every view, not once per view
+        con.execute("BEGIN TRANSACTION")
+        for table in table_specs().values():  # the lake tables as the DDL declares them
+            con.execute(_table_view_sql(table, snapshot, {c.name for c in table.columns}))
+        con.execute("COMMIT")
+    except duckdb.Error:  # written by an older featurestore, or an older snapshot: per table
+        _rollback(con)
+        for table in table_specs().values():
+            present = _columns_at(con, table.name, snapshot) if snapshot is not None else None
+            con.execute(_table_view_sql(table, snapshot, present))
     for table in table_specs().values():
-        try:
-            con.execute(_table_view_sql(table, snapshot, present.get(table.name)))
-        except duckdb.Error:  # an older snapshot, with fewer columns or without the table
-            con.execute(_table_view_sql(table, snapshot, _columns_at(con, table.name, snapshot)))
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
@@ -342,9 +347,8 @@ class Warehouse:
         """An in-memory DuckDB connection with the lake attached as `lake`."""
         if create and self.catalog.kind == "sqlite" and not self.catalog.exists():
             prepare_sqlite(Path(self.catalog.target))
-        con = duckdb.connect(":memory:")
+        con = lake_connection(self.catalog.kind)
         try:
-            load_extensions(con, self.catalog.kind)
             # Relative artefact paths in the tables resolve against the root.
             con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
             attach = attach_sql(self.catalog, self.data_path, read_only=read_only, create=create)
@@ -615,10 +619,11 @@ class Warehouse:
 
 
 def _initialised(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the attached lake holds featurestore's tables (its first commit happened)."""
+    """Whether the attached lake holds featurestore's tables (its first commit happened). Asked
+    of DuckLake's own table list in the catalog database: cheaper than loading the catalog."""
     return bool(con.execute(
-        "SELECT 1 FROM duckdb_tables() WHERE database_name = ? AND table_name = 'schema_version'",
-        [LAKE]).fetchall())
+        f"SELECT 1 FROM __ducklake_metadata_{LAKE}.ducklake_table "
+        "WHERE table_name = 'schema_version' AND end_snapshot IS NULL").fetchall())
 
 
 def check_schema_version(con: duckdb.DuckDBPyConnection, root: Path) -> int:
