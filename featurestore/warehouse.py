@@ -708,7 +708,8 @@ def _is_race(error: BaseException) -> bool:
 
 
 def new_version() -> str:
-    """A version for an artefact folder: time-ordered, and never reused (random suffix)."""
+    """A version for an artefact folder: the UTC time to the second, for people reading the
+    folder names, and a random suffix, so a name is never reused."""
     return f"{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 

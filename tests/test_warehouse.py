@@ -398,6 +398,7 @@ def test_as_of_reads_the_rows_a_rerun_replaced(tmp_path):
 
 def test_compact_keeps_what_snapshots_read_and_deletes_the_rest(tmp_path):
     wh = Warehouse(tmp_path / "wh")
+    folders = []  # the run's folder of the first job, then of the second
     for d_model in (16, 32):
         with wh.writer("train") as writer:
             folder = writer.stage_dir("runs/a")
@@ -405,17 +406,18 @@ def test_compact_keeps_what_snapshots_read_and_deletes_the_rest(tmp_path):
             writer.put("runs", [run_row("a", d_model)])
             writer.put("checkpoints", [{"run": "a", "step": 0, "created_at": NOW,
                                         "path": f"{writer.versioned('runs/a')}/weights"}])
-    folders = sorted(p.name for p in (wh.root / "runs").iterdir())
-    assert len(folders) == 2 and all(f.startswith("a@") for f in folders)
+        folders.append(folder.name)
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == sorted(folders)
+    assert all(f.startswith("a@") for f in folders)
     (wh.root / "tmp" / "job-dead").mkdir(parents=True)  # scratch of a killed job
 
     # Younger than --older-than: nothing goes.
     kept = compact_warehouse(wh.root, timedelta(days=7))
     assert kept.snapshots_expired == 0 and kept.artefact_folders_deleted == []
-    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == folders
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == sorted(folders)
     dry = compact_warehouse(wh.root, timedelta(0), dry_run=True)
     assert dry.artefact_folders_deleted == [f"runs/{folders[0]}"]
-    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == folders
+    assert sorted(p.name for p in (wh.root / "runs").iterdir()) == sorted(folders)
 
     result = compact_warehouse(wh.root, timedelta(0))
     assert result.snapshots_kept == 1 and result.snapshots_expired >= 2
