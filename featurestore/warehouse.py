@@ -214,6 +214,14 @@ def _is_json(column: Column) -> bool:
     return column.type == "JSON"
 
 
+def derived_from_basis() -> list[str]:
+    """Tables whose rows a job computed from a basis's weights (every table with a `basis`
+    column but the fit's own): a new fit under the name makes them describe other weights."""
+    own = {"features", "decoder_directions", "training_metrics"}
+    return sorted(name for name, table in table_specs().items()
+                  if "basis" in {c.name for c in table.columns} and name not in own)
+
+
 def spec(table: str) -> TableSpec:
     specs = table_specs()
     if table not in specs:

@@ -22,7 +22,7 @@ import numpy as np
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
 MIN_CHECKPOINTS = 3
 EVAL_TOKENS_PER_CHECKPOINT = 16_384
@@ -199,10 +199,9 @@ def shared_feature_fit(
                    replace_where={"basis": name})
         writer.put("training_metrics", training_metric_rows(name, result.metrics),
                    replace_where={"basis": name})
-        # A basis of this name may have been swept before: its analyses described other weights.
-        for table in ("trajectories", "feature_directions", "feature_examples",
-                      "checkpoint_summary", "split_profiles", "feature_activations",
-                      "seed_trajectories"):
+        # A basis of this name may have been analysed before: every row computed from its old
+        # weights (sweeps, births, diffs, patches, lineage) goes in the same commit.
+        for table in derived_from_basis():
             writer.put(table, [], replace_where={"basis": name})
     warnings = []
     share = report["first_not_last_share"]

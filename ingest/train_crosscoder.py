@@ -31,7 +31,7 @@ import numpy as np
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
 EVAL_TOKENS = 65_536  # tokens for the feature statistics and latent scaling pass
 EVAL_BATCH = 4096
@@ -294,6 +294,9 @@ def train_crosscoder_job(
                    replace_where={"basis": name})
         if tokens_from is not None and string_rows:
             writer.put("token_strings", string_rows)
+        # Rows computed from earlier weights of this name (its sweep, model-diff contexts).
+        for table in derived_from_basis():
+            writer.put(table, [], replace_where={"basis": name})
     shutil.rmtree(state_dir, ignore_errors=True)  # registered: the resume state is not needed
     return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
                                result.final, time.perf_counter() - started,

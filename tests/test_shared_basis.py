@@ -7,6 +7,7 @@ activation sets directly; every validation failure must register nothing.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
-from featurestore.warehouse import Warehouse, connect
+from featurestore.warehouse import Warehouse, connect, derived_from_basis
 
 from .conftest import TINY_RUN, basis_path, query, snapshot
 
@@ -239,3 +240,30 @@ def test_cli_sweep_reports_json(swept, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["steps"] == collected_steps(copy) and report["activation_rows"] > 0
+
+
+def test_a_refit_drops_every_row_computed_from_the_old_weights(analysed_warehouse, tmp_path):
+    root = tmp_path / "wh"
+    shutil.copytree(analysed_warehouse, root)
+    derived = derived_from_basis()
+    count = {table: f"SELECT count(*) FROM {table} WHERE basis = ?" for table in derived}
+    before = {t: query(root, sql, ["tiny-l2"])[0][0] for t, sql in count.items()}
+    other = {t: query(root, sql, ["tiny-fn"])[0][0] for t, sql in count.items()}
+    for table in ("trajectories", "births", "birth_summary", "diffs", "patches",
+                  "lineage_edges", "feature_activations"):
+        assert before[table] > 0, table  # the fixture analysed tiny-l2 every way
+    steps = ",".join(str(s) for (s,) in query(
+        root, "SELECT step FROM activation_sets WHERE stage = 'layer_2_post_mlp' ORDER BY step"))
+    shared_feature_fit(TINY_RUN, "layer_2_post_mlp", "tiny-l2", checkpoints=steps, dict_size=64,
+                       k=4, steps=30, batch_size=256, seed=1, min_explained_variance=-1.0,
+                       max_active_fraction=1.0, max_dead_fraction=1.0, warehouse=root,
+                       progress=False)
+    after = {t: query(root, sql, ["tiny-l2"])[0][0] for t, sql in count.items()}
+    assert after == dict.fromkeys(derived, 0)
+    assert {t: query(root, sql, ["tiny-fn"])[0][0] for t, sql in count.items()} == other
+    # Nothing ranks features from the old basis's diffs any more.
+    from featurestore.ingest.feature_patch import feature_patch
+
+    with pytest.raises(FeaturestoreError, match="no diffs for basis tiny-l2"):
+        feature_patch("tiny-l2", 0, 20, features="top:3", tokens=64, warehouse=root,
+                      progress=False)
