@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError
 from featurestore.warehouse import Warehouse
 
@@ -182,7 +183,10 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
     wanted = range(len(sets)) if basis.kind == "crosscoder" else [c]
     for start in range(0, n, SWEEP_BATCH):
         index = np.arange(start, min(start + SWEEP_BATCH, n))
-        rows = [torch.from_numpy(sets[s].rows(index, normalized=True)) for s in wanted]
+        batch = [sets[s].rows(index, normalized=True) for s in wanted]
+        for s, values in zip(wanted, batch):  # as fit and training refuse them, not encode them
+            check_finite(values, f"activation set {sets[s].name}", first_row=start)
+        rows = [torch.from_numpy(values) for values in batch]
         values, x_hat = basis.encode(rows, c)
         x = rows[c if basis.kind == "crosscoder" else 0].double().numpy()
         reconstruction.add(x, x_hat.double().numpy())

@@ -267,3 +267,33 @@ def test_a_refit_drops_every_row_computed_from_the_old_weights(analysed_warehous
     with pytest.raises(FeaturestoreError, match="no diffs for basis tiny-l2"):
         feature_patch("tiny-l2", 0, 20, features="top:3", tokens=64, warehouse=root,
                       progress=False)
+
+
+def test_the_sweep_refuses_non_finite_activations(swept, tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    root = tmp_path / "wh"
+    shutil.copytree(swept[0], root)
+    before = query(root, "SELECT count(*) FROM trajectories")
+    (name, path), = query(root, "SELECT name, path FROM activation_sets WHERE run = ? AND "
+                                "stage = ? ORDER BY step DESC LIMIT 1", [TINY_RUN, STAGE])
+    # Rows 7 and 9 of the stored set become NaN, as a bad disk or an outside writer could do.
+    (arrow,) = (root / path).glob("*.arrow")
+    with pa.ipc.open_stream(arrow) as reader:
+        table = reader.read_all()
+    flat = table["activations"].combine_chunks()
+    width = flat.type.list_size
+    values = flat.flatten().to_numpy(zero_copy_only=False).copy()
+    for row in (7, 9):
+        values[row * width:(row + 1) * width] = np.nan
+    table = table.set_column(table.schema.get_field_index("activations"), "activations",
+                             pa.FixedSizeListArray.from_arrays(pa.array(values), width))
+    assert pc.sum(pc.is_nan(table["activations"].combine_chunks().flatten())).as_py() == 2 * width
+    with pa.ipc.new_stream(tmp_path / "poisoned.arrow", table.schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "poisoned.arrow").replace(arrow)  # not in place: the table maps the old file
+
+    with pytest.raises(FeaturestoreError, match=f"activation set {name}.*NaN/Inf.*first bad row 7"):
+        feature_trajectory_sweep("tiny-l2", warehouse=root, progress=False)
+    assert query(root, "SELECT count(*) FROM trajectories") == before  # nothing written
