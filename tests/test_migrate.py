@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from pathlib import Path
 
@@ -31,8 +32,14 @@ LIVE_ROWS = {
 
 @pytest.fixture
 def old_warehouse(tmp_path) -> Path:
+    """A copy of the fixture, its catalog unpacked: the 3 MB DuckDB file is kept gzipped (70 kB)
+    in git, byte for byte as the previous release wrote it."""
     root = tmp_path / "old"
     shutil.copytree(FIXTURE, root)
+    packed = root / "featurestore.duckdb.gz"
+    with gzip.open(packed) as source, open(root / "featurestore.duckdb", "wb") as target:
+        shutil.copyfileobj(source, target)
+    packed.unlink()
     return root
 
 
