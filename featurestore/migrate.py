@@ -69,11 +69,10 @@ def migrate_warehouse(warehouse: Warehouse | str | None = None,
                 f"SELECT name FROM parquet_schema([{files}])").fetchall()}
             select = ", ".join(_column_expression(c, c.name in present) for c in table.columns)
             names = ", ".join(c.name for c in table.columns)
-            con.execute(f"INSERT INTO {LAKE}.{table.name} ({names}) SELECT {select} "
-                        f"FROM read_parquet([{files}], union_by_name = true)")
-            copied[table.name] = int(con.execute(
-                f"SELECT count(*) FROM read_parquet([{files}], union_by_name = true)"
-            ).fetchone()[0])
+            (inserted,) = con.execute(
+                f"INSERT INTO {LAKE}.{table.name} ({names}) SELECT {select} "
+                f"FROM read_parquet([{files}], union_by_name = true)").fetchone()
+            copied[table.name] = int(inserted)
         con.execute("COMMIT")
     except duckdb.Error as error:
         _rollback(con)
