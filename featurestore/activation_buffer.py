@@ -42,6 +42,7 @@ from featurestore.ingest.collect import (
     open_reader,
 )
 from featurestore.registry import Run, get_checkpoints, get_run, parse_steps
+from featurestore.resources import FLOAT_BYTES, require_memory
 from featurestore.stages import StageReader, hf_reader
 from featurestore.tasks import SyntheticTask, TaskConfig
 from featurestore.token_text import TokenizerSearch
@@ -393,6 +394,10 @@ class ActivationBuffer:
         self.consumed = 0  # positions served to training
         self._cached_index, self._cached = -1, torch.empty(0)
         self.d_model = self._stream_batch(0).shape[-1]
+        require_memory("--pool-batches", f"x --batch-size ({pool_rows:,} rows)",
+                       pool_rows * len(sources) * self.d_model * FLOAT_BYTES,
+                       f"the activation buffer's pool of {len(sources)} source(s) of width "
+                       f"{self.d_model}")
         self.pool = torch.empty(pool_rows, len(sources), self.d_model)
         first = self.schedule.first()
         self._ledger = first  # the main thread's copy, for checkpoint states

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from featurestore.activations import TOKEN_COLUMNS, TokenColumns
 from featurestore.errors import InvalidActivationsError
+from featurestore.file_formats import NPY_MAGIC, ZIP_MAGIC, require_parquet, require_start
 
 # Float32 activation values per slice read for conversion (32 MiB): rows = this // d_model.
 SLICE_VALUES = 8 * 1024 * 1024
@@ -90,6 +91,7 @@ def open_input(path: str | Path, token_ids: str | Path | None = None) -> Activat
     (.npz, .npy). Widths of variable-length rows are checked as they are read. `token_ids` is
     the .npy of token ids that an .npy of activations needs (--token-ids)."""
     source = Path(path).expanduser().resolve()
+    _sniff(source)
     if source.suffix == ".npy":
         if token_ids is None:
             raise InvalidActivationsError(
@@ -109,6 +111,19 @@ def open_input(path: str | Path, token_ids: str | Path | None = None) -> Activat
     raise InvalidActivationsError(
         f"{source}: expected a datasets save_to_disk folder, a .parquet file, an .npz file or an "
         ".npy file with --token-ids")
+
+
+def _sniff(source: Path) -> None:
+    """Refuse a file whose first bytes are not its suffix's format (a pickle named .parquet),
+    before a reader fails on it."""
+    if source.is_dir():
+        return
+    if source.suffix == ".parquet":
+        require_parquet(source, str(source), InvalidActivationsError)
+    elif source.suffix == ".npz":
+        require_start(source, ZIP_MAGIC, "an .npz file", str(source), InvalidActivationsError)
+    elif source.suffix == ".npy":
+        require_start(source, NPY_MAGIC, "an .npy file", str(source), InvalidActivationsError)
 
 
 # --- tables: datasets folders and Parquet files -------------------------------------------------
@@ -327,6 +342,8 @@ def _npy_input(source: Path, ids_path: Path) -> ActivationInput:
 def _npy_token_ids(path: Path) -> np.ndarray:
     if path.suffix != ".npy":
         raise InvalidActivationsError(f"--token-ids {path}: expected an .npy file (np.save)")
+    require_start(path, NPY_MAGIC, "an .npy file", f"--token-ids {path}",
+                  InvalidActivationsError)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as error:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
+from featurestore.file_formats import require_parquet
 
 TOKEN_COLUMNS = ("sequence_id", "position", "token_id", "split")
 NORM_SAMPLE_ROWS = 8192
@@ -86,8 +87,16 @@ class TokenColumns:
         return digest.hexdigest()
 
 
-def check_finite(activations: np.ndarray, what: str, first_row: int = 0) -> None:
-    """Refuse NaN/Inf; `first_row` is the row number of activations[0] in its set."""
+def check_finite(activations, what: str, first_row: int = 0) -> None:
+    """Refuse NaN/Inf; `first_row` is the row number of activations[0] in its set.
+    `activations` is a numpy array [rows, width], or a torch tensor [..., width] (a model's
+    output, copied to numpy only when a value is not finite: logits can be large)."""
+    if not isinstance(activations, np.ndarray):
+        import torch
+
+        if bool(torch.isfinite(activations).all()):
+            return
+        activations = activations.detach().reshape(-1, activations.shape[-1]).float().numpy()
     finite = np.isfinite(activations)
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
@@ -102,6 +111,8 @@ def norm_sample(position: np.ndarray, exclude_first: bool = True,
                 sample_rows: int = NORM_SAMPLE_ROWS, seed: int = 0) -> np.ndarray:
     """Sorted row numbers to estimate the norm scale on: a seeded sample, position 0 left out
     by default (the first token's residual norm is often an outlier that would dominate)."""
+    if len(position) == 0:
+        raise InvalidActivationsError("cannot estimate the norm scale: the set holds no rows")
     rows = np.flatnonzero(position != 0) if exclude_first else np.arange(len(position))
     if len(rows) == 0:
         raise InvalidActivationsError(
@@ -288,6 +299,8 @@ def _open_table(path: Path, format: str) -> pa.Table:
                 "Dataset.save_to_disk, or a .parquet file"
             ) from None
     if format == "parquet":
+        if path.is_file():
+            require_parquet(path, str(path), InvalidActivationsError)
         return pq.read_table(path, memory_map=True)
     raise FeaturestoreError(f"unknown activation set format {format!r} (hf_dataset or parquet)")
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from featurestore.errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
+    import torch
+
     from featurestore.model import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,6 +46,20 @@ def read_checkpoint_config(directory: Path) -> dict:
     if not isinstance(config, dict) or "model" not in config:
         raise CorruptCheckpointError(f"checkpoint config {path} has no 'model' section")
     return config
+
+
+def check_finite_weights(module: torch.nn.Module, directory: Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or Inf: every output of the model, and every
+    update trained from it, would be NaN."""
+    import torch
+
+    bad = [name for name, tensor in module.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} has NaN/Inf weights (in {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); use another checkpoint, or re-run the job that "
+            "trained it")
 
 
 def load_checkpoint(directory: Path) -> Transformer:

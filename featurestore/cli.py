@@ -14,19 +14,92 @@ from datetime import date, datetime
 
 import click
 
+from featurestore import cli_types
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import CATALOG_ENV
+from featurestore.ranges import MAX_INT64
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
 
 
 class _Group(click.Group):
-    """Turns FeaturestoreError into a one-line error and exit status 1, without a traceback."""
+    """Turns FeaturestoreError, and errors of the machine (a full disk, no memory, no
+    permission: featurestore.resource_errors), into one line and exit status 1, without a
+    traceback. Any other error is a bug and keeps its traceback.
+
+    The line and the status say what was committed. A failure before any commit leaves the
+    warehouse unchanged. A failure after this command's job committed, while printing its
+    result, is not the job's: the command succeeds, with a warning."""
 
     def invoke(self, ctx):
+        from featurestore.resource_errors import resource_problem
+
+        commits = len(_committed_jobs())
         try:
             return super().invoke(ctx)
-        except FeaturestoreError as error:
-            raise click.ClickException(str(error)) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:
+            problem = resource_problem(error)
+            if problem is None:
+                if isinstance(error, FeaturestoreError):
+                    raise click.ClickException(str(error)) from None
+                if damaged := _damaged_table_file(error):
+                    raise click.ClickException(damaged) from None
+                raise
+            committed = _committed_jobs()[commits:]
+            printing = _raised_by_the_cli(error)
+            if printing:
+                _discard_output()
+            if committed and printing:
+                click.echo(f"featurestore: warning: {'; '.join(committed)} committed, but its "
+                           f"result could not be shown: {problem.describe()}", err=True)
+                return None
+            kept = ("the warehouse is unchanged: nothing was committed" if not committed else
+                    f"the warehouse keeps what {'; '.join(committed)} committed, and nothing "
+                    "after it")
+            raise click.ClickException(f"{problem.describe()}; {kept}. {problem.fix}.") from None
+
+
+def _discard_output() -> None:
+    """Send what is left of the result to /dev/null: stdout's buffer still holds what could not
+    be written, and flushing it again at exit would fail the command after all."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test runner's capture)
+        pass
+
+
+def _committed_jobs() -> list[str]:
+    """The jobs this process committed (none if it never imported the warehouse module)."""
+    warehouse = sys.modules.get("featurestore.warehouse")
+    return warehouse.committed_jobs() if warehouse is not None else []
+
+
+def _raised_by_the_cli(error: BaseException) -> bool:
+    """Whether `error` came from this module's own code (printing a result), not from a job:
+    the innermost featurestore frame of its traceback is in featurestore.cli."""
+    innermost = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        module = traceback.tb_frame.f_globals.get("__name__", "")
+        if module in ("featurestore", __name__) or module.startswith("featurestore."):
+            innermost = module
+        traceback = traceback.tb_next
+    return innermost == __name__
+
+
+def _damaged_table_file(error: Exception) -> str | None:
+    """A DuckDB error on reading a damaged table file, as one line saying what to do."""
+    from featurestore.warehouse import damage_hint
+
+    if type(error).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
+        return None
+    hint = damage_hint(str(error))
+    return f"{str(error).strip().splitlines()[0]}.{hint}" if hint else None
 
 
 def _emit_json(value) -> None:
@@ -58,15 +131,16 @@ def _fit_bound_options(command):
 
     defaults = FitBounds()
     options = [
-        click.option("--min-explained-variance", type=float,
+        click.option("--min-explained-variance", type=cli_types.ANY,
                      default=defaults.min_explained_variance, show_default=True,
                      help="Register nothing unless every fitted source reaches this."),
-        click.option("--max-active-fraction", type=float, default=defaults.max_active_fraction,
-                     show_default=True, help="Register nothing if the mean share of active "
-                                             "features per token is above this."),
-        click.option("--max-dead-fraction", type=float, default=defaults.max_dead_fraction,
-                     show_default=True, help="Register nothing if more features than this "
-                                             "never fire."),
+        click.option("--max-active-fraction", type=cli_types.ANY,
+                     default=defaults.max_active_fraction, show_default=True,
+                     help="Register nothing if the mean share of active features per token "
+                          "is above this."),
+        click.option("--max-dead-fraction", type=cli_types.ANY,
+                     default=defaults.max_dead_fraction, show_default=True,
+                     help="Register nothing if more features than this never fire."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -81,7 +155,7 @@ def _fit_bound_options(command):
               help=f"Where the warehouse's DuckLake catalog lives: 'postgres:dbname=NAME "
                    f"host=HOST' or 'postgresql://USER@HOST/NAME' for many machines [env "
                    f"{CATALOG_ENV}; default catalog.sqlite in the warehouse].")
-@click.option("--threads", type=click.IntRange(min=1), envvar=THREADS_ENV,
+@click.option("--threads", type=cli_types.PARALLEL, envvar=THREADS_ENV,
               help=f"Torch CPU threads [env {THREADS_ENV}; default min(cores, 4)].")
 @click.version_option(package_name="featurestore")
 @click.pass_context
@@ -111,9 +185,10 @@ def cli(ctx: click.Context, warehouse: str | None, catalog: str | None,
 
 @cli.command("train-model")
 @click.option("--run", required=True, help="Name of the new run (letters, digits, . _ -).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps [default: 1800].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights and data.")
-@click.option("--d-model", type=click.IntRange(min=8), help="Residual width [default: 64].")
+@click.option("--steps", type=cli_types.COUNT, help="Optimiser steps [default: 1800].")
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
+              help="Seed for weights and data.")
+@click.option("--d-model", type=click.IntRange(8, MAX_INT64), help="Residual width [default: 64].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -142,8 +217,8 @@ def train_model_command(ctx, run, steps, seed, d_model, as_json, quiet):
 @click.option("--run", required=True, help="Name of the fine-tuned run.")
 @click.option("--from", "from_checkpoint", required=True, metavar="RUN[@STEP]",
               help="Checkpoint to start from; STEP defaults to the run's last (LAST).")
-@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=cli_types.COUNT, default=500, show_default=True)
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -184,7 +259,7 @@ def _token_file_options(command):
         click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
                      help="Tokenizer folder (save_pretrained) for text [default: the run's "
                           "registered tokenizer, else the one in the checkpoint folder]."),
-        click.option("--seq-len", type=click.IntRange(min=1),
+        click.option("--seq-len", type=cli_types.COUNT,
                      help="Tokens per packed text sequence, at most the model's context "
                           "[default: the model's context, at most 128]."),
     ]):
@@ -207,14 +282,14 @@ def _echo_notes(notes: list[str]) -> None:
               help="Stage to read, e.g. layer_2_post_mlp or final_norm; repeat for several.")
 @click.option("--checkpoints", default="all", show_default=True,
               help="'all' or comma-separated steps (LAST = the last checkpoint).")
-@click.option("--tokens", type=click.IntRange(min=1),
+@click.option("--tokens", type=cli_types.COUNT,
               help="Tokens per checkpoint, rounded up to whole sequences in equal shares of the "
                    "splits [default: 32768, or all of a --tokens-from file that holds fewer].")
 @click.option("--splits",
               help="Comma-separated splits to draw the sequences from, in equal shares "
                    "[default: the demo task's bigram,modular,induction,reverse; with "
                    "--tokens-from, every split of the file].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
               help="Seed of the token set (which sequences are drawn).")
 @click.option("--tokens-from", type=click.Path(exists=True),
               help="A file to draw the tokens from instead of the demo task (required for runs "
@@ -279,7 +354,7 @@ def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_
                    "their token ids [n_sequences, seq_len].")
 @click.option("--name", help="Register under this name, tied to no checkpoint.")
 @click.option("--run", help="Run the activations belong to (created as external if new).")
-@click.option("--step", type=click.IntRange(min=0), help="Checkpoint step.")
+@click.option("--step", type=cli_types.STEP, help="Checkpoint step.")
 @click.option("--stage", help="Stage name the activations were read at.")
 @click.option("--include-first-position", is_flag=True,
               help="Use position 0 when estimating the norm scale (left out by default).")
@@ -339,7 +414,7 @@ def register_command(ctx, path, token_ids, name, run, step, stage, include_first
 @click.option("--stage", "stage_overrides", multiple=True, metavar="NAME=MODULE[:PORT]",
               help="Custom model: override an adapter site (embed, post_attn, mlp_hidden, "
                    "final_norm), e.g. final_norm=norm:output; repeatable.")
-@click.option("--step", type=click.IntRange(min=0),
+@click.option("--step", type=cli_types.STEP,
               help="Step of a single folder or file [default: 0].")
 @click.option("--steps", "steps_text", metavar="S1,S2,...",
               help="Steps of the glob's matches in name order [default: each name's trailing "
@@ -349,7 +424,7 @@ def register_command(ctx, path, token_ids, name, run, step, stage, include_first
 @click.option("--eval-tokens-from", type=click.Path(exists=True),
               help="Evaluate every checkpoint's next-token loss and accuracy on this token file "
                    "(text or input_ids, as collect's --tokens-from; optional split column).")
-@click.option("--eval-tokens", type=click.IntRange(min=1),
+@click.option("--eval-tokens", type=cli_types.COUNT,
               help="Evaluate on this many tokens, in equal shares of the file's splits "
                    "[default: as many as equal shares allow].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -396,7 +471,7 @@ def register_model_command(ctx, run, path, factory, config, weights, adapter, st
 @click.option("--tokens-from", required=True, type=click.Path(exists=True),
               help="Token file as collect reads it: text (.txt, .jsonl, .parquet, datasets "
                    "folder) or input_ids, with an optional split column.")
-@click.option("--tokens", type=click.IntRange(min=1),
+@click.option("--tokens", type=cli_types.COUNT,
               help="Evaluate on this many tokens, in equal shares of the file's splits "
                    "[default: as many as equal shares allow].")
 @click.option("--checkpoints", default="all", show_default=True,
@@ -448,37 +523,38 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--splits",
               help="With a --tokens-from file: comma-separated splits to draw sequences from, "
                    "in equal shares [default: every split of the file].")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--epochs", type=cli_types.COUNT, default=1, show_default=True,
               help="With --tokens-from: read the token stream this many times, each pass after "
                    "the first in a new seeded order of its sequences (for small corpora).")
-@click.option("--pool-batches", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--pool-batches", type=cli_types.COUNT, default=32, show_default=True,
               help="With --tokens-from: the shuffle pool, in batches (memory: pool-batches x "
                    "batch-size x sources x d_model x 4 bytes).")
 @click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
               show_default=True)
-@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
               help="BatchTopK: active latents per token.")
-@click.option("--aux-k", type=click.IntRange(min=0),
+@click.option("--aux-k", type=cli_types.NON_NEGATIVE_COUNT,
               help="AuxK dead latents per token (0: off) [default: 2k for batchtopk, 0 vanilla].")
-@click.option("--aux-coeff", type=float, default=1 / 32, show_default=True)
-@click.option("--dict-size", type=click.IntRange(min=1), help="Latents [default: 16 x d_model].")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps [default: 2000].")
-@click.option("--tokens", type=click.IntRange(min=1),
+@click.option("--aux-coeff", type=cli_types.NON_NEGATIVE, default=1 / 32, show_default=True)
+@click.option("--dict-size", type=cli_types.COUNT, help="Latents [default: 16 x d_model].")
+@click.option("--steps", type=cli_types.COUNT, help="Optimiser steps [default: 2000].")
+@click.option("--tokens", type=cli_types.COUNT,
               help="Training tokens (instead of steps); with --tokens-from, the length of the "
                    "token stream, each token used once.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--lr", type=float, help="Peak learning rate [default: 1e-3].")
-@click.option("--betas", type=(float, float), default=(0.9, 0.999), show_default=True,
-              help="Adam betas.")
-@click.option("--l1-coeff", type=float, help="Vanilla: final sparsity coefficient [default: 1].")
-@click.option("--k-anneal-from", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--batch-size", type=cli_types.COUNT, default=1024, show_default=True)
+@click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
+@click.option("--betas", type=(cli_types.BETA, cli_types.BETA), default=(0.9, 0.999),
+              show_default=True, help="Adam betas, each in [0, 1).")
+@click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
+              help="Vanilla: final sparsity coefficient [default: 1].")
+@click.option("--k-anneal-from", type=cli_types.NON_NEGATIVE_COUNT, default=0, show_default=True,
               help="BatchTopK: start at this k and anneal to --k over the first 10% (0: off).")
-@click.option("--shared-latents", "n_shared", type=click.IntRange(min=0), default=0,
+@click.option("--shared-latents", "n_shared", type=cli_types.NON_NEGATIVE_COUNT, default=0,
               show_default=True, help="Designated shared latents (one decoder, lower penalty).")
-@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--log-every", type=cli_types.COUNT, default=50, show_default=True)
+@click.option("--save-every", type=cli_types.COUNT, default=500, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted training of NAME exactly.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
 @click.option("--wandb", is_flag=True, help="Also log to wandb (offline unless WANDB_MODE is set).")
 @_fit_bound_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -558,22 +634,23 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
                                       "decoder slice per checkpoint.")
 @click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
               show_default=True)
-@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
               help="BatchTopK: active features per token.")
-@click.option("--dict-size", type=click.IntRange(min=1), help="Features [default: 16 x d_model].")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--lr", type=float, help="Peak learning rate [default: 1e-3].")
-@click.option("--l1-coeff", type=float, help="Vanilla: final sparsity coefficient [default: 1].")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--dict-size", type=cli_types.COUNT, help="Features [default: 16 x d_model].")
+@click.option("--steps", type=cli_types.COUNT, default=2000, show_default=True)
+@click.option("--batch-size", type=cli_types.COUNT, default=1024, show_default=True)
+@click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
+@click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
+              help="Vanilla: final sparsity coefficient [default: 1].")
+@click.option("--seeds", type=cli_types.COUNT, default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
 @click.option("--weighting", type=click.Choice(["equal", "novelty"]), default="equal",
               show_default=True,
               help="Pooled: tokens each checkpoint adds to the fit. novelty: in proportion to "
                    "how far its activations moved since the checkpoint before (a log-spaced "
                    "series crowds barely trained checkpoints at the start); equal: all.")
-@click.option("--init-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--init-weight", type=cli_types.FRACTION, default=1.0, show_default=True,
               help="Pooled: multiplies the step-0 (random init) checkpoint's weight; 0 leaves "
                    "it out of the fit, but it is still encoded and swept.")
 @_fit_bound_options
@@ -627,7 +704,7 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
 @click.option("--basis", required=True, help="A shared basis (from shared-feature-fit).")
 @click.option("--checkpoints", default="all", show_default=True, metavar="all|STEP,...",
               help="Checkpoints of the basis to encode.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=cli_types.PARALLEL, default=1, show_default=True,
               help="Processes encoding checkpoints in parallel.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -705,20 +782,21 @@ def crosscoder_sweep_command(ctx, basis, as_json, quiet):
               show_default=True,
               help="How T sets each feature's threshold: relative: T x the feature's own peak "
                    "of the metric over the checkpoints; absolute: T itself.")
-@click.option("--threshold", type=float,
+@click.option("--threshold", type=cli_types.POSITIVE,
               help="T: present when metric >= T (x the peak) [default: relative 0.4; absolute: "
                    "activation_rate 0.01, energy 0.1/features, else 10% of the metric's 99th "
                    "percentile].")
-@click.option("--persistence", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--persistence", type=cli_types.COUNT, default=4, show_default=True,
               help="K: checkpoints in a row the feature must stay present (absent for a death); "
                    "in the last K-1 checkpoints, present to the end counts as a censored birth.")
-@click.option("--stable-eps", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--stable-eps", type=cli_types.NON_NEGATIVE, default=0.1, show_default=True,
               help="E: stable when within E x |final value| of the final value from then on.")
-@click.option("--stable-cos", type=click.FloatRange(-1, 1), default=0.9, show_default=True,
+@click.option("--stable-cos", type=cli_types.COSINE, default=0.9, show_default=True,
               help="C: stable also needs direction cosine with the final direction >= C.")
-@click.option("--permutations", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--permutations", type=cli_types.COUNT, default=20, show_default=True,
               help="Shuffled checkpoint orders in the null control.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutations.")
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
+              help="Seed of the permutations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persistence,
@@ -781,11 +859,11 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
 
 @cli.command("feature-compare")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to compare.")
-@click.option("--source", type=click.IntRange(min=0), required=True,
+@click.option("--source", type=cli_types.STEP, required=True,
               help="Checkpoint step to compare from.")
-@click.option("--target", type=click.IntRange(min=0), required=True,
+@click.option("--target", type=cli_types.STEP, required=True,
               help="Checkpoint step to compare to.")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--top", type=cli_types.COUNT, default=20, show_default=True,
               help="Features to print.")
 @click.option("--rank-by", type=click.Choice(["rate_change", "log_ratio", "mean_change",
                                               "energy_change"]),
@@ -830,9 +908,9 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
 
 @cli.command("feature-patch")
 @click.option("--basis", required=True, help="Pooled shared basis; its stage is patched.")
-@click.option("--source", type=click.IntRange(min=0), required=True,
+@click.option("--source", type=cli_types.STEP, required=True,
               help="Checkpoint whose feature activations are patched in (--mode patch).")
-@click.option("--target", type=click.IntRange(min=0), required=True,
+@click.option("--target", type=cli_types.STEP, required=True,
               help="Checkpoint whose model runs and is patched.")
 @click.option("--features", default="top:5", show_default=True, metavar="ID,...|top:N",
               help="Feature ids, or the top N of the pair's diffs ranking (run feature-compare "
@@ -842,13 +920,14 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
               default="rate_change", show_default=True, help="Ranking that top:N reads.")
 @click.option("--mode", type=click.Choice(["patch", "zero", "mean", "scale"]), default="patch",
               show_default=True, help="What the features are set to (see above).")
-@click.option("--scale", type=float, help="--mode scale: multiply the target's activations by A.")
-@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--scale", type=cli_types.ANY,
+              help="--mode scale: multiply the target's activations by A.")
+@click.option("--tokens", type=cli_types.COUNT, default=2048, show_default=True,
               help="Tokens to run, shared equally by the splits.")
 @click.option("--splits", help="Comma-separated splits [default: the demo task's sub-tasks, "
                                "or every split of the activation set].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo-task "
-                                                                     "sequences.")
+@click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
+              help="Seed of the demo-task sequences.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -899,17 +978,17 @@ def feature_patch_command(ctx, basis, source, target, features, rank_by, mode, s
               help="Checkpoints to map (LAST = the last).")
 @click.option("--features", metavar="ID,...|top:N",
               help="Features to map, instead of the causal filter (top:N: highest energy).")
-@click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--top-k", type=cli_types.COUNT, default=8, show_default=True,
               help="Edges kept per feature, method and source type.")
-@click.option("--min-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--min-weight", type=cli_types.NON_NEGATIVE, default=0.0, show_default=True,
               help="Drop edges with |weight| below this.")
 @click.option("--upstream", metavar="BASIS",
               help="A basis of the same run at an earlier stage: feature -> feature edges.")
-@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--tokens", type=cli_types.COUNT, default=2048, show_default=True,
               help="Tokens the model reads at each checkpoint.")
-@click.option("--patch-threshold", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--patch-threshold", type=cli_types.NON_NEGATIVE, default=0.01, show_default=True,
               help="Causal filter: |loss delta| a feature's own patch must reach.")
-@click.option("--top-features", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--top-features", type=cli_types.COUNT, default=16, show_default=True,
               help="Causal filter without patch rows: this many features of highest energy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -963,9 +1042,9 @@ def _largest_split_change(changes: dict[str, float]) -> str:
 
 
 @cli.command("demo")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps of the base run.")
-@click.option("--finetune-steps", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--tokens", type=click.IntRange(min=1), default=32_768, show_default=True,
+@click.option("--steps", type=cli_types.COUNT, help="Training steps of the base run.")
+@click.option("--finetune-steps", type=cli_types.COUNT, default=500, show_default=True)
+@click.option("--tokens", type=cli_types.COUNT, default=32_768, show_default=True,
               help="Tokens collected per checkpoint.")
 @click.option("--artifacts", "artifacts_out", type=click.Path(file_okay=False),
               default="artifacts", show_default=True, help="Root of the artifact layout.")
@@ -1003,12 +1082,20 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
 @click.option("--as-of", "as_of", metavar="SNAPSHOT|TIME",
               help="Query the warehouse as it was at a snapshot id (see `featurestore "
                    "snapshots`) or a time (UTC unless given), e.g. 12 or '2026-12-06 14:00'.")
+@click.option("--trusted", is_flag=True,
+              help="Full DuckDB, no restrictions: any statement (COPY, ATTACH, CALL, ...), any "
+                   "file the user can read or write. It CAN change or damage the warehouse; for "
+                   "your own SQL only, never for SQL from someone else.")
 @click.pass_context
-def sql_command(ctx, query, fmt, as_of):
+def sql_command(ctx, query, fmt, as_of, trusted):
     """Run a SQL query on the warehouse and print the result.
 
-    Tables, views (sql/views), macros and UDFs are all available; the warehouse's tables are
-    attached read-only, so INSERT, UPDATE and DELETE on them are refused.
+    Tables, views (sql/views), macros and UDFs are all available. The query cannot change the
+    warehouse: only queries run (SELECT, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE; several separated
+    by ; print the last), only table functions that read, and DuckDB reads no file outside the
+    warehouse's data folder. Anything else (COPY, ATTACH, SET, CALL, INSERT, DuckLake's
+    maintenance functions, read_text('/etc/...')) is refused with exit status 1; --trusted
+    lifts every restriction.
 
     \b
     Examples:
@@ -1016,20 +1103,28 @@ def sql_command(ctx, query, fmt, as_of):
       featurestore sql "SELECT * FROM checkpoint_metrics WHERE split = 'induction'" --format csv
       featurestore sql "SELECT * FROM activation_sets" --format parquet > sets.parquet
       featurestore sql "SELECT count(*) FROM births" --as-of 12
+      featurestore sql "COPY (FROM runs) TO 'runs.csv'" --trusted
     """
-    import duckdb
+    if trusted:
+        import duckdb
 
-    from featurestore.warehouse import connect
+        from featurestore.warehouse import connect, damage_hint
 
-    con = connect(_warehouse(ctx), as_of=as_of)
-    try:
+        con = connect(_warehouse(ctx), as_of=as_of)
         try:
-            table = con.sql(query).to_arrow_table()
-        except duckdb.Error as error:
-            raise FeaturestoreError(f"SQL error: {error}") from None
+            try:
+                relation = con.sql(query)  # None: a statement with no result (SET, ATTACH)
+                table = relation.to_arrow_table() if relation is not None else None
+            except duckdb.Error as error:
+                raise FeaturestoreError(f"SQL error: {error}.{damage_hint(str(error))}") from None
+        finally:
+            con.close()
+    else:
+        from featurestore.readonly_sql import query_read_only
+
+        table = query_read_only(query, _warehouse(ctx), as_of=as_of)
+    if table is not None:
         _write_table(table, fmt)
-    finally:
-        con.close()
 
 
 def _write_table(table, fmt: str) -> None:
@@ -1086,9 +1181,13 @@ def tables_command(ctx, as_json):
     if as_json:
         _emit_json(tables)
         return
-    click.echo(format_table(["name", "kind", "rows", "description"],
-                            [[t["name"], t["kind"], str(t["rows"]), t["description"]]
-                             for t in tables], max_width=90))
+    click.echo(format_table(
+        ["name", "kind", "rows", "status", "description"],
+        [[t["name"], t["kind"], "?" if t["rows"] is None else str(t["rows"]),
+          t["status"].split(":")[0], t["description"]] for t in tables], max_width=80))
+    for table in tables:
+        if table["status"] != "ok":
+            click.echo(f"{table['name']}: {table['status']}", err=True)
 
 
 @cli.command("describe")
@@ -1114,11 +1213,11 @@ def describe_command(ctx, table, as_json):
 
 
 @cli.command("feature")
-@click.argument("feature", type=click.IntRange(min=0))
+@click.argument("feature", type=cli_types.NON_NEGATIVE_COUNT)
 @click.option("--basis", required=True, help="Basis the feature belongs to.")
-@click.option("--step", type=click.IntRange(min=0),
+@click.option("--step", type=cli_types.STEP,
               help="Checkpoint of the examples (shared bases) [default: the last swept].")
-@click.option("--examples", type=click.IntRange(min=0), default=8, show_default=True,
+@click.option("--examples", type=cli_types.NON_NEGATIVE_COUNT, default=8, show_default=True,
               help="Top contexts to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the card as JSON.")
 @click.pass_context
@@ -1325,7 +1424,7 @@ def init_command(ctx, as_json):
 
 
 @cli.command("snapshots")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--limit", type=cli_types.COUNT, default=20, show_default=True,
               help="Show the newest N snapshots.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
@@ -1389,6 +1488,57 @@ def compact_command(ctx, older_than, dry_run, as_json):
                f"{result.scratch_folders_deleted} scratch folders")
 
 
+@cli.command("check")
+@click.option("--quick", is_flag=True,
+              help="Skip what reads whole files (checksums, page decoding, activation "
+                   "fingerprints, directions against weights): sizes, footers, row counts and "
+                   "artefact presence only.")
+@click.option("--repair", is_flag=True,
+              help="Take damaged table files out of the catalog in one new snapshot, so the "
+                   "jobs that wrote them can run again (their rows were unreadable already).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def check_command(ctx, quick, repair, as_json):
+    """Verify every file the warehouse serves, and say what to re-run for each damaged one.
+
+    Table files are checked against the catalog (present, size, the SHA-256 recorded when they
+    were written, footer and row count, every page decodable); artefacts against their rows
+    (checkpoints and weights present and whole, activation sets holding the tokens their rows
+    fingerprint, decoder_directions equal to the basis weights). Exit status 1 when anything
+    is wrong and was not repaired.
+
+    \b
+    Examples:
+      featurestore check
+      featurestore check --quick --json
+      featurestore check --repair      # then run the commands it names
+    """
+    from featurestore.integrity import check_warehouse
+
+    result = check_warehouse(_warehouse(ctx), deep=not quick, repair=repair)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        for problem in result.problems:
+            click.echo(problem.line())
+        checked = (f"checked {result.table_files} table files ({result.checksums_verified} "
+                   f"against their checksums) and {result.artefacts} artefacts at snapshot "
+                   f"{result.snapshot}")
+        if result.ok:
+            click.echo(f"{checked}: all intact")
+        elif result.repaired_snapshot is not None:
+            click.echo(f"{checked}: {len(result.problems)} problems; damaged table files taken "
+                       f"out of the catalog at snapshot {result.repaired_snapshot}. Run the "
+                       "commands named above to write their rows again.")
+        else:
+            click.echo(f"{checked}: {len(result.problems)} problems. Run the commands named "
+                       "above (with --repair first where a table file is damaged).")
+    unrepaired = [p for p in result.problems
+                  if result.repaired_snapshot is None or p.kind != "table file"]
+    if unrepaired:
+        ctx.exit(1)
+
+
 @cli.group("catalog")
 def catalog_group():
     """Maintain the warehouse's catalog."""
@@ -1438,6 +1588,41 @@ def catalog_backup_command(ctx, out):
 
     path = Warehouse(_warehouse(ctx)).backup_catalog(out)
     click.echo(f"backed up the catalog to {path}")
+
+
+@catalog_group.command("restore")
+@click.option("--from", "source", type=click.Path(dir_okay=False, exists=True),
+              help="A copy made with `featurestore catalog backup` [default: the copy every "
+                   "commit refreshes, catalog.sqlite.backup].")
+@click.option("--force", is_flag=True,
+              help="Replace a catalog that is not damaged (the snapshots after the copy go).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def catalog_restore_command(ctx, source, force, as_json):
+    """Bring back a damaged or lost SQLite catalog from a copy.
+
+    The warehouse comes back at the copy's snapshot; the replaced catalog is kept beside it as
+    catalog.sqlite.damaged-<time>. Table files of jobs committed after the copy are unknown to
+    it (`featurestore compact` deletes them): run those jobs again.
+
+    \b
+    Examples:
+      featurestore catalog restore
+      featurestore catalog restore --from ~/backups/catalog-2026-12-01.sqlite
+    """
+    from featurestore.recovery import restore_catalog
+
+    result = restore_catalog(_warehouse(ctx), source=source, force=force)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    kept = f"; the replaced catalog is at {result.damaged_copy}" if result.damaged_copy else ""
+    click.echo(f"restored {result.catalog} from {result.restored_from}: snapshot "
+               f"{result.snapshot} ({result.job}, {result.snapshot_time}){kept}")
+    if result.unknown_table_files:
+        click.echo(f"{result.unknown_table_files} table files were written after that "
+                   "snapshot: run the jobs committed since then again (`featurestore compact` "
+                   "deletes those files)")
 
 
 def main() -> None:

@@ -26,7 +26,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError
+from featurestore.integrity import forget_checksums, record_checksums
 from featurestore.lake import LAKE
+from featurestore.scratch import sweep
 from featurestore.warehouse import VERSION_SUFFIX, Warehouse, utc_now
 
 DEFAULT_OLDER_THAN = timedelta(days=7)
@@ -73,6 +75,8 @@ def compact_warehouse(warehouse: str | None = None, older_than: timedelta = DEFA
         before = _snapshot_ids(con)
         if not dry_run:
             con.execute("CALL ducklake_merge_adjacent_files(?)", [LAKE])
+            for snapshot in set(_snapshot_ids(con)) - set(before):  # the merged files
+                record_checksums(con, wh.data_path, snapshot)
         expired = con.execute("CALL ducklake_expire_snapshots(?, older_than => ?, dry_run => ?)",
                               [LAKE, cutoff, dry_run]).fetchall()
         cleaned = con.execute("CALL ducklake_cleanup_old_files(?, older_than => ?, "
@@ -82,17 +86,24 @@ def compact_warehouse(warehouse: str | None = None, older_than: timedelta = DEFA
         kept = _snapshot_ids(con) if not dry_run else sorted(
             set(before) - {int(row[0]) for row in expired})
         referenced = _referenced_folders(con, kept)
+        if not dry_run:
+            forget_checksums(con, wh.data_path)
     finally:
         con.close()
+    if not dry_run:
+        wh.refresh_catalog_backup()
+        if wh.catalog_backup is not None:  # copies of the catalog that a killed job left half-made
+            for temp in wh.catalog_backup.parent.glob(f"{wh.catalog_backup.name}.tmp-*"):
+                if _older(temp, older_than):
+                    temp.unlink(missing_ok=True)
     folders = [f for f in _artefact_folders(wh.root)
                if f not in referenced and _older(wh.path(f), older_than)]
-    scratch = [p for p in (wh.tmp_dir.iterdir() if wh.tmp_dir.exists() else [])
-               if p.name.startswith("job-") and _older(p, older_than)]
+    # Scratch of jobs no longer running (a running job holds its lock; see featurestore.scratch)
+    scratch = sweep(wh.tmp_dir, lambda name: name.startswith("job-"), lockless_age=older_than,
+                    min_age=older_than, dry_run=dry_run)
     if not dry_run:
         for folder in folders:
             shutil.rmtree(wh.path(folder), ignore_errors=True)
-        for path in scratch:
-            shutil.rmtree(path, ignore_errors=True)
     return CompactResult(older_than.total_seconds(), dry_run, len(expired), len(kept),
                          len(cleaned), len(orphans), sorted(folders), len(scratch))
 

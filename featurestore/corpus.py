@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from featurestore.activations import TokenColumns
 from featurestore.errors import FeaturestoreError
+from featurestore.file_formats import require_parquet
 from featurestore.token_text import TokenizerSearch
 
 if TYPE_CHECKING:  # for annotations only: torch is imported when a file is read
@@ -105,6 +106,9 @@ def read_token_file(path: str, options: CorpusOptions, seed: int, tokens: int | 
     import torch
 
     table = read_table(path, options.text_column)
+    if table.num_rows == 0:  # before any check that would ask for a flag or a tokenizer
+        raise FeaturestoreError(f"--tokens-from {path}: the file holds no rows; give a file of "
+                                "text or token ids (input_ids)")
     splits_of_rows = split_column(table, path)
     notes = []
     if "input_ids" in table.column_names:
@@ -159,6 +163,7 @@ def read_table(path: str, text_column: str) -> pa.Table:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
+            require_parquet(source, f"--tokens-from {path}")
             return pq.read_table(source)
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise FeaturestoreError(f"--tokens-from {path}: cannot read it ({error})") from None

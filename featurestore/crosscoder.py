@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurestore import ranges
 from featurestore.model import config_from_dict
 
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -74,6 +75,13 @@ class CrossCoderConfig:
             raise ValueError(f"aux_k must be in 0..d_hidden ({self.d_hidden}), got {self.aux_k}")
         if not 0 <= self.n_shared < self.d_hidden:
             raise ValueError(f"n_shared must be in 0..d_hidden-1, got {self.n_shared}")
+        for name, allowed in (("aux_coeff", ranges.NON_NEGATIVE),
+                              ("shared_penalty", ranges.NON_NEGATIVE),
+                              ("threshold_momentum", ranges.FRACTION),
+                              ("decoder_init_norm", ranges.POSITIVE)):
+            if not allowed.contains(getattr(self, name)):
+                raise ValueError(f"{name} must be {allowed.describe()}, got "
+                                 f"{getattr(self, name)}")
         labels = self.source_labels or tuple(f"source_{i}" for i in range(self.n_sources))
         if len(labels) != self.n_sources or len(set(labels)) != len(labels):
             raise ValueError(f"need {self.n_sources} distinct source labels, got {labels}")

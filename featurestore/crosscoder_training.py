@@ -27,10 +27,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from featurestore import ranges
 from featurestore.crosscoder import CrossCoder
 from featurestore.crosscoder_metrics import batch_metrics, total_loss
 from featurestore.errors import FeaturestoreError
 from featurestore.model import config_from_dict
+from featurestore.resources import FLOAT_BYTES, require_memory
 
 # One file holds a whole training state: the tensors, and the rest as JSON in its header
 # metadata, so a save replaces both at once (a kill leaves the old state or the new one).
@@ -72,6 +74,24 @@ class TrainerConfig:
     seed: int = 0
     bias_init: str = "geometric_median"
 
+    def __post_init__(self) -> None:
+        # Checked here so that a notebook caller is refused as the CLI is; the messages name
+        # the flag of each setting that has one (train-crosscoder, shared-feature-fit).
+        for name in ("steps", "batch_size", "log_every", "save_every"):
+            ranges.COUNT.check(getattr(self, name), _flag(name))
+        for name in ("warmup_steps", "k_anneal_from"):
+            ranges.NON_NEGATIVE_COUNT.check(getattr(self, name), _flag(name))
+        ranges.SEED.check(self.seed, "--seed")
+        ranges.POSITIVE.check(self.lr, "--lr")
+        if len(self.betas) != 2:
+            raise FeaturestoreError(f"--betas {self.betas}: give two numbers, e.g. 0.9 0.999")
+        for beta in self.betas:
+            ranges.BETA.check(beta, "--betas")
+        ranges.NON_NEGATIVE.check(self.l1_coeff, "--l1-coeff")
+        for name in ("decay_fraction", "l1_warmup_fraction", "k_anneal_fraction"):
+            ranges.FRACTION.check(getattr(self, name), f"TrainerConfig.{name}")
+        ranges.POSITIVE.check(self.max_grad_norm, "TrainerConfig.max_grad_norm")
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
@@ -83,6 +103,26 @@ class TrainerConfig:
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         return config_from_dict(cls, data)
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def require_training_memory(n_sources: int, d_model: int, d_hidden: int,
+                            batch_size: int) -> None:
+    """Refuse a dictionary or a batch this machine cannot hold, before either is allocated.
+    The dictionary: W_enc and W_dec (n_sources x d_model x d_hidden each) with their gradients
+    and Adam's two moments. A batch: per token, its inputs, reconstruction and error (n_sources x
+    d_model each) and its pre-activations, latents and their gradient (d_hidden each)."""
+    dictionary = 2 * n_sources * d_model * d_hidden * 4 * FLOAT_BYTES
+    require_memory("--dict-size", d_hidden, dictionary,
+                   f"a dictionary of {d_hidden:,} latents over {n_sources} source(s) of d_model "
+                   f"{d_model} (weights, gradients and Adam state)")
+    per_token = (3 * n_sources * d_model + 3 * d_hidden) * FLOAT_BYTES
+    require_memory("--batch-size", batch_size, dictionary + batch_size * per_token,
+                   f"a training batch of {batch_size:,} tokens ({per_token:,} bytes each) beside "
+                   "the dictionary")
 
 
 def lr_factor(step: int, config: TrainerConfig) -> float:

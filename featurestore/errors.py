@@ -36,3 +36,11 @@ class WarehouseBusyError(FeaturestoreError):
 
 class FitRejectedError(FeaturestoreError):
     """A fitted dictionary that misses a quality bound: nothing registered, the fit kept aside."""
+
+
+class DamagedCatalogError(FeaturestoreError):
+    """The catalog database cannot be read: restore it (`featurestore catalog restore`)."""
+
+
+class QueryRefusedError(FeaturestoreError):
+    """Read-only SQL that would change the warehouse or reach outside it."""

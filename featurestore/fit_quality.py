@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:  # the warehouse (duckdb, pyarrow) is imported only when a fit is rejected
     from featurestore.warehouse import Warehouse
 
+from featurestore import ranges
 from featurestore.errors import FitRejectedError
 
 REJECTED_DIR = "rejected"
@@ -39,6 +40,13 @@ class FitBounds:
     min_explained_variance: float = 0.8  # at every fitted source / checkpoint
     max_active_fraction: float = 0.05  # mean share of latents active per token
     max_dead_fraction: float = 0.5  # share of latents never active on the evaluation tokens
+
+    def __post_init__(self) -> None:
+        # A NaN bound compares false with every value: it would pass every fit. (A bound no fit
+        # can meet, such as a negative fraction, is allowed: it keeps every fit aside.)
+        ranges.ANY.check(self.min_explained_variance, "--min-explained-variance")
+        ranges.ANY.check(self.max_active_fraction, "--max-active-fraction")
+        ranges.ANY.check(self.max_dead_fraction, "--max-dead-fraction")
 
     def failures(self, report: dict, unit: str, unfitted: list[str] = ()) -> list[str]:
         """The bounds the report misses, each with its margin and flag. `unit` names what the

@@ -188,6 +188,28 @@ def sqlite_has_ducklake(path: Path) -> bool:
         db.close()
 
 
+def sqlite_catalog_damage(path: Path) -> str | None:
+    """Why a SQLite catalog file cannot serve as a catalog (empty, not SQLite, pages damaged, no
+    DuckLake tables in it), or None. Reads the whole file (SQLite's quick_check): for
+    diagnosing a catalog that failed to open, not for every open."""
+    if path.stat().st_size == 0:
+        return "it is empty (0 bytes)"
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+            if verdict != "ok":
+                return f"SQLite reports it damaged ({verdict})"
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'ducklake_metadata'").fetchall():
+                return "it holds no DuckLake tables"
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        return f"SQLite cannot read it ({error})"
+    return None
+
+
 def attach_sql(location: CatalogLocation, data_path: Path | None, *, read_only: bool,
                create: bool, snapshot_version: int | None = None,
                snapshot_time: str | None = None) -> str:

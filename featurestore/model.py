@@ -59,6 +59,12 @@ class ModelConfig:
     d_mlp: int | None = None  # None means 4 * d_model; always an int after construction
 
     def __post_init__(self) -> None:
+        sizes = {name: getattr(self, name) for name in ("vocab_size", "n_ctx", "d_model",
+                                                        "n_layers", "n_heads", "d_mlp")}
+        bad = [f"{name}={value!r}" for name, value in sizes.items()
+               if value is not None and (not isinstance(value, int) or value < 1)]
+        if bad:
+            raise ValueError(f"sizes must be positive integers, got {', '.join(bad)}")
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
         if self.d_model % self.n_heads != 0:

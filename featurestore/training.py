@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from featurestore import ranges
+from featurestore.errors import FeaturestoreError
 from featurestore.model import Transformer, config_from_dict
 from featurestore.tasks import SyntheticTask
 
@@ -43,6 +45,19 @@ class TrainConfig:
     seed: int = 0  # seeds the training data stream (initial weights are the caller's business)
     eval_sequences: int = 256  # per split, at every checkpoint
     n_checkpoints: int = 16
+
+    def __post_init__(self) -> None:
+        # Checked here so that a notebook caller is refused as the CLI is; the messages name
+        # the flags (--steps, --seed) or the field.
+        ranges.COUNT.check(self.steps, "--steps")
+        ranges.SEED.check(self.seed, "--seed")
+        ranges.COUNT.check(self.batch_size, "TrainConfig.batch_size")
+        ranges.POSITIVE.check(self.lr, "TrainConfig.lr")
+        ranges.NON_NEGATIVE_COUNT.check(self.warmup_steps, "TrainConfig.warmup_steps")
+        ranges.NON_NEGATIVE.check(self.weight_decay, "TrainConfig.weight_decay")
+        ranges.COUNT.check(self.eval_sequences, "TrainConfig.eval_sequences")
+        ranges.Range(2, ranges.MAX_INT64, integer=True).check(self.n_checkpoints,
+                                                              "TrainConfig.n_checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +194,9 @@ def train(
             group["lr"] = learning_rate(step, config)
         tokens = next(batches).tokens
         loss = next_token_loss(model(tokens), tokens)
+        if not torch.isfinite(loss):  # every later step and checkpoint would be NaN too
+            raise FeaturestoreError(
+                f"training diverged at step {start_step + step}: the loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

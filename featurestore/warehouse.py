@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import socket
+import sqlite3
 import sys
 import time
 import uuid
@@ -41,7 +42,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -53,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featurestore.errors import (
+    DamagedCatalogError,
     FeaturestoreError,
     NotFoundError,
     SchemaVersionError,
@@ -67,11 +69,14 @@ from featurestore.lake import (
     catalog_location,
     lake_connection,
     prepare_sqlite,
+    sqlite_catalog_damage,
     sqlite_has_ducklake,
 )
+from featurestore.scratch import TRAINING_FOLDER, Claim, newest_mtime, remove_tree, sweep
 from featurestore.settings import check_name, resolve_warehouse
 
 SCHEMA_VERSION = 3
+BACKUP_SUFFIX = ".backup"
 KNOWN_SCHEMA_VERSIONS = frozenset({3})
 # The catalog of schema 2: a manifest of Parquet files in one DuckDB file (see migrate.py).
 LEGACY_CATALOG = "featurestore.duckdb"
@@ -99,6 +104,16 @@ COMMIT_TOKENS = "featurestore_commit_tokens"
 VERSION_SUFFIX = re.compile(r"@\d{8}T\d{6}-[0-9a-f]{6}$")
 # What the CLI records of its own command line in each snapshot (set by featurestore.cli).
 COMMAND_LINE: list[str] | None = None
+# Scratch of a killed job from a featurestore that did not lock its scratch (featurestore.scratch)
+# is deleted by the next writer once this old; a job still running holds its lock.
+LOCKLESS_SCRATCH_AGE = timedelta(days=1)
+# The jobs this process committed, in order: what the CLI reports as kept when a later step fails.
+_committed_jobs: list[str] = []
+
+
+def committed_jobs() -> list[str]:
+    """The jobs this process has committed so far, oldest first."""
+    return list(_committed_jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +229,41 @@ def _is_json(column: Column) -> bool:
     return column.type == "JSON"
 
 
-def derived_from_basis() -> list[str]:
-    """Tables whose rows a job computed from a basis's weights (every table with a `basis`
-    column but the fit's own): a new fit under the name makes them describe other weights."""
+# Where a row names a basis other than its own `basis`: lineage_edges keeps the --upstream basis
+# of its feature -> feature edges in its pruning settings.
+UPSTREAM_BASIS = {"lineage_edges": "json_extract_string(pruning, '$.upstream')"}
+
+
+def derived_from_basis(basis: str) -> list[tuple[str, dict]]:
+    """(table, replace_where) of every row a job computed from the weights of `basis`: rows of
+    every table with a `basis` column but the fit's own, and rows that read it as their
+    upstream basis. A new fit under the name makes them describe other weights: it puts
+    `writer.put(table, [], replace_where=where)` for each, in its own commit."""
     own = {"features", "decoder_directions", "training_metrics"}
-    return sorted(name for name, table in table_specs().items()
-                  if "basis" in {c.name for c in table.columns} and name not in own)
+    derived = [(name, {"basis": basis}) for name, table in sorted(table_specs().items())
+               if "basis" in {c.name for c in table.columns} and name not in own]
+    return derived + [(table, {column: basis}) for table, column in UPSTREAM_BASIS.items()]
+
+
+def bases_computed_from(con: duckdb.DuckDBPyConnection, run: str,
+                        steps: list[int] | None = None) -> list[str]:
+    """Bases fitted on checkpoints of `run` (any, or those of `steps`), through their activation
+    sets or read from the models: shared bases of the run, crosscoders with a source in it."""
+    steps_filter = "" if steps is None else " AND list_contains(?::BIGINT[], s.step)"
+    params = [run] if steps is None else [run, steps]
+    return [name for (name,) in con.execute(
+        "SELECT name FROM bases WHERE len(list_filter(sources, lambda s: s.run = ?"
+        f"{steps_filter})) > 0 ORDER BY name", params).fetchall()]
+
+
+def drop_basis(writer: Writer, basis: str) -> None:
+    """In the writer's commit: the basis's row, its features, directions and training metrics,
+    and every row computed from its weights."""
+    writer.put("bases", [], replace_where={"name": basis})
+    for table in ("features", "decoder_directions", "training_metrics"):
+        writer.put(table, [], replace_where={"basis": basis})
+    for table, where in derived_from_basis(basis):
+        writer.put(table, [], replace_where=where)
 
 
 def spec(table: str) -> TableSpec:
@@ -338,6 +382,9 @@ class Warehouse:
         self.data_path = self.root / DATA_FOLDER
         self.tmp_dir = self.root / "tmp"
         self.legacy_catalog = self.root / LEGACY_CATALOG
+        # A copy of a SQLite catalog refreshed after every commit, for `catalog restore`.
+        self.catalog_backup = (Path(self.catalog.target + BACKUP_SUFFIX)
+                               if self.catalog.kind == "sqlite" else None)
         # True while this object's writer is held: a warehouse with no catalog yet then reads
         # as empty to the job (see connect), instead of "no warehouse".
         self._writing = False
@@ -378,6 +425,8 @@ class Warehouse:
 
     def _unreachable(self, error: duckdb.Error) -> FeaturestoreError:
         text = str(error)
+        if damage := self._damage():
+            return self._damaged(damage)
         if "does not exist" in text or "not exist" in text and self.catalog.kind == "sqlite":
             return self._missing()
         return FeaturestoreError(
@@ -385,13 +434,47 @@ class Warehouse:
             "Check --catalog / $FEATURESTORE_CATALOG (the server must be running and the "
             "database created), or that the file is a featurestore catalog.")
 
+    def _has_table_files(self) -> bool:
+        return self.data_path.exists() and next(self.data_path.rglob("*.parquet"), None) is not None
+
+    def _damage(self) -> str | None:
+        """Why the SQLite catalog file cannot be read, or None. An empty file, or one without
+        DuckLake's tables, is what a first job killed early leaves; it is damage only when table
+        files show that the catalog once held them."""
+        if self.catalog.kind != "sqlite" or not self.catalog.exists():
+            return None
+        damage = sqlite_catalog_damage(Path(self.catalog.target))
+        unfinished = damage in ("it is empty (0 bytes)", "it holds no DuckLake tables")
+        return None if unfinished and not self._has_table_files() else damage
+
+    def _damaged(self, damage: str) -> DamagedCatalogError:
+        backup = self.catalog_backup
+        if backup is not None and backup.exists():
+            fix = (f"Restore it with `featurestore catalog restore`, from {backup}, the copy "
+                   "taken after the last commit")
+        else:
+            fix = ("Restore it from a copy made with `featurestore catalog backup`: "
+                   "`featurestore catalog restore --from FILE`")
+        return DamagedCatalogError(
+            f"the catalog {self.catalog.describe()} of {self.root} is damaged: {damage}. The "
+            f"table files and artefacts are not affected. {fix}; jobs committed after that copy "
+            "must be run again.")
+
     def _missing(self) -> FeaturestoreError:
+        if damage := self._damage():
+            return self._damaged(damage)
         if self.legacy_catalog.exists():
             return SchemaVersionError(
                 f"{self.root} is a warehouse of schema 2 (a {LEGACY_CATALOG} catalog); this "
                 f"featurestore reads schema {SCHEMA_VERSION}. Convert it in place with "
                 "`featurestore catalog migrate` (every table and artefact is kept), or run any "
                 "job that writes, which converts it first.")
+        # (A catalog holding a DuckLake but no featurestore tables is a first job's that did
+        # not commit; its table files, if any, are orphans.)
+        holds_lake = (self.catalog.kind == "sqlite" and self.catalog.exists()
+                      and sqlite_has_ducklake(Path(self.catalog.target)))
+        if not holds_lake and (lost := self._lost_catalog()):
+            return lost
         if self.catalog.kind == "sqlite" and self.catalog.exists():
             return NotFoundError(
                 f"the warehouse at {self.root} holds no featurestore tables yet: its catalog "
@@ -553,28 +636,72 @@ class Warehouse:
         had_file = self.catalog.kind == "sqlite" and self.catalog.exists()
         had_catalog = self._has_catalog()
         if not had_catalog:
+            if damage := self._damage():
+                raise self._damaged(damage)
             self._check_catalog_not_lost()
+        self._remove_abandoned(job)
         writer = Writer(self, job)
         self._writing = True
         try:
             yield writer
             writer.commit()
+        except Exception as error:
+            if not writer.committed:
+                raise
+            # The commit stands: what failed after it is cleanup, and the job has done its work.
+            print(f"featurestore: warning: {job} committed, but its cleanup after the commit "
+                  f"failed: {error}", file=sys.stderr)
         finally:
             self._writing = False
+            if writer.committed:
+                _committed_jobs.append(job)
             writer.discard()
             if not writer.committed and not had_catalog:
                 self._remove_uncommitted_catalog(made_root, remove_file=not had_file)
 
+    def _remove_abandoned(self, job: str) -> None:
+        """What killed jobs left behind (see featurestore.scratch): scratch folders no running
+        job holds, and training states kept for --resume of a basis registered since."""
+        sweep(self.tmp_dir, lambda name: name.startswith("job-"),
+              lockless_age=LOCKLESS_SCRATCH_AGE, warn=job)
+        training = self.root / TRAINING_FOLDER
+        if not training.is_dir() or not any(training.iterdir()):
+            return
+        registered = self._bases_registered()
+        sweep(training, lambda name: True, lockless_age=timedelta(0), warn=job,
+              abandoned=lambda folder: newest_mtime(folder) < registered.get(folder.name, 0))
+
+    def _bases_registered(self) -> dict[str, float]:
+        """When each basis was registered (a UNIX time), at the newest snapshot."""
+        if not self._has_catalog():
+            return {}
+        con = self._open(read_only=True)
+        try:
+            if not _initialised(con):
+                return {}
+            return {name: created.timestamp() for name, created in con.execute(
+                f"SELECT name, created_at FROM {LAKE}.bases").fetchall()}
+        finally:
+            con.close()
+
     def _check_catalog_not_lost(self) -> None:
+        if error := self._lost_catalog():
+            raise error
+
+    def _lost_catalog(self) -> NotFoundError | None:
         """Table files but no catalog: the catalog was deleted or lost. A new catalog would not
         know those files, and compaction would delete them as orphans."""
-        if self.data_path.exists() and next(self.data_path.rglob("*.parquet"), None):
-            raise NotFoundError(
-                f"{self.root} holds table files ({DATA_FOLDER}/) but no catalog "
-                f"({self.catalog.describe()}): it was deleted or lost, or --catalog / "
-                "$FEATURESTORE_CATALOG names another one. Restore the catalog from a backup "
-                "(`featurestore catalog backup` makes one; see the README's recovery section) "
-                "before writing to this warehouse.")
+        if not self._has_table_files():
+            return None
+        backup = self.catalog_backup
+        restore = ("`featurestore catalog restore`" if backup is not None and backup.exists()
+                   else "`featurestore catalog restore --from FILE` (FILE: a copy made with "
+                        "`featurestore catalog backup`)")
+        return NotFoundError(
+            f"{self.root} holds table files ({DATA_FOLDER}/) but no catalog "
+            f"({self.catalog.describe()}): it was deleted or lost, or --catalog / "
+            f"$FEATURESTORE_CATALOG names another one. Restore it with {restore}; no job writes "
+            "to this warehouse until then.")
 
     def backup_catalog(self, out: Path) -> Path:
         """A consistent copy of the SQLite catalog at `out`, taken while jobs may be writing
@@ -589,16 +716,23 @@ class Warehouse:
         out = Path(out).expanduser().resolve()
         if out.exists():
             raise FeaturestoreError(f"--out {out} exists; choose a new file name")
-        import sqlite3
-
-        source = sqlite3.connect(f"file:{self.catalog.target}?mode=ro", uri=True)
-        target = sqlite3.connect(out)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
+        _sqlite_copy(Path(self.catalog.target), out)
         return out
+
+    def refresh_catalog_backup(self) -> None:
+        """Replace the automatic backup of a SQLite catalog (catalog.sqlite.backup) with a copy
+        of the catalog as it is now, unless it already holds a newer snapshot (two jobs that
+        commit at once may finish their copies in either order)."""
+        if self.catalog_backup is None:
+            return
+        temp = self.catalog_backup.with_name(
+            f"{self.catalog_backup.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            _sqlite_copy(Path(self.catalog.target), temp)
+            if _newest_snapshot(temp) >= _newest_snapshot(self.catalog_backup):
+                os.replace(temp, self.catalog_backup)
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _remove_uncommitted_catalog(self, made_root: bool, remove_file: bool) -> None:
         """After a first job that never committed: the SQLite catalog it created, its empty
@@ -624,6 +758,34 @@ class Warehouse:
                     os.rmdir(folder)  # only succeeds when empty
                 except OSError:
                     pass
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database, taken while others may be writing to it. The copy
+    is one self-contained file (rollback journal, not WAL): nothing beside it to lose."""
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    writer = sqlite3.connect(target)
+    try:
+        reader.backup(writer)
+        writer.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        writer.close()
+        reader.close()
+
+
+def _newest_snapshot(catalog: Path) -> int:
+    """The newest snapshot id in a SQLite catalog file; -1 when there is none to read."""
+    if not catalog.exists():
+        return -1
+    try:
+        db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
+        try:
+            (snapshot,) = db.execute("SELECT max(snapshot_id) FROM ducklake_snapshot").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return -1
+    return -1 if snapshot is None else int(snapshot)
 
 
 def _initialised(con: duckdb.DuckDBPyConnection) -> bool:
@@ -727,8 +889,10 @@ class Writer:
     def __init__(self, warehouse: Warehouse, job: str):
         self.warehouse = warehouse
         self.job = job
-        # Scratch of this job alone (other jobs may be writing to the same warehouse).
+        # Scratch of this job alone (other jobs may be writing to the same warehouse), locked
+        # while the job runs: the next writer deletes it if the job is killed.
         self.tmp_dir = warehouse.tmp_dir / f"job-{uuid.uuid4().hex}"
+        self._scratch = Claim(self.tmp_dir, make=False)
         self._rows: dict[str, list[pa.Table]] = {}
         self._replace: dict[str, list[dict]] = {}  # table -> filters whose old rows are dropped
         # Partitioned tables: table -> partition key -> (values, file holding it, rows)
@@ -737,6 +901,7 @@ class Writer:
         self._remove_after: list[str] = []  # untracked folders to delete once committed
         self.committed = False
         self.attempts = 0  # commit attempts: more than one when other jobs committed first
+        self._dropped: set[str] = set()  # tables whose damaged files this job took out
 
     # -- artefact folders -----------------------------------------------------------------------
 
@@ -768,7 +933,8 @@ class Writer:
         """Add rows to a table; at commit they replace existing rows with the same key.
 
         `replace_where` ({column: value}) also drops every existing row that matches it: a job
-        that owns a whole slice of a table (all checkpoints of a run) replaces the slice.
+        that owns a whole slice of a table (all checkpoints of a run) replaces the slice. A key
+        may also be a SQL expression of the table's columns (see UPSTREAM_BASIS).
         Rows of a partitioned table replace whole partitions instead, and are written to this
         job's scratch right away, so a job can put a large table one partition at a time.
         """
@@ -857,9 +1023,12 @@ class Writer:
                                     [LAKE, table, str(path)])
                 con.execute("COMMIT")
                 self.committed = True
+                self._after_commit(con, extra)
                 break
             except duckdb.Error as error:
                 _rollback(con)
+                if self._drop_damaged_files(str(error)):
+                    continue  # the job replaces rows of that table: run the commit again
                 if _is_race(error) and attempt + 1 < COMMIT_ATTEMPTS:
                     time.sleep(random.uniform(low, min(high, low * 1.5 ** attempt)))
                     continue
@@ -869,11 +1038,50 @@ class Writer:
                         f"kept committing to {wh.catalog.describe()} first ({error}). Run it "
                         "again when fewer jobs write at once.") from None
                 raise FeaturestoreError(f"{self.job}: the commit failed and nothing was "
-                                        f"written: {error}") from None
+                                        f"written: {error}.{damage_hint(str(error))}") from None
             finally:
                 con.close()
         for relative in self._remove_after:
-            shutil.rmtree(wh.path(relative), ignore_errors=True)
+            remove_tree(wh.path(relative), warn=self.job)
+
+    def _drop_damaged_files(self, error: str) -> bool:
+        """When the commit failed on a damaged file of a table this job writes: take the damaged
+        files of that table out of the catalog (its own snapshot, as `featurestore check
+        --repair` does), say so, and return True so the commit runs again. Once per table."""
+        match = TABLE_FILE.search(error)
+        if not match or match.group(1) in self._dropped or not self._writes(match.group(1)):
+            return False
+        from featurestore.integrity import drop_damaged_files
+
+        table = match.group(1)
+        self._dropped.add(table)
+        problems = drop_damaged_files(self.warehouse, table, self.job)
+        for problem in problems:
+            rerun = f"; re-run {problem.rerun} to write them again" if problem.rerun else ""
+            print(f"featurestore: warning: {self.job}: {problem.path} of table {table} is "
+                  f"damaged ({problem.reason}); its {problem.rows} rows could not be read and "
+                  f"are dropped from the catalog{rerun}", file=sys.stderr)
+        return bool(problems)
+
+    def _writes(self, table: str) -> bool:
+        return table in self._rows or table in self._replace or table in self._partitions
+
+    def _after_commit(self, con: duckdb.DuckDBPyConnection, extra: str) -> None:
+        """Record the SHA-256 of every table file the commit added (see featurestore.integrity)
+        and refresh the catalog's automatic backup. The commit stands whatever happens here: a
+        failure costs only the checksums or a fresh backup, and is reported as a warning."""
+        from featurestore.integrity import METADATA, record_checksums
+
+        try:
+            (snapshot,) = con.execute(
+                f"SELECT max(snapshot_id) FROM {METADATA}.ducklake_snapshot_changes "
+                "WHERE commit_extra_info = ?", [extra]).fetchone()
+            record_checksums(con, self.warehouse.data_path, snapshot)
+            self.warehouse.refresh_catalog_backup()
+        except (duckdb.Error, OSError, sqlite3.Error) as error:
+            print(f"featurestore: warning: {self.job} committed, but the checksums of its table "
+                  f"files or the catalog's backup could not be written ({error})",
+                  file=sys.stderr)
 
     def _write_rows(self, con: duckdb.DuckDBPyConnection, table: TableSpec,
                     rows: pa.Table) -> None:
@@ -914,18 +1122,40 @@ class Writer:
         return placed
 
     def discard(self) -> None:
-        """Delete this job's scratch; if it did not commit, also the artefact folders it made."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        """Delete this job's scratch; if it did not commit, also the artefact folders it made.
+        What cannot be deleted is left with a warning, for a later job or compaction."""
+        self._scratch.release(remove=True, warn=self.job)
+        try:
+            self.warehouse.tmp_dir.rmdir()  # only when no other job's scratch is in it
+        except OSError:
+            pass
         if not self.committed:
             for relative in self._versions.values():
-                shutil.rmtree(self.warehouse.path(relative), ignore_errors=True)
+                remove_tree(self.warehouse.path(relative), warn=self.job)
+
+
+TABLE_FILE = re.compile(rf"{DATA_FOLDER}/main/(\w+)/\S*?\.parquet")
+
+
+def damage_hint(error: str) -> str:
+    """For an error that names a table file: what to do about a damaged one (a job cannot
+    replace rows it cannot read)."""
+    from featurestore.resource_errors import resource_problem
+
+    match = TABLE_FILE.search(error)
+    if not match or resource_problem(OSError(error)) is not None:  # a full disk, not damage
+        return ""
+    return (f" A file of table {match.group(1)} cannot be read: `featurestore check` confirms "
+            "it, and `featurestore check --repair` takes it out of the catalog and names the "
+            "command that writes its rows again.")
 
 
 def commit_info() -> str:
     """A snapshot's extra info: the command line that made it (when run from the CLI), and
     where and by which featurestore."""
     return json.dumps({"command_line": COMMAND_LINE, "host": socket.gethostname(),
-                       "pid": os.getpid(), "featurestore": package_version()})
+                       "pid": os.getpid(), "featurestore": package_version(),
+                       "commit": uuid.uuid4().hex})  # finds the snapshot once committed
 
 
 def _renew_tokens(con: duckdb.DuckDBPyConnection, tables: list[str], job: str) -> None:
@@ -1065,9 +1295,20 @@ def init_warehouse(warehouse: str | os.PathLike | None = None,
 
 
 def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:
-    """Every table and view: name, kind, row count and description."""
-    con = connect(warehouse)
+    """Every table and view: name, kind, row count, description and status ('ok', or why it
+    cannot be read: a table file missing or not the size it was written at, or the error its
+    query gives). A damaged table does not stop the others from being listed."""
+    from featurestore.integrity import table_files
+
+    wh = Warehouse(warehouse)
+    con = wh.connect()
     try:
+        damage = {}
+        for file in table_files(con, wh.data_path):
+            if file.table not in damage and (
+                    not file.path.exists() or file.path.stat().st_size != file.size):
+                damage[file.table] = (f"damaged: {file.path.relative_to(wh.root)} is missing or "
+                                      "not the size it was written at; see `featurestore check`")
         objects = con.execute(
             "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal "
             "AND database_name = 'memory' AND schema_name = 'main' ORDER BY view_name"
@@ -1075,9 +1316,14 @@ def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:
         tables = table_specs()
         result = []
         for name, comment in objects:
-            (rows,) = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0]
+            rows, status = None, damage.get(name, "ok")
+            try:
+                (rows,) = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0]
+            except duckdb.Error as error:
+                if status == "ok":
+                    status = f"cannot be read: {str(error).splitlines()[0]}"
             result.append({"name": name, "kind": "table" if name in tables else "view",
-                           "rows": rows, "description": comment or ""})
+                           "rows": rows, "status": status, "description": comment or ""})
         return sorted(result, key=lambda t: (t["kind"] != "table", t["name"]))
     finally:
         con.close()

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import duckdb
 import numpy as np
 
+from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.shared_feature_fit import MATCH_COSINE
 from featurestore.warehouse import Warehouse
@@ -101,6 +102,7 @@ def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | 
     started = time.monotonic()
     _check_parameters(metric, presence, threshold, persistence, stable_eps, stable_cos,
                       permutations)
+    ranges.SEED.check(seed, "--seed")
 
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-birth-analyze {basis}") as writer:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from featurestore import ranges
 from featurestore.activations import (
     ActivationSetWriter,
     TokenColumns,
@@ -35,6 +36,7 @@ from featurestore.registry import (
     get_run,
     parse_steps,
 )
+from featurestore.resources import FLOAT_BYTES, TOKEN_BYTES, require_disk, require_memory
 from featurestore.token_text import TokenizerSearch, has_token_strings, token_string_rows
 from featurestore.warehouse import Warehouse, utc_now
 
@@ -125,8 +127,11 @@ def collect(
         raise FeaturestoreError("--stage: give at least one stage, e.g. --stage layer_2_post_mlp")
     if len(set(stages)) != len(stages):
         raise FeaturestoreError(f"--stage: stages repeat in {list(stages)}")
-    if tokens is not None and tokens < 1:
-        raise FeaturestoreError(f"--tokens must be positive, got {tokens}")
+    if tokens is not None:
+        ranges.COUNT.check(tokens, "--tokens")
+        require_memory("--tokens", tokens, tokens * TOKEN_BYTES,
+                       "holding the token ids and their columns")
+    ranges.SEED.check(seed, "--seed")
     if tokens_from is None:
         file_only = [flag for flag, given in (("--text-column", text_column != "text"),
                                               ("--tokenizer", tokenizer is not None),
@@ -185,6 +190,12 @@ def collect(
             notes.append(f"no tokenizer found for run {run!r}, so no token_strings were written "
                          "and examples will show token ids; pass --tokenizer DIR to add them")
         n_tokens = len(columns)
+        # Each set takes at least n_tokens x d_model floats (an mlp_hidden stage, more).
+        if run_info.d_model is not None:
+            require_disk("--tokens", n_tokens, n_tokens * run_info.d_model * FLOAT_BYTES
+                         * len(stages) * len(chosen), wh.root,
+                         f"{len(chosen) * len(stages)} activation set(s) of d_model "
+                         f"{run_info.d_model}")
         fingerprint = columns.fingerprint()
         sample = norm_sample(columns.position, exclude_first=not include_first_position)
 

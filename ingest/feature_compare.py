@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import duckdb
 import pyarrow as pa
 
+from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.warehouse import Warehouse, spec, utc_now
 
@@ -52,6 +53,8 @@ def compare_features(basis: str, source: int, target: int, warehouse: str | None
         )
     if top < 0:
         raise FeaturestoreError(f"--top {top}: give a number of features >= 0.")
+    ranges.STEP.check(source, "--source")
+    ranges.STEP.check(target, "--target")
     if source == target:
         raise FeaturestoreError(
             f"--source and --target are both step {source}: a feature compared with itself has "

@@ -50,7 +50,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore import ranges
+from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError, UnknownStageError
+from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.warehouse import Warehouse, utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
@@ -194,8 +197,8 @@ def _check_options(top_k: int, min_weight: float, tokens: int, patch_threshold: 
         raise FeaturestoreError(
             f"--min-weight {min_weight}: give a number >= 0 (edges with |weight| below it are "
             "dropped; 0 keeps every edge up to --top-k)")
-    if tokens < 1:
-        raise FeaturestoreError(f"--tokens must be at least 1, got {tokens}")
+    ranges.COUNT.check(tokens, "--tokens")
+    require_memory("--tokens", tokens, tokens * TOKEN_BYTES, "holding the token sequences")
     if not np.isfinite(patch_threshold) or patch_threshold < 0:
         raise FeaturestoreError(
             f"--patch-threshold {patch_threshold}: give a loss change >= 0, e.g. 0.01")
@@ -686,6 +689,8 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
     grad_x_act: dict[str, np.ndarray] = {}
     for start in range(0, len(tokens), BATCH_SEQUENCES):
         reads = _read_batch(reader, plan, encoder, tokens[start:start + BATCH_SEQUENCES])
+        for label, value in reads.values.items():  # NaN/Inf weights: every edge would be NaN
+            check_finite(value, f"checkpoint {shared.run}@{step} at {label}")
         firing += (reads.activations > 0).sum(dim=0).numpy()
         for label, value in _direct_sums(reads, plan, read_outs, encoder,
                                          reader.n_heads).items():

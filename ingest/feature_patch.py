@@ -24,7 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from featurestore import ranges
+from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.warehouse import Warehouse, utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
@@ -79,7 +82,7 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     from featurestore.shared_basis import load_shared_basis
 
     started = time.perf_counter()
-    _check_options(mode, scale, tokens)
+    _check_options(mode, scale, tokens, seed)
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
@@ -101,6 +104,9 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     target_reader.site(shared.stage)  # a stage the model lacks fails here, before any work
     source_reader = open_reader(run, by_step[source]) if mode == "patch" else None
     c_source, c_target = steps.index(source), steps.index(target)
+    # Named in the refusal of a model whose weights give NaN/Inf: every metric would be NaN.
+    target_name = f"checkpoint {shared.run}@{target} ({by_step[target].path})"
+    source_name = f"checkpoint {shared.run}@{source} ({by_step[source].path})"
     patch_tokens = _patch_tokens(run, sets[c_target], tokens, splits, seed)
     scale_target = shared.checkpoints[c_target].norm_scale
     scale_source = shared.checkpoints[c_source].norm_scale
@@ -119,10 +125,13 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
             batch = split_tokens[start:start + BATCH_SEQUENCES]
             graded = patch_tokens.graded[split][start:start + BATCH_SEQUENCES]
             x, clean_logits = target_reader.run_with(batch, shared.stage)
+            check_finite(x, f"{target_name} at {shared.stage}")
+            check_finite(clean_logits, f"{target_name}: its output logits")
             flat = x.reshape(-1, x.shape[-1])
             f_target, x_hat = shared.encode([flat * scale_target], c_target)
             if mode == "patch":
                 x_source, _ = source_reader.run_with(batch, shared.stage)
+                check_finite(x_source, f"{source_name} at {shared.stage}")
                 f_source, _ = shared.encode(
                     [x_source.reshape(-1, x.shape[-1]) * scale_source], c_source)
             x_hat = x_hat / scale_target  # raw units, as the model's own activations
@@ -251,15 +260,18 @@ class _SplitSums:
         return rows
 
 
-def _check_options(mode: str, scale: float | None, tokens: int) -> None:
+def _check_options(mode: str, scale: float | None, tokens: int, seed: int) -> None:
     if mode not in MODES:
         raise FeaturestoreError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "scale" and scale is None:
         raise FeaturestoreError("--mode scale needs --scale A (the factor, e.g. 2 or -1)")
     if mode != "scale" and scale is not None:
         raise FeaturestoreError(f"--scale is only used by --mode scale, not --mode {mode}")
-    if tokens < 1:
-        raise FeaturestoreError(f"--tokens must be at least 1, got {tokens}")
+    if scale is not None:
+        ranges.ANY.check(scale, "--scale")
+    ranges.COUNT.check(tokens, "--tokens")
+    require_memory("--tokens", tokens, tokens * TOKEN_BYTES, "holding the token sequences")
+    ranges.SEED.check(seed, "--seed")
 
 
 def _choose_features(con, basis: str, source: int, target: int, features: str, rank_by: str,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from featurestore import ranges
 from featurestore.activation_inputs import open_input
 from featurestore.activations import (
     ActivationSet,
@@ -69,6 +70,7 @@ def register_activations(path: str, name: str | None = None, run: str | None = N
     else:
         check_name(run, "run name")
         check_name(stage, "stage name")
+        ranges.STEP.check(step, "--step")
         name = activation_set_name(run, step, stage)
 
     given = open_input(path, token_ids)

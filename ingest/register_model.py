@@ -9,9 +9,11 @@ Two kinds of model:
 One call registers one checkpoint or a whole series: --path and --weights take a glob
 ('ckpts/step_*'), and each match's step is the trailing number of its name (or --steps, in the
 matches' name order). Everything is checked before anything is written, and the series is
-written in one transaction; registering the same checkpoints again changes nothing. Files are
-used in place (their absolute paths are recorded), never fetched from a hub, and only safetensors
-weights are read: nothing is unpickled.
+written in one transaction; registering the same checkpoints again changes nothing, unless a
+file changed since it was registered: that checkpoint is then registered anew, and its activation
+sets and the bases fitted on them (with every row computed from those) are dropped in the same
+commit. Files are used in place (their absolute paths are recorded), never fetched from a hub,
+and only safetensors weights are read: nothing is unpickled.
 
 With --eval-tokens-from each checkpoint's next-token loss and accuracy on a token file fill
 checkpoints.heldout_loss / heldout_accuracy / split_metrics (ingest.evaluate_checkpoints).
@@ -27,12 +29,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from featurestore import ranges
 from featurestore.corpus import model_context
-from featurestore.errors import FeaturestoreError
+from featurestore.errors import CorruptCheckpointError, FeaturestoreError
+from featurestore.file_formats import require_safetensors
 from featurestore.ingest.evaluate_checkpoints import EvalTokens, metric_columns, next_token_metrics
+from featurestore.scratch import newest_mtime
 from featurestore.settings import check_name
 from featurestore.token_text import TokenizerSearch
-from featurestore.warehouse import Warehouse, package_version, records, utc_now
+from featurestore.warehouse import (
+    Warehouse,
+    bases_computed_from,
+    drop_basis,
+    package_version,
+    records,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +119,7 @@ def register_model(run: str, path: str | None = None, step: int | None = None, *
                 raise FeaturestoreError(
                     f"run {run!r} already has step {number} at {known[number]['path']}, not "
                     f"{file}; register the other files under a run name of their own")
+        _forget_replaced(wh, writer, run, series, known)
         result = RegisterModelResult(run, model.kind, model.family, model.d_model,
                                      model.n_layers, created_run=run_row is None,
                                      tokenizer=tokenizer_dir)
@@ -217,6 +230,10 @@ def _check_options(path, step, steps, factory, config, weights, adapter, stage_o
             raise FeaturestoreError(f"a custom model also needs {', '.join(missing)}")
     if step is not None and steps is not None:
         raise FeaturestoreError("give --step (one checkpoint) or --steps (a series), not both")
+    if step is not None:
+        ranges.STEP.check(step, "--step")
+    for number in steps or ():
+        ranges.STEP.check(number, "--steps")
     if eval_tokens is not None and eval_tokens_from is None:
         raise FeaturestoreError("--eval-tokens needs --eval-tokens-from PATH")
     if eval_tokens is not None and eval_tokens < 1:
@@ -230,10 +247,13 @@ def _hf_model(series: list[tuple[int, Path]]) -> _Model:
     configs = {}
     for _, directory in series:
         configs[directory] = hf_config(directory)
-        if not list(directory.glob("*.safetensors")):
+        weights = sorted(directory.glob("*.safetensors"))
+        if not weights:
             raise FeaturestoreError(
                 f"{directory} has no .safetensors weights; featurestore never unpickles "
                 "weights. Re-save the model with save_pretrained(path, safe_serialization=True).")
+        for file in weights:  # refused now, not when a later job loads it
+            require_safetensors(file, str(file), CorruptCheckpointError)
     first_dir, first = series[0][1], configs[series[0][1]]
 
     def shape(config) -> tuple:
@@ -276,6 +296,7 @@ def _custom_model(factory: str, config: str | None, adapter: str, stage_override
                          Adapter.from_dict(adapter_dict, f"--adapter {adapter}"))
     module = custom.build()
     for n, (_, file) in enumerate(series):
+        require_safetensors(file, f"--weights {file}", CorruptCheckpointError)
         load_weights(module, file)
         if n == 0:
             checked = check_model(custom, module)
@@ -308,6 +329,28 @@ def _existing(wh: Warehouse, run: str) -> tuple[dict | None, dict[int, dict]]:
     finally:
         con.close()
     return (runs[0] if runs else None), {row["step"]: row for row in checkpoints}
+
+
+def _forget_replaced(wh: Warehouse, writer, run: str, series: list[tuple[int, Path]],
+                     known: dict[int, dict]) -> None:
+    """Checkpoints whose files changed since they were registered hold other weights now: they
+    are registered again (removed from `known`), and their activation sets, the bases fitted on
+    them and every row computed from those go in the same commit, so nothing of the old weights
+    is read as the new ones'."""
+    replaced = [number for number, file in series if number in known
+                and newest_mtime(file) > known[number]["created_at"].timestamp()]
+    if not replaced:
+        return
+    for number in replaced:
+        del known[number]
+        writer.put("activation_sets", [], replace_where={"run": run, "step": number})
+    con = wh.connect()
+    try:
+        stale = bases_computed_from(con, run, replaced)
+    finally:
+        con.close()
+    for basis in stale:
+        drop_basis(writer, basis)
 
 
 def _check_same_model(run: str, row: dict | None, model: _Model) -> None:

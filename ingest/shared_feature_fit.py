@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.settings import check_name
@@ -86,13 +87,30 @@ def shared_feature_fit(
 
     from featurestore.aligned import AlignedActivations, PooledActivations
     from featurestore.crosscoder import CrossCoder, CrossCoderConfig
-    from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
+    from featurestore.crosscoder_training import (
+        TrainerConfig,
+        require_training_memory,
+        train_crosscoder,
+    )
 
     check_name(name, "basis name")
     if kind not in ("pooled", "crosscoder"):
         raise FeaturestoreError(f"--kind must be pooled or crosscoder, got {kind!r}")
+    ranges.COUNT.check(k, "--k")
+    if dict_size is not None:
+        ranges.COUNT.check(dict_size, "--dict-size")
     if seeds < 1:
         raise FeaturestoreError(f"--seeds must be at least 1, got {seeds}")
+    if ranges.SEED.contains(seed) and seed + seeds - 1 > ranges.MAX_SEED:
+        raise FeaturestoreError(
+            f"--seed {seed} --seeds {seeds}: the seeds {seed}..{seed + seeds - 1} go past "
+            f"{ranges.MAX_SEED}, the largest seed")
+    defaults = TrainerConfig()
+    # Every trainer setting is checked here, before any work.
+    trainer = TrainerConfig(
+        steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
+        l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
+        log_every=max(1, min(50, steps)), save_every=steps + 1, seed=seed)
     if weighting not in WEIGHTINGS:
         raise FeaturestoreError(
             f"--weighting {weighting!r}: use novelty (each checkpoint weighted by how much its "
@@ -112,17 +130,15 @@ def shared_feature_fit(
             con.close()
         sources = [source for source, _ in chosen]
         steps_chosen = [row["step"] for _, row in chosen]
+        d_model = sources[0].activations.d_model
+        require_training_memory(1 if kind == "pooled" else len(sources), d_model,
+                                dict_size or 16 * d_model, batch_size)
         if kind == "pooled":
             weights = checkpoint_weights(sources, steps_chosen, weighting, init_weight)
             data = PooledActivations(sources, seed=seed, weights=weights)
         else:
             weights = [1.0] * len(sources)  # a crosscoder's code is joint: every step, every row
             data = AlignedActivations(sources, seed=seed)
-        defaults = TrainerConfig()
-        trainer = TrainerConfig(
-            steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
-            l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
-            log_every=max(1, min(50, steps)), save_every=steps + 1, seed=seed)
         try:
             config = CrossCoderConfig(
                 n_sources=len(data.labels), d_model=data.d_model,
@@ -201,8 +217,8 @@ def shared_feature_fit(
                    replace_where={"basis": name})
         # A basis of this name may have been analysed before: every row computed from its old
         # weights (sweeps, births, diffs, patches, lineage) goes in the same commit.
-        for table in derived_from_basis():
-            writer.put(table, [], replace_where={"basis": name})
+        for table, where in derived_from_basis(name):
+            writer.put(table, [], replace_where=where)
     warnings = []
     share = report["first_not_last_share"]
     if share > FIRST_NOT_LAST_WARNING:

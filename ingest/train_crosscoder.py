@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
+from featurestore.scratch import TRAINING_FOLDER, Claim
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
@@ -95,6 +96,8 @@ def resolve_source(wh: Warehouse, con, label: str, target: str):
     if path.exists():
         fmt = "parquet" if path.is_file() and path.suffix == ".parquet" else "hf_dataset"
         acts = ActivationSet(path.resolve(), fmt, name=str(path.resolve()))
+        if len(acts) == 0:
+            raise FeaturestoreError(f"--source {label}={target}: {path.resolve()} holds no rows")
         sample = norm_sample(acts.token_columns().position)
         acts.norm_scale = norm_scale(acts.rows(sample))
         info = {"activation_set": str(path.resolve()), "run": None, "step": None, "stage": None}
@@ -162,6 +165,7 @@ def train_crosscoder_job(
         Distributed,
         TrainerConfig,
         check_enough_steps,
+        require_training_memory,
         train_crosscoder,
     )
     from featurestore.token_text import missing_token_strings
@@ -169,10 +173,16 @@ def train_crosscoder_job(
     check_name(name, "basis name")
     if steps is not None and tokens is not None:
         raise FeaturestoreError("give --steps or --tokens, not both")
-    if pool_batches < 1:
-        raise FeaturestoreError(f"--pool-batches must be at least 1, got {pool_batches}")
-    if epochs < 1:
-        raise FeaturestoreError(f"--epochs must be at least 1, got {epochs}")
+    _check_numbers(steps=steps, tokens=tokens, pool_batches=pool_batches, epochs=epochs, k=k,
+                   aux_k=aux_k, aux_coeff=aux_coeff, dict_size=dict_size, n_shared=n_shared,
+                   seq_len=seq_len)
+    defaults = TrainerConfig()
+    settings = dict(batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
+                    betas=tuple(betas),
+                    l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
+                    k_anneal_from=k_anneal_from, log_every=log_every, save_every=save_every,
+                    seed=seed)
+    TrainerConfig(**settings)  # checks every number before any work
     if epochs > 1 and tokens_from is None:
         raise FeaturestoreError(
             f"--epochs {epochs} replays the token stream of --tokens-from; activation sets are "
@@ -189,12 +199,17 @@ def train_crosscoder_job(
     # only train.
     distributed = Distributed.from_environment()
     lock = wh.writer(f"train-crosscoder {name}") if distributed.is_main else nullcontext()
-    with lock as writer:
-        defaults = TrainerConfig()
+    # The training state is locked while this job trains: a later job deletes a state only when
+    # no job holds it and a basis of its name was registered after it was saved.
+    state_dir = wh.root / TRAINING_FOLDER / name
+    with lock as writer, Claim(state_dir) if distributed.is_main else nullcontext():
         con = wh.connect()
         try:
             if tokens_from is None:
                 resolved = [resolve_source(wh, con, label, target) for label, target in parsed]
+                d_model = resolved[0][0].activations.d_model
+                require_training_memory(len(parsed), d_model, dict_size or 16 * d_model,
+                                        batch_size)
                 data = AlignedActivations([source for source, _ in resolved], seed=seed)
                 source_rows = [{"label": source.label, **info,
                                 "norm_scale": float(source.activations.norm_scale)}
@@ -213,6 +228,8 @@ def train_crosscoder_job(
                 data, steps = open_model_buffer(wh, con, parsed, tokens_from, tokens,
                                                 pool_batches * batch_size, seed, batch_size,
                                                 steps, defaults.steps, epochs, options, tokenizer)
+                require_training_memory(len(parsed), data.d_model,
+                                        dict_size or 16 * data.d_model, batch_size)
                 source_rows = [{"label": source.label, **source.info, "norm_scale": scale}
                                for source, scale in zip(data.sources, data.scales)]
                 # The source runs' token strings, for any that has none yet (as collect does).
@@ -221,14 +238,7 @@ def train_crosscoder_job(
         finally:
             con.close()
         d_hidden = dict_size or 16 * data.d_model
-        trainer = TrainerConfig(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr if lr is not None else defaults.lr, betas=tuple(betas),
-            l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
-            k_anneal_from=k_anneal_from,
-            log_every=log_every, save_every=save_every, seed=seed,
-        )
+        trainer = TrainerConfig(steps=steps, **settings)
         try:
             config = CrossCoderConfig(
                 n_sources=len(labels), d_model=data.d_model, d_hidden=d_hidden, arch=arch, k=k,
@@ -239,7 +249,6 @@ def train_crosscoder_job(
             raise FeaturestoreError(f"train-crosscoder: {error}") from None
         torch.manual_seed(seed)
         model = CrossCoder(config, data.norm_scales)
-        state_dir = wh.root / "training" / name
         wandb_run = _wandb_run(name, config, trainer) if wandb and distributed.is_main else None
         on_log = None if wandb_run is None else (
             lambda row: wandb_run.log({k: v for k, v in row.items() if k != "step"},
@@ -294,13 +303,31 @@ def train_crosscoder_job(
                    replace_where={"basis": name})
         if tokens_from is not None and string_rows:
             writer.put("token_strings", string_rows)
-        # Rows computed from earlier weights of this name (its sweep, model-diff contexts).
-        for table in derived_from_basis():
-            writer.put(table, [], replace_where={"basis": name})
-    shutil.rmtree(state_dir, ignore_errors=True)  # registered: the resume state is not needed
+        # Registered: the resume state goes once the commit stands. Rows computed from earlier
+        # weights of this name (its sweep, model-diff contexts, lineage reading it upstream) go
+        # in the commit.
+        writer.remove_dir(f"{TRAINING_FOLDER}/{name}")
+        for table, where in derived_from_basis(name):
+            writer.put(table, [], replace_where=where)
     return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
                                result.final, time.perf_counter() - started,
                                notes=list(data.tokens.notes) if tokens_from else [])
+
+
+def _check_numbers(steps, tokens, pool_batches, epochs, k, aux_k, aux_coeff, dict_size,
+                   n_shared, seq_len) -> None:
+    """The job's counts and coefficients, before any work (the trainer's own settings are
+    checked by TrainerConfig)."""
+    for flag, value, allowed in (
+            ("--steps", steps, ranges.COUNT), ("--tokens", tokens, ranges.COUNT),
+            ("--pool-batches", pool_batches, ranges.COUNT), ("--epochs", epochs, ranges.COUNT),
+            ("--k", k, ranges.COUNT), ("--aux-k", aux_k, ranges.NON_NEGATIVE_COUNT),
+            ("--aux-coeff", aux_coeff, ranges.NON_NEGATIVE),
+            ("--dict-size", dict_size, ranges.COUNT),
+            ("--shared-latents", n_shared, ranges.NON_NEGATIVE_COUNT),
+            ("--seq-len", seq_len, ranges.COUNT)):
+        if value is not None:  # None: the default
+            allowed.check(value, flag)
 
 
 def fit_report(model, data) -> tuple[dict, dict[str, np.ndarray]]:

@@ -12,10 +12,18 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from featurestore import ranges
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import get_checkpoints, get_run
+from featurestore.resources import FLOAT_BYTES, require_memory
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, package_version, utc_now
+from featurestore.warehouse import (
+    Warehouse,
+    bases_computed_from,
+    drop_basis,
+    package_version,
+    utc_now,
+)
 
 # Keep in step with featurestore.training.FINETUNE_TRAIN_CONFIG (importing it here would import
 # torch whenever the CLI starts).
@@ -47,11 +55,17 @@ def train_model(run: str, steps: int | None = None, seed: int = 0, d_model: int 
     check_name(run, "run name")
     task_config = TaskConfig()
     train_config = TrainConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
-    model_config = ModelConfig(
-        vocab_size=task_config.vocab_size,
-        n_ctx=task_config.n_ctx,
-        **({"d_model": d_model} if d_model is not None else {}),
-    )
+    if d_model is not None:
+        ranges.Range(8, ranges.MAX_INT64, integer=True).check(d_model, "--d-model")
+    try:
+        model_config = ModelConfig(
+            vocab_size=task_config.vocab_size,
+            n_ctx=task_config.n_ctx,
+            **({"d_model": d_model} if d_model is not None else {}),
+        )
+    except ValueError as error:
+        raise FeaturestoreError(f"--d-model {d_model}: {error}") from None
+    _require_training_memory(model_config)
     torch.manual_seed(seed)
     model = Transformer(model_config)
     return _train_and_register(Warehouse(warehouse), run, "pretrain", model, task_config,
@@ -61,7 +75,7 @@ def train_model(run: str, steps: int | None = None, seed: int = 0, d_model: int 
 def finetune(run: str, from_checkpoint: str, steps: int = DEFAULT_FINETUNE_STEPS, seed: int = 0,
              warehouse: str | None = None, progress: bool = True) -> TrainResult:
     """Continue a run's checkpoint (RUN or RUN@STEP, default the last) on the shifted task mix."""
-    from featurestore.checkpoints import load_checkpoint
+    from featurestore.checkpoints import check_finite_weights, load_checkpoint
     from featurestore.tasks import FINETUNE_MIX, TaskConfig
     from featurestore.training import FINETUNE_TRAIN_CONFIG
 
@@ -73,6 +87,8 @@ def finetune(run: str, from_checkpoint: str, steps: int = DEFAULT_FINETUNE_STEPS
         )
     if parent_run == run:
         raise FeaturestoreError(f"--run {run!r}: a fine-tune needs a new run name, not its parent")
+    # The fine-tune schedule: a short warm-up, so the new sub-task is learned within the budget.
+    train_config = dataclasses.replace(FINETUNE_TRAIN_CONFIG, steps=steps, seed=seed)
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
@@ -84,11 +100,24 @@ def finetune(run: str, from_checkpoint: str, steps: int = DEFAULT_FINETUNE_STEPS
     if parent.model_family != "demo":
         raise FeaturestoreError(f"--from {parent_run!r}: only demo-model runs can be fine-tuned")
     model = load_checkpoint(checkpoint.path)
+    check_finite_weights(model, checkpoint.path)
     task_config = TaskConfig.from_dict({**parent.task_config, "mix": dict(FINETUNE_MIX)})
-    # The fine-tune schedule: a short warm-up, so the new sub-task is learned within the budget.
-    train_config = dataclasses.replace(FINETUNE_TRAIN_CONFIG, steps=steps, seed=seed)
     return _train_and_register(wh, run, "finetune", model, task_config, train_config,
                                parent=(parent_run, checkpoint.step), progress=progress)
+
+
+def _require_training_memory(config) -> None:
+    """Refuse a model too wide for this machine before building it: training holds its
+    weights, their gradients and AdamW's two moments, in float32."""
+    import torch
+
+    from featurestore.model import Transformer
+
+    with torch.device("meta"):  # counts the parameters without allocating them
+        parameters = sum(p.numel() for p in Transformer(config).parameters())
+    require_memory("--d-model", config.d_model, parameters * 4 * FLOAT_BYTES,
+                   f"training a model of {parameters:,} parameters (weights, gradients and "
+                   "AdamW state)")
 
 
 def _train_and_register(wh: Warehouse, run: str, kind: str, model, task_config, train_config,
@@ -138,8 +167,16 @@ def _train_and_register(wh: Warehouse, run: str, kind: str, model, task_config, 
             "featurestore_version": package_version(), "created_at": utc_now(),
         }])
         writer.put("checkpoints", checkpoint_rows, replace_where={"run": run})
-        # Activation sets of an earlier run under this name describe weights that are gone.
+        # Activation sets of an earlier run under this name describe weights that are gone, and
+        # so do the bases fitted on them and every row computed from those.
         writer.put("activation_sets", [], replace_where={"run": run})
+        con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
+        try:
+            stale = bases_computed_from(con, run)
+        finally:
+            con.close()
+        for basis in stale:
+            drop_basis(writer, basis)
     last = checkpoint_rows[-1]
     return TrainResult(
         run=run, kind=kind, steps=train_config.steps,

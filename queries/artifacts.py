@@ -27,25 +27,30 @@ Teams that read files rather than the warehouse get, under
 
 Every file is written from the warehouse by a SQL query. The stage directory is built whole in a
 temporary sibling directory and swapped in with renames, so a reader sees the old layout or the
-new one, never half of each; re-running replaces it.
+new one, never half of each; re-running replaces it. The temporary directory is locked while the
+export runs (featurestore.scratch): one left by a killed export is deleted by the next export
+into the same folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records
+from featurestore.scratch import Claim, remove_tree, sweep
 from featurestore.warehouse import Warehouse
 
 DEFAULT_OUT = "artifacts"
+# A half-built layout with no lock file was left by an export of an older featurestore; one this
+# old is no export's that is still running.
+LOCKLESS_AGE = timedelta(hours=1)
 
 
 @dataclass
@@ -73,16 +78,16 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
         basis_row = _basis_row(con, basis)
         target = (Path(out or DEFAULT_OUT).resolve() / "runs" / basis_row["run"] / "analysis"
                   / "shared_features" / basis_row["stage"])
+        _remove_abandoned(target.parent)
         staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
+        claim = Claim(staging)
         try:
             _write_tables(wh, con, basis, basis_row, staging)
             export_graphs(basis, out=staging / "graphs", warehouse=warehouse)
             plots = export_plots(basis, out=staging / "plots", warehouse=warehouse)
             _swap_in(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        finally:
+            claim.release(remove=True, warn="export-artifacts")
     finally:
         con.close()
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
@@ -188,11 +193,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging`: two renames in one directory, the old copy removed last."""
+    """Replace `target` by `staging`: two renames in one directory, the old copy removed last
+    (if that fails, the new layout stands and a warning names the old copy)."""
     if target.exists():
         retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
         os.replace(target, retired)
         os.replace(staging, target)
-        shutil.rmtree(retired)
+        remove_tree(retired, warn="export-artifacts")
     else:
         os.replace(staging, target)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Layouts half built by exports that were killed (no export holds their lock), and old
+    copies that a killed export swapped out but did not delete, beside the stage folders."""
+    sweep(folder, lambda name: name.startswith(".") and ".tmp-" in name,
+          lockless_age=LOCKLESS_AGE, warn="export-artifacts")
+    sweep(folder, lambda name: name.startswith(".") and ".old-" in name,
+          lockless_age=timedelta(0), warn="export-artifacts")

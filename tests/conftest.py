@@ -133,3 +133,18 @@ def analysed_warehouse(tmp_path_factory, trained_warehouse) -> Path:
     feature_lineage("tiny-fn", steps=str(last), features="top:4", upstream="tiny-l2",
                     tokens=256, warehouse=root, progress=False)
     return root
+
+
+@pytest.fixture
+def fault_tally():
+    """The session's fault-suite counts (tests/fault_tally.py), printed at the end."""
+    from .fault_tally import TALLY
+
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter):
+    from .fault_tally import TALLY
+
+    for line in TALLY.summary():
+        terminalreporter.write_line(line)

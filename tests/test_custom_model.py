@@ -8,6 +8,7 @@ cross-entropy of its logits, and a patch run by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -151,6 +152,39 @@ def test_register_records_a_custom_run_with_its_series_and_losses(files, analyse
     again = cli([*custom_args(files), "--json"], wh)
     assert again.exit_code == 0 and not json.loads(again.stdout)["created_run"]
     assert query(wh, "SELECT * FROM checkpoints ORDER BY step") == before
+
+
+def test_registering_changed_weights_again_drops_what_was_read_from_the_old(files, tmp_path):
+    """A checkpoint file overwritten with other weights and registered again: its activation sets
+    and the basis fitted on them describe weights that are gone, and go in the same commit."""
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(files / "ckpts", ckpts)
+    wh = tmp_path / "warehouse"
+    register = ["register-model", "--run", "lm", "--factory", "tests.custom_lm:build",
+                "--config", str(files / "config.json"), "--adapter", str(files / "adapter.json"),
+                "--weights", str(ckpts / "step_*.safetensors")]
+    for args in (register,
+                 ["collect", "--run", "lm", "--stage", STAGES[1], "--tokens-from",
+                  str(files / "tokens.parquet"), "--tokens", "256", "--splits", "up,down",
+                  "--quiet"],
+                 ["shared-feature-fit", "--run", "lm", "--stage", STAGES[1], "--name", BASIS,
+                  "--dict-size", "32", "--k", "4", "--steps", "20", "--batch-size", "64",
+                  "--min-explained-variance", "-10", "--max-active-fraction", "1",
+                  "--max-dead-fraction", "1", "--quiet"]):
+        done = cli(args, wh)
+        assert done.exit_code == 0, done.output
+    (registered,) = query(wh, "SELECT created_at FROM checkpoints WHERE step = 5")[0]
+
+    unchanged = cli(register, wh)  # the same files again: nothing changes
+    assert unchanged.exit_code == 0 and query(wh, "SELECT count(*) FROM bases") == [(1,)]
+    shutil.copyfile(ckpts / "step_10.safetensors", ckpts / "step_5.safetensors")
+    again = cli(register, wh)
+    assert again.exit_code == 0, again.output
+    assert query(wh, "SELECT step FROM activation_sets ORDER BY step") == [(0,), (10,), (15,)]
+    for table in ("bases", "features", "trajectories", "training_metrics"):
+        assert query(wh, f"SELECT count(*) FROM {table}") == [(0,)], table
+    (now,) = query(wh, "SELECT created_at FROM checkpoints WHERE step = 5")[0]
+    assert now > registered
 
 
 def test_collected_activations_equal_forward_hooks(files, analysed):

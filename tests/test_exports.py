@@ -4,7 +4,13 @@ parses and matches the warehouse; the report answers every section; the CLI comm
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +111,40 @@ def test_rerunning_replaces_the_layout_and_bad_bases_write_nothing(exported, tmp
     with pytest.raises(NotFoundError, match="--basis 'nope': no such basis"):
         export_artifacts("nope", out=tmp_path / "other", warehouse=root)
     assert not (tmp_path / "other").exists()
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from featurestore.queries import artifacts
+
+def die(staging, target):  # the layout is built, about to be swapped in
+    print(staging, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+artifacts._swap_in = die
+artifacts.export_artifacts("tiny-l2", out=sys.argv[1], warehouse=sys.argv[2])
+"""
+
+
+def test_what_a_killed_export_leaves_goes_with_the_next_export(exported, tmp_path):
+    root, _, first = exported
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(tmp_path), str(root)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    staging = Path(killed.stdout.strip())
+    assert staging.is_dir() and staging.name.startswith(".layer_2_post_mlp.tmp-")
+    # Left by an export of an older featurestore (no lock file): a half-built layout an hour
+    # old, and an old layout swapped out but not deleted.
+    lockless = staging.with_name(".layer_2_post_mlp.tmp-0123456789abcdef")
+    swapped_out = staging.with_name(".layer_2_post_mlp.old-0123456789abcdef")
+    for folder in (lockless, swapped_out):
+        shutil.copytree(staging, folder)
+    hour_ago = time.time() - 3700
+    os.utime(lockless, (hour_ago, hour_ago))
+
+    again = export_artifacts("tiny-l2", out=tmp_path, warehouse=root)
+    assert again.files == first.files
+    assert sorted(p.name for p in staging.parent.iterdir()) == ["layer_2_post_mlp"]
 
 
 def test_the_report_answers_every_section(analysed_warehouse, tmp_path):

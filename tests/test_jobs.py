@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import timedelta
 
 import numpy as np
@@ -26,7 +27,7 @@ from featurestore.ingest.collect import collect, token_set
 from featurestore.ingest.register import register_activations
 from featurestore.ingest.train_model import finetune, train_model
 from featurestore.registry import get_activation_set_row, open_activation_set
-from featurestore.warehouse import Warehouse, connect
+from featurestore.warehouse import Warehouse, connect, derived_from_basis
 
 from .conftest import STAGES, TINY_D_MODEL, TINY_RUN, TINY_STEPS, TINY_TOKENS, query, snapshot
 
@@ -82,6 +83,27 @@ def test_training_is_deterministic_and_rerunning_is_idempotent(warehouse_copy):
     assert any((warehouse_copy / "activations" / TINY_RUN).rglob("*.arrow"))
     compact_warehouse(warehouse_copy, timedelta(0))
     assert not any((warehouse_copy / "activations" / TINY_RUN).rglob("*.arrow"))
+
+
+def test_retraining_a_run_drops_the_bases_fitted_on_its_old_weights(analysed_warehouse,
+                                                                     tmp_path):
+    root = tmp_path / "warehouse"
+    shutil.copytree(analysed_warehouse, root)
+    bases = [name for (name,) in query(root, "SELECT name FROM bases ORDER BY name")]
+    assert bases == ["tiny-diff", "tiny-fn", "tiny-l2"]  # every one fitted on run tiny
+    per_basis = [table for table, where in derived_from_basis("tiny-l2") if "basis" in where]
+    per_basis += ["features", "decoder_directions", "training_metrics"]
+    assert all(query(root, f"SELECT count(*) FROM {t}")[0][0] > 0
+               for t in ("features", "trajectories", "births", "lineage_edges"))
+
+    train_model(TINY_RUN, steps=TINY_STEPS, d_model=TINY_D_MODEL, warehouse=root,
+                progress=False)
+    # Nothing computed from the old weights is read as the new run's: no activation set, no
+    # basis, no row of a basis.
+    assert query(root, "SELECT count(*) FROM activation_sets") == [(0,)]
+    assert query(root, "SELECT count(*) FROM bases") == [(0,)]
+    assert {t: query(root, f"SELECT count(*) FROM {t}")[0][0] for t in per_basis} == dict.fromkeys(
+        per_basis, 0)
 
 
 def test_collect_three_checkpoints_two_stages_aligned(trained_warehouse):

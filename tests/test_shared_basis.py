@@ -245,13 +245,18 @@ def test_cli_sweep_reports_json(swept, tmp_path):
 def test_a_refit_drops_every_row_computed_from_the_old_weights(analysed_warehouse, tmp_path):
     root = tmp_path / "wh"
     shutil.copytree(analysed_warehouse, root)
-    derived = derived_from_basis()
+    derived = sorted({table for table, where in derived_from_basis("tiny-l2")
+                      if set(where) == {"basis"}})
     count = {table: f"SELECT count(*) FROM {table} WHERE basis = ?" for table in derived}
     before = {t: query(root, sql, ["tiny-l2"])[0][0] for t, sql in count.items()}
     other = {t: query(root, sql, ["tiny-fn"])[0][0] for t, sql in count.items()}
     for table in ("trajectories", "births", "birth_summary", "diffs", "patches",
                   "lineage_edges", "feature_activations"):
         assert before[table] > 0, table  # the fixture analysed tiny-l2 every way
+    # tiny-fn's lineage read tiny-l2's features as its upstream: those edges go with tiny-l2
+    upstream = ("SELECT count(*) FROM lineage_edges "
+                "WHERE json_extract_string(pruning, '$.upstream') = ?")
+    assert query(root, upstream, ["tiny-l2"])[0][0] == other["lineage_edges"] > 0
     steps = ",".join(str(s) for (s,) in query(
         root, "SELECT step FROM activation_sets WHERE stage = 'layer_2_post_mlp' ORDER BY step"))
     shared_feature_fit(TINY_RUN, "layer_2_post_mlp", "tiny-l2", checkpoints=steps, dict_size=64,
@@ -260,7 +265,9 @@ def test_a_refit_drops_every_row_computed_from_the_old_weights(analysed_warehous
                        progress=False)
     after = {t: query(root, sql, ["tiny-l2"])[0][0] for t, sql in count.items()}
     assert after == dict.fromkeys(derived, 0)
-    assert {t: query(root, sql, ["tiny-fn"])[0][0] for t, sql in count.items()} == other
+    assert query(root, upstream, ["tiny-l2"])[0][0] == 0
+    assert {t: query(root, sql, ["tiny-fn"])[0][0] for t, sql in count.items()} == {
+        **other, "lineage_edges": 0}
     # Nothing ranks features from the old basis's diffs any more.
     from featurestore.ingest.feature_patch import feature_patch
 

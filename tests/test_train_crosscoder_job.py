@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,9 +15,15 @@ from click.testing import CliRunner
 
 from featurestore.cli import cli
 from featurestore.crosscoder import CrossCoder
-from featurestore.errors import FeaturestoreError, InvalidActivationsError, NotFoundError
+from featurestore.crosscoder_training import STATE_FILE
+from featurestore.errors import (
+    FeaturestoreError,
+    FitRejectedError,
+    InvalidActivationsError,
+    NotFoundError,
+)
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
-from featurestore.warehouse import connect
+from featurestore.warehouse import Warehouse, connect
 
 from .conftest import (
     RELAXED_BOUNDS,
@@ -254,3 +264,55 @@ def test_bad_model_sources_fail_clearly_and_write_nothing(warehouse_copy, tmp_pa
                                                 "base .* has a vocabulary of"):
         train([MODEL_BASE], tokens_from=str(tmp_path / "wide.parquet"), tokens=None)
     assert snapshot(warehouse_copy) == before
+
+
+# --- the resume state ---------------------------------------------------------------------------
+
+KILLED_AFTER_COMMIT = """
+import json, os, signal, sys
+from featurestore import warehouse
+from featurestore.ingest.train_crosscoder import train_crosscoder_job
+
+discard = warehouse.Writer.discard
+
+def die_once_committed(self):  # the commit stands; the job dies before its cleanup
+    if self.committed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    discard(self)
+
+warehouse.Writer.discard = die_once_committed
+train_crosscoder_job(warehouse=sys.argv[1], **json.loads(sys.argv[2]))
+"""
+
+
+def test_the_resume_state_stays_after_a_failure_and_goes_with_the_commit(warehouse_copy,
+                                                                         tmp_path):
+    root = warehouse_copy
+    state = root / "training" / "kept"
+    with pytest.raises(FitRejectedError):
+        train_crosscoder_job("kept", [BASE, TUNED], warehouse=root,
+                             **{**SMALL, "min_explained_variance": 1.5})
+    assert (state / STATE_FILE).is_file()
+    saved = tmp_path / "saved"
+    shutil.copytree(state, saved)  # with its times: a state saved before the commit below
+    with Warehouse(root).writer("another job"):
+        pass
+    assert (state / STATE_FILE).is_file()  # still wanted, for --resume
+
+    # Resumed with relaxed bounds, the basis commits and the job is killed right after.
+    job = {"name": "kept", "sources": [BASE, TUNED], "resume": True, **SMALL}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_COMMIT, str(root),
+                             json.dumps(job)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(root, "SELECT name FROM bases WHERE name = 'kept'") == [{"name": "kept"}]
+    with Warehouse(root).writer("next job"):
+        pass
+    assert not state.exists() and not any((root / "training").iterdir())
+    assert not any((root / "tmp").glob("*"))  # the killed job's scratch went too
+
+    # A state older than the basis of its name, as a featurestore that deleted it only after
+    # the commit left it when killed there: the next job deletes it.
+    shutil.copytree(saved, state)
+    with Warehouse(root).writer("next job"):
+        pass
+    assert not state.exists()

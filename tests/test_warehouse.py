@@ -8,7 +8,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -469,3 +471,80 @@ def test_concurrent_writer_processes_lose_nothing_and_never_duplicate_a_key(tmp_
         (1, commits - 1)]
     # The lake's own first snapshot, "init", then one per commit.
     assert len(Warehouse(root).snapshots(limit=100)) == 1 + 1 + 4 * commits
+
+
+# ---------------------------------------------------------------------------------------------
+# What jobs leave behind: scratch of killed jobs, cleanup that fails after a commit
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from featurestore.warehouse import Warehouse
+    with Warehouse(sys.argv[1]).writer("killed") as writer:
+        writer.tmp_dir.mkdir()
+        (writer.tmp_dir / "partial.parquet").write_bytes(b"half a file")
+        print(writer.tmp_dir, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_the_next_writer_deletes_the_scratch_of_a_killed_job_but_not_of_a_running_one(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    with wh.writer("init") as writer:
+        writer.put("runs", [run_row("a")])
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(wh.root)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    dead = Path(killed.stdout.strip())
+    assert dead.is_dir() and dead.parent == wh.tmp_dir
+    # Scratch of an older featurestore, which did not lock it: kept while it may be running.
+    young, old = wh.tmp_dir / "job-young", wh.tmp_dir / "job-old"
+    young.mkdir()
+    old.mkdir()
+    two_days_ago = NOW.timestamp() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+
+    with wh.writer("running") as running:
+        running.tmp_dir.mkdir()
+        with Warehouse(wh.root).writer("next"):
+            pass
+        assert running.tmp_dir.is_dir()
+    assert not dead.exists() and not dead.with_name(dead.name + ".lock").exists()
+    assert young.is_dir() and not old.exists()
+    assert sorted(p.name for p in wh.tmp_dir.iterdir()) == ["job-young"]
+
+
+@contextmanager
+def undeletable(folder: Path):
+    """`folder` cannot be deleted while the block runs: a mount point (root), or in a folder
+    this user may not write to."""
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        (folder / "weights").write_bytes(b"w")
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+        return
+    folder.parent.chmod(0o555)
+    try:
+        yield
+    finally:
+        folder.parent.chmod(0o755)
+
+
+def test_cleanup_that_fails_after_the_commit_is_a_warning_not_a_failure(tmp_path, capfd):
+    wh = Warehouse(tmp_path / "wh")
+    leftover = wh.root / "rejected" / "old-fit"
+    leftover.mkdir(parents=True)
+    with undeletable(leftover):
+        with wh.writer("fit") as writer:
+            writer.put("runs", [run_row("a")])
+            writer.remove_dir("rejected/old-fit")
+        assert writer.committed
+        warnings = capfd.readouterr().err.strip().splitlines()
+        assert len(warnings) == 1 and warnings[0].startswith("featurestore: warning: fit:")
+        assert str(leftover) in warnings[0] and "could not delete" in warnings[0]
+    assert query(wh.root, "SELECT run FROM runs") == [("a",)]

@@ -41,7 +41,7 @@ def test_init_creates_an_empty_warehouse_once(tmp_path):
     assert query(root, "SELECT count(*) FROM runs") == [(0,)]
     assert query(root, "SELECT version FROM schema_version") == [(3,)]
     assert {p.name for p in root.iterdir()} - {"catalog.sqlite-wal", "catalog.sqlite-shm"} == {
-        "catalog.sqlite", "data"}
+        "catalog.sqlite", "catalog.sqlite.backup", "data"}
     snapshots = Warehouse(root).snapshots()
     again = runner.invoke(cli, ["--warehouse", str(root), "init", "--json"])
     assert again.exit_code == 0, again.output
@@ -96,13 +96,17 @@ def test_a_lost_catalog_is_not_mistaken_for_a_new_warehouse(tmp_path, activation
     backup = CliRunner().invoke(cli, ["--warehouse", str(root), "catalog", "backup", "--out",
                                       str(tmp_path / "backup.sqlite")])
     assert backup.exit_code == 0, backup.output
-    for name in ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"):
+    for name in ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm",
+                 "catalog.sqlite.backup"):
         (root / name).unlink(missing_ok=True)
-    with pytest.raises(FeaturestoreError, match="table files .* but no catalog .*from a backup"):
+    with pytest.raises(FeaturestoreError,
+                       match="table files .* but no catalog .*catalog restore --from FILE"):
         train_crosscoder_job("other", [f"x={activation_folder}"], warehouse=root, **SMALL)
     result = CliRunner().invoke(cli, ["--warehouse", str(root), "init"])
     assert result.exit_code == 1 and "catalog backup" in result.output
     assert not (root / "catalog.sqlite").exists()
     # The table files are untouched, so the backup brings the basis back.
-    (tmp_path / "backup.sqlite").rename(root / "catalog.sqlite")
+    restore = CliRunner().invoke(cli, ["--warehouse", str(root), "catalog", "restore", "--from",
+                                       str(tmp_path / "backup.sqlite")])
+    assert restore.exit_code == 0, restore.output
     assert query(root, "SELECT name FROM bases") == [("sae",)]
