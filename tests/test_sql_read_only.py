@@ -191,7 +191,7 @@ def test_the_python_api_is_read_only_too(warehouse, original):
     assert snapshot(warehouse) == original
 
 
-def test_a_postgres_catalog_is_read_only_too(tmp_path):
+def test_a_postgres_catalog_is_read_only_too(tmp_path, monkeypatch):
     try:
         bindir = locate_binaries()
     except PostgresUnavailable as why:
@@ -199,6 +199,8 @@ def test_a_postgres_catalog_is_read_only_too(tmp_path):
     with postgres_server(bindir) as server:
         database = server.create_database()
         catalog = server.catalog(database)
+        # `--catalog` sets the variable for the process; this puts it back after the test.
+        monkeypatch.setenv("FEATURESTORE_CATALOG", catalog)
         root = tmp_path / "warehouse"
         with Warehouse(root, catalog=catalog).writer("runs") as writer:
             writer.put("runs", [{"run": "pg", "kind": "pretrain", "model_family": "demo",
