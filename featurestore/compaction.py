@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from featurestore.errors import FeaturestoreError
 from featurestore.integrity import forget_checksums, record_checksums
 from featurestore.lake import LAKE
-from featurestore.scratch import sweep
+from featurestore.scratch import older, sweep
 from featurestore.warehouse import VERSION_SUFFIX, Warehouse, utc_now
 
 DEFAULT_OLDER_THAN = timedelta(days=7)
@@ -94,10 +93,10 @@ def compact_warehouse(warehouse: str | None = None, older_than: timedelta = DEFA
         wh.refresh_catalog_backup()
         if wh.catalog_backup is not None:  # copies of the catalog that a killed job left half-made
             for temp in wh.catalog_backup.parent.glob(f"{wh.catalog_backup.name}.tmp-*"):
-                if _older(temp, older_than):
+                if older(temp, older_than):
                     temp.unlink(missing_ok=True)
     folders = [f for f in _artefact_folders(wh.root)
-               if f not in referenced and _older(wh.path(f), older_than)]
+               if f not in referenced and older(wh.path(f), older_than)]
     # Scratch of jobs no longer running (a running job holds its lock; see featurestore.scratch)
     scratch = sweep(wh.tmp_dir, lambda name: name.startswith("job-"), lockless_age=older_than,
                     min_age=older_than, dry_run=dry_run)
@@ -149,10 +148,3 @@ def _artefact_folders(root: Path) -> list[str]:
                     found.append(str((Path(folder) / child).relative_to(root)))
                     children.remove(child)  # do not descend into an artefact
     return found
-
-
-def _older(path: Path, age: timedelta) -> bool:
-    try:
-        return time.time() - path.stat().st_mtime >= age.total_seconds()
-    except FileNotFoundError:
-        return False

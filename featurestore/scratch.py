@@ -114,7 +114,7 @@ def sweep(parent: Path, matches: Callable[[str], bool], *, lockless_age: timedel
             continue
         lock = lock_path(folder)
         has_lock = lock.exists()
-        if not _older(folder, min_age if has_lock else max(min_age, lockless_age)):
+        if not older(folder, min_age if has_lock else max(min_age, lockless_age)):
             continue
         fd = _try_lock(lock) if has_lock else None
         if has_lock and fd is None:
@@ -166,7 +166,8 @@ def _try_lock(lock: Path) -> int | None:
     return fd
 
 
-def _older(path: Path, age: timedelta) -> bool:
+def older(path: Path, age: timedelta) -> bool:
+    """Whether `path` was last modified at least `age` ago (False once it is gone)."""
     try:
         return time.time() - path.stat().st_mtime >= age.total_seconds()
     except FileNotFoundError:
