@@ -60,15 +60,18 @@ class TableFile:
     snapshot: int  # the snapshot it belongs to
 
 
-def table_files(con: duckdb.DuckDBPyConnection, data_path: Path,
-                live: bool = True) -> list[TableFile]:
+def table_files(con: duckdb.DuckDBPyConnection, data_path: Path, live: bool = True,
+                ids: tuple[int, int] | None = None) -> list[TableFile]:
     """The table files the newest snapshot reads (or, `live=False`, every file the catalog
-    knows), from the catalog's own tables; their paths are relative to the schema's, the
-    table's, then the data folder."""
+    knows; `ids`: only those with a file id in [low, high)), from the catalog's own tables;
+    their paths are relative to the schema's, the table's, then the data folder."""
     files = []
     for kind, table, id_column, count in (
             ("data", "ducklake_data_file", "data_file_id", "record_count"),
             ("delete", "ducklake_delete_file", "delete_file_id", "delete_count")):
+        where = "f.end_snapshot IS NULL" if live else "true"
+        if ids is not None:
+            where += f" AND f.{id_column} >= {int(ids[0])} AND f.{id_column} < {int(ids[1])}"
         rows = con.execute(f"""
             SELECT t.table_name, f.{id_column}, f.data_file_id, f.path, f.path_is_relative,
                    f.file_size_bytes, f.{count}, f.begin_snapshot, s.path, t.path
@@ -77,7 +80,7 @@ def table_files(con: duckdb.DuckDBPyConnection, data_path: Path,
               ON t.table_id = f.table_id AND t.end_snapshot IS NULL
             JOIN {METADATA}.ducklake_schema s
               ON s.schema_id = t.schema_id AND s.end_snapshot IS NULL
-            WHERE {"f.end_snapshot IS NULL" if live else "true"}
+            WHERE {where}
             ORDER BY t.table_name, f.path""").fetchall()
         for (name, file_id, data_file_id, path, relative, size, count_, begin, schema_path,
              table_path) in rows:
@@ -116,7 +119,7 @@ def record_checksums(con: duckdb.DuckDBPyConnection, data_path: Path, snapshot: 
                 WHERE snapshot_id < s.snapshot_id ORDER BY snapshot_id DESC LIMIT 1),
                s.next_file_id
         FROM {METADATA}.ducklake_snapshot s WHERE s.snapshot_id = ?""", [snapshot]).fetchone()
-    files = [f for f in table_files(con, data_path) if (low or 0) <= f.file_id < high]
+    files = table_files(con, data_path, ids=(low or 0, high))
     if not files:
         return 0
     _ensure_checksum_table(con)
