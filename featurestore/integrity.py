@@ -256,23 +256,12 @@ def check_warehouse(warehouse: str | os.PathLike | None = None, *, catalog: str 
     con = wh._open(read_only=True)
     try:
         commands = _commands(con)
-        checksums = _recorded_checksums(con)
         result = CheckResult(str(wh.root), wh.current_snapshot(con), deep)
-        damaged: list[TableFile] = []
         files = table_files(con, wh.data_path)
-        for file in files:
-            result.table_files += 1
-            checksum = checksums.get(file.relative)
-            reason = table_file_problem(file, checksum, deep)
-            result.checksums_verified += int(deep and checksum is not None and reason is None)
-            if reason:
-                damaged.append(file)
-                result.problems.append(Problem(
-                    "table file", file.table, str(file.path.relative_to(wh.root)
-                                                  if file.path.is_relative_to(wh.root)
-                                                  else file.path),
-                    reason, file.rows if file.kind == "data" else None,
-                    commands.get(file.snapshot)))
+        found, result.checksums_verified = _table_file_problems(wh, con, commands, files, deep)
+        result.table_files = len(files)
+        result.problems += [problem for _, problem in found]
+        damaged = [file for file, _ in found]
         broken_tables = {f.table for f in damaged}
         lake = wh.connect()
         try:
@@ -365,20 +354,33 @@ def drop_damaged_files(wh: Warehouse, table: str, job: str) -> list[Problem]:
     Returns what was dropped (nothing when every file is intact)."""
     con = wh._open(read_only=True)
     try:
-        commands = _commands(con)
-        checksums = _recorded_checksums(con)
-        damaged = []
-        for file in table_files(con, wh.data_path):
-            if file.table == table and (
-                    reason := table_file_problem(file, checksums.get(file.relative), True)):
-                damaged.append((file, reason))
+        files = [f for f in table_files(con, wh.data_path) if f.table == table]
+        found, _ = _table_file_problems(wh, con, _commands(con), files, deep=True)
     finally:
         con.close()
-    if damaged:
-        drop_table_files(wh, [file for file, _ in damaged], f"drop damaged files, for {job}")
-    return [Problem("table file", table, str(file.path), reason,
-                    file.rows if file.kind == "data" else None, commands.get(file.snapshot))
-            for file, reason in damaged]
+    if found:
+        drop_table_files(wh, [file for file, _ in found], f"drop damaged files, for {job}")
+    return [problem for _, problem in found]
+
+
+def _table_file_problems(wh: Warehouse, con: duckdb.DuckDBPyConnection,
+                         commands: dict[int, str], files: list[TableFile], deep: bool
+                         ) -> tuple[list[tuple[TableFile, Problem]], int]:
+    """The damaged ones of `files`, each with its problem, and how many intact files were
+    verified against a recorded checksum."""
+    checksums = _recorded_checksums(con)
+    found, verified = [], 0
+    for file in files:
+        checksum = checksums.get(file.relative)
+        reason = table_file_problem(file, checksum, deep)
+        verified += int(deep and checksum is not None and reason is None)
+        if reason:
+            shown = (file.path.relative_to(wh.root) if file.path.is_relative_to(wh.root)
+                     else file.path)
+            found.append((file, Problem("table file", file.table, str(shown), reason,
+                                        file.rows if file.kind == "data" else None,
+                                        commands.get(file.snapshot))))
+    return found, verified
 
 
 def drop_table_files(wh: Warehouse, files: list[TableFile], message: str = "check --repair"

@@ -471,8 +471,7 @@ class Warehouse:
                 "job that writes, which converts it first.")
         # (A catalog holding a DuckLake but no featurestore tables is a first job's that did
         # not commit; its table files, if any, are orphans.)
-        holds_lake = (self.catalog.kind == "sqlite" and self.catalog.exists()
-                      and sqlite_has_ducklake(Path(self.catalog.target)))
+        holds_lake = self.catalog.kind == "sqlite" and self._has_catalog()
         if not holds_lake and (lost := self._lost_catalog()):
             return lost
         if self.catalog.kind == "sqlite" and self.catalog.exists():
