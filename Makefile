@@ -15,6 +15,11 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# dictionary_learning and sae-dashboard, for the tests of their formats: their releases pin
+	# versions of nnsight and transformers this project has moved past, and the parts the tests
+	# use (dictionary classes needing torch and einops, dashboard format classes needing numpy)
+	# need none of them, so they go in without their dependencies.
+	$(BIN)/python -m pip install --quiet --no-deps dictionary-learning==0.1.0 sae-dashboard==0.8.0
 	touch $(INSTALLED)
 
 demo: install

@@ -1,8 +1,9 @@
 """Crosscoder training throughput: featurestore's CrossCoder trainer against a plain dense one.
 
 A crosscoder trains for thousands of steps, so the time of one step bounds how many tokens a run
-can afford. Both architectures (vanilla; batchtopk with k=32) are timed at four sizes, written
-sources x d_model / latents:
+can afford. Every architecture (vanilla; batchtopk, topk and matryoshka with k=32, matryoshka in
+its default five doubling groups; jumprelu) is timed at four sizes, written sources x d_model /
+latents:
 
     2x64/1024     2 sources of 64 dims, 1,024 latents (the only size with --quick)
     2x128/2048    2 sources of 128 dims, 2,048 latents
@@ -18,9 +19,9 @@ reading).
 
 The baseline, measured in the same run on the same batches from the same initial weights, is what
 a straightforward research implementation does (DenseReference below): the sources flattened into
-one vector, one dense matmul each way, decoder norms recomputed where they are used, and the
-default (non-fused) torch.optim.Adam. Its loss on the first batch is checked against featurestore's,
-so both train the same model.
+one vector, one dense matmul each way (for matryoshka, one decode of each prefix), decoder norms
+recomputed where they are used, and the default (non-fused) torch.optim.Adam. Its loss on the
+first batch is checked against featurestore's, so both train the same model.
 
 Also measured, interleaved with the trainers: the machine's fp32 matmul rate (one 2048x2048
 product), which the notes divide each trainer's matmul FLOP rate by (utilisation); and, before the
@@ -59,9 +60,10 @@ from featurestore.crosscoder_training import TrainerConfig, make_optimizer
 
 BATCH_SIZE = 1024  # tokens per step: the trainer's default
 K = 32
-ARCHS = ("vanilla", "batchtopk")
-# The trainer's defaults: learning rate, betas, the vanilla L1 coefficient (at the end of its
-# warm-up) and the gradient-norm clip.
+ARCHS = ("vanilla", "batchtopk", "topk", "jumprelu", "matryoshka")
+SPARSE_ARCHS = ("batchtopk", "topk", "matryoshka")  # featurestore decodes these k rows a token
+# The trainer's defaults: learning rate, betas, the vanilla L1 and JumpReLU L0 coefficients (at
+# the end of their warm-up) and the gradient-norm clip.
 TRAINER = TrainerConfig()
 MEMORY_STEPS = 2  # see peak_step_memory_mb
 SEED = 0
@@ -77,22 +79,25 @@ class Size:
     def label(self) -> str:
         return f"{self.n_sources}x{self.d_model}/{self.d_hidden}"
 
-    def flops_per_token(self, sparse_k: int = 0) -> int:
+    def flops_per_token(self, sparse_k: int = 0, decoded: int | None = None) -> int:
         """Matmul FLOPs of one training step per token.
 
         Dense: forward 2*s*d*h for the encoder and as many for the decoder. Backward: the decoder
         needs the gradients of its weights and of the latents (2 products), the encoder only that
         of its weights, because the input activations need no gradient (1 product; autograd skips
         the other). 5 products in all, 10*s*d*h, where the usual "backward = 2x forward" would say
-        12*s*d*h. With sparse_k, featurestore's BatchTopK: only the encoder's forward is dense
-        (2*s*d*h); the decoder both ways and the encoder's weight gradient touch k rows a token
-        (4 products of 2*s*d*k). Elementwise work, top-k, clipping and Adam are memory-bound and
-        not counted, so the utilisation this gives is that of the matmuls' share of the work.
+        12*s*d*h. A dense decoder that decodes several prefixes (the reference's matryoshka)
+        does its 3 products over `decoded` latents in all, the sum of the prefixes' sizes. With
+        sparse_k, featurestore's BatchTopK, TopK and Matryoshka: only the encoder's forward is
+        dense (2*s*d*h); the decoder both ways and the encoder's weight gradient touch k rows a
+        token (4 products of 2*s*d*k). Elementwise work, top-k, clipping and Adam are
+        memory-bound and not counted, so the utilisation this gives is that of the matmuls'
+        share of the work.
         """
         width = self.n_sources * self.d_model
         if sparse_k:
             return 2 * width * self.d_hidden + 8 * width * sparse_k
-        return 10 * width * self.d_hidden
+        return 4 * width * self.d_hidden + 6 * width * (decoded or self.d_hidden)
 
 
 SIZES = [Size(2, 64, 1024), Size(2, 128, 2048), Size(2, 256, 4096), Size(8, 128, 2048)]
@@ -139,15 +144,19 @@ class DenseReference(nn.Module):
     """The same crosscoder as a straightforward research implementation writes it.
 
     Weights are the CrossCoder's, flattened over sources: W_enc [s*d, h], W_dec [h, s*d]. Encode
-    is one matmul and a ReLU (for batchtopk then a topk over the whole batch's decoder-norm-weighted
-    activations), decode one matmul; the loss is total_loss's: summed squared error per token, plus
-    the decoder-norm-weighted L1 for vanilla.
+    is one matmul and a ReLU, then for batchtopk and matryoshka a topk over the whole batch's
+    decoder-norm-weighted activations, for topk one over each token's, for jumprelu a threshold
+    per latent (straight-through estimators as SAELens writes them); decode one matmul, or for
+    matryoshka one per prefix, each from scratch. The loss is total_loss's: summed squared error
+    per token (matryoshka: its mean over the prefixes), plus the decoder-norm-weighted L1 for
+    vanilla, the L0 for jumprelu.
     """
 
     def __init__(self, model: CrossCoder):
         super().__init__()
         config = model.config
-        self.arch, self.k = config.arch, config.k
+        self.arch, self.k, self.bandwidth = config.arch, config.k, config.jumprelu_bandwidth
+        self.prefixes = [sum(config.group_sizes[:g + 1]) for g in range(len(config.group_sizes))]
         self.n_sources, self.d_model = config.n_sources, config.d_model
         width = config.n_sources * config.d_model
         with torch.no_grad():
@@ -155,24 +164,73 @@ class DenseReference(nn.Module):
             self.b_enc = nn.Parameter(model.b_enc.clone())
             self.W_dec = nn.Parameter(model.decoder().reshape(config.d_hidden, width).clone())
             self.b_dec = nn.Parameter(model.b_dec.reshape(width).clone())
+            if config.arch == "jumprelu":
+                self.log_threshold = nn.Parameter(model.log_threshold.clone())
 
     def penalty_weights(self) -> torch.Tensor:
         """Per latent, the sum over sources of its decoder norms; recomputed on every call."""
         per_source = self.W_dec.view(-1, self.n_sources, self.d_model)
         return per_source.norm(dim=-1).sum(dim=1)
 
-    def loss(self, x: torch.Tensor, l1_coeff: float) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, l1_coeff: float, l0_coeff: float) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        acts = torch.relu(flat @ self.W_enc + self.b_enc)
-        if self.arch == "batchtopk":
+        pre = flat @ self.W_enc + self.b_enc
+        acts = torch.relu(pre)
+        if self.arch in ("batchtopk", "matryoshka"):
             scores = (acts * self.penalty_weights()).flatten()
             top = scores.topk(self.k * x.shape[0], sorted=False).indices
             acts = torch.zeros_like(scores).scatter(0, top, acts.flatten()[top]).view_as(acts)
+        elif self.arch == "topk":
+            top = acts.topk(self.k, dim=1)
+            acts = torch.zeros_like(acts).scatter(1, top.indices, top.values)
+        elif self.arch == "jumprelu":
+            threshold = self.log_threshold.exp()
+            acts = _ReferenceJumpReLU.apply(pre, threshold, self.bandwidth)
+            l0 = _ReferenceStep.apply(pre, threshold, self.bandwidth).sum(dim=1).mean()
+        if self.arch == "matryoshka":
+            errors = [(flat - acts[:, :m] @ self.W_dec[:m] - self.b_dec).pow(2).sum(dim=1).mean()
+                      for m in self.prefixes]
+            return torch.stack(errors).mean()
         reconstruction = acts @ self.W_dec + self.b_dec
         loss = (flat - reconstruction).pow(2).sum(dim=1).mean()
         if self.arch == "vanilla":
             loss = loss + l1_coeff * (acts * self.penalty_weights()).sum(dim=1).mean()
+        if self.arch == "jumprelu":
+            loss = loss + l0_coeff * l0
         return loss
+
+
+class _ReferenceJumpReLU(torch.autograd.Function):
+    """pre * (pre > threshold); the threshold's gradient through a rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * window * grad
+        return grad * (pre > threshold), grad_threshold.sum(dim=0), None
+
+
+class _ReferenceStep(torch.autograd.Function):
+    """(pre > threshold) as numbers; the threshold's gradient through a rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        return None, (-(1.0 / ctx.bandwidth) * window * grad).sum(dim=0), None
 
 
 @dataclass
@@ -202,7 +260,7 @@ class Trainer:
 def featurestore_trainer(model: CrossCoder, device: Device,
                          autocast: torch.dtype | None = None) -> Trainer:
     def loss(x: torch.Tensor) -> torch.Tensor:
-        return total_loss(model, x, model(x), TRAINER.l1_coeff)[0]
+        return total_loss(model, x, model(x), TRAINER.l1_coeff, TRAINER.l0_coeff)[0]
 
     return Trainer(model, make_optimizer(model, TRAINER), loss, device, autocast)
 
@@ -210,7 +268,8 @@ def featurestore_trainer(model: CrossCoder, device: Device,
 def reference_trainer(model: CrossCoder, device: Device) -> Trainer:
     reference = DenseReference(model)
     optimizer = torch.optim.Adam(reference.parameters(), lr=TRAINER.lr, betas=TRAINER.betas)
-    return Trainer(reference, optimizer, lambda x: reference.loss(x, TRAINER.l1_coeff), device)
+    return Trainer(reference, optimizer,
+                   lambda x: reference.loss(x, TRAINER.l1_coeff, TRAINER.l0_coeff), device)
 
 
 def run(options: RunOptions) -> BenchmarkResult:
@@ -241,9 +300,10 @@ def run(options: RunOptions) -> BenchmarkResult:
     utilisation = {label: achieved[label] / rates[matmul_of[label]] for label in achieved}
     notes += [
         "per trainer: the matmul GFLOP/s it performs (Size.flops_per_token: 10*s*d*h a token for "
-        "a dense step; featurestore's BatchTopK decodes and back-propagates the encoder sparsely, "
-        "2*s*d*h + 8*s*d*k) and that as a share of its device's matmul rate; the peak memory "
-        f"torch allocates over its first {MEMORY_STEPS} steps on top of the weights "
+        "a dense step, more for the reference's matryoshka, which decodes every prefix; "
+        "featurestore's BatchTopK, TopK and Matryoshka decode and back-propagate the encoder "
+        "sparsely, 2*s*d*h + 8*s*d*k) and that as a share of its device's matmul rate; the peak "
+        f"memory torch allocates over its first {MEMORY_STEPS} steps on top of the weights "
         "(peak_step_memory_mb). That peak is the step's activations and the gradients and Adam "
         "moments: set by the batch and the model, never by the dataset, of which training holds "
         "one batch at a time:",
@@ -255,7 +315,8 @@ def run(options: RunOptions) -> BenchmarkResult:
         name="crosscoder",
         description=(f"crosscoder training steps of {BATCH_SIZE} tokens at "
                      f"{', '.join(s.label for s in sizes)} (sources x d_model / latents), "
-                     f"vanilla and batchtopk k={K}, on {' and '.join(d.name for d in devices)}"),
+                     f"vanilla, jumprelu, and batchtopk, topk and matryoshka with k={K}, on "
+                     f"{' and '.join(d.name for d in devices)}"),
         measurements=measurements,
         config={"batch_size": BATCH_SIZE, "k": K, "archs": list(ARCHS),
                 "sizes": [{"label": s.label, "n_sources": s.n_sources, "d_model": s.d_model,
@@ -303,12 +364,14 @@ def device_figures(device: Device, sizes: list[Size], flops_per_token: dict[str,
             check_same_loss(initial, reference.model, batches[0])
             fp32_mode = device.modes[0][0]
             reference_label = device.trainer_label("dense reference", arch, size, fp32_mode)
-            trainers = {reference_label: (reference, size.flops_per_token(), fp32_mode)}
+            decoded = sum(reference.model.prefixes) if arch == "matryoshka" else None
+            trainers = {reference_label: (reference, size.flops_per_token(decoded=decoded),
+                                          fp32_mode)}
             for mode, dtype in device.modes:
                 # Every featurestore trainer starts from the same weights as the reference.
                 model = initial if dtype is None else copy.deepcopy(initial)
                 label = device.trainer_label("CrossCoder", arch, size, mode)
-                sparse_k = K if arch == "batchtopk" else 0
+                sparse_k = K if arch in SPARSE_ARCHS else 0
                 trainers[label] = (featurestore_trainer(model, device, dtype),
                                    size.flops_per_token(sparse_k), mode)
             timed = batches[:device.steps_per_sample]
@@ -332,9 +395,9 @@ def check_same_loss(model: CrossCoder, reference: DenseReference, x: torch.Tenso
     is that of fp32 arithmetic on either device.
     """
     model.eval()  # no threshold update or firing count from this check
-    ours = total_loss(model, x, model(x), TRAINER.l1_coeff)[0]
+    ours = total_loss(model, x, model(x), TRAINER.l1_coeff, TRAINER.l0_coeff)[0]
     model.train()
-    theirs = reference.loss(x, TRAINER.l1_coeff)
+    theirs = reference.loss(x, TRAINER.l1_coeff, TRAINER.l0_coeff)
     if not torch.allclose(ours, theirs, rtol=1e-4):
         raise RuntimeError(f"{model.config.arch}: CrossCoder's loss {ours.item()} and the dense "
                            f"reference's {theirs.item()} differ; DenseReference is out of date")

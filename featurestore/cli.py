@@ -529,12 +529,18 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--pool-batches", type=cli_types.COUNT, default=32, show_default=True,
               help="With --tokens-from: the shuffle pool, in batches (memory: pool-batches x "
                    "batch-size x sources x d_model x 4 bytes).")
-@click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
-              show_default=True)
+@click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
+                                          "vanilla"]), default="batchtopk", show_default=True,
+              help="batchtopk: the k x batch-size largest activations of each batch, a learned "
+                   "threshold after training; topk: each token's k largest; jumprelu: a learned "
+                   "threshold per latent and an L0 penalty (--l0-coeff); matryoshka: batchtopk "
+                   "over nested groups of latents (--group-sizes); vanilla: ReLU and an L1 "
+                   "penalty (--l1-coeff).")
 @click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
-              help="BatchTopK: active latents per token.")
+              help="batchtopk, matryoshka: active latents per token on average; topk: per token.")
 @click.option("--aux-k", type=cli_types.NON_NEGATIVE_COUNT,
-              help="AuxK dead latents per token (0: off) [default: 2k for batchtopk, 0 vanilla].")
+              help="AuxK dead latents per token (0: off) [default: 2k for batchtopk, topk and "
+                   "matryoshka, 0 for vanilla and jumprelu].")
 @click.option("--aux-coeff", type=cli_types.NON_NEGATIVE, default=1 / 32, show_default=True)
 @click.option("--dict-size", type=cli_types.COUNT, help="Latents [default: 16 x d_model].")
 @click.option("--steps", type=cli_types.COUNT, help="Optimiser steps [default: 2000].")
@@ -547,8 +553,19 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
               show_default=True, help="Adam betas, each in [0, 1).")
 @click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
               help="Vanilla: final sparsity coefficient [default: 1].")
+@click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
+              help="jumprelu: final coefficient of the L0 penalty, the squared error (in "
+                   "normalised units, a token's squared norm about d_model) an active latent "
+                   "must remove [default: 1].")
+@click.option("--jumprelu-bandwidth", type=cli_types.POSITIVE,
+              help="jumprelu: width of the window of pre-activations around a threshold whose "
+                   "tokens move it (normalised units) [default: 0.1].")
+@click.option("--group-sizes", metavar="N,N,...",
+              help="matryoshka: sizes of the nested groups of latents, in order, summing to "
+                   "--dict-size, e.g. 64,128,256,576 [default: five groups doubling in size].")
 @click.option("--k-anneal-from", type=cli_types.NON_NEGATIVE_COUNT, default=0, show_default=True,
-              help="BatchTopK: start at this k and anneal to --k over the first 10% (0: off).")
+              help="batchtopk, topk, matryoshka: start at this k and anneal to --k over the "
+                   "first 10% (0: off).")
 @click.option("--shared-latents", "n_shared", type=cli_types.NON_NEGATIVE_COUNT, default=0,
               show_default=True, help="Designated shared latents (one decoder, lower penalty).")
 @click.option("--log-every", type=cli_types.COUNT, default=50, show_default=True)
@@ -562,8 +579,9 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.pass_context
 def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, tokenizer, seq_len,
                              splits, epochs, pool_batches, arch, k, aux_k, aux_coeff, dict_size,
-                             steps, tokens, batch_size, lr, betas, l1_coeff, k_anneal_from,
-                             n_shared, log_every, save_every, resume, seed, wandb,
+                             steps, tokens, batch_size, lr, betas, l1_coeff, l0_coeff,
+                             jumprelu_bandwidth, group_sizes, k_anneal_from, n_shared,
+                             log_every, save_every, resume, seed, wandb,
                              min_explained_variance, max_active_fraction, max_dead_fraction,
                              as_json, quiet):
     """Train a crosscoder on aligned activation sets, or straight from models, and register it.
@@ -586,6 +604,9 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
           --source base=demo@1800:layer_2_post_mlp --source ft=demo-ft@500:layer_2_post_mlp
       featurestore train-crosscoder --name diff --source ... --resume
       featurestore train-crosscoder --name sae --source x=acts/ --arch vanilla --l1-coeff 2
+      featurestore train-crosscoder --name jr --source x=acts/ --arch jumprelu --l0-coeff 3
+      featurestore train-crosscoder --name nested --source x=acts/ --arch matryoshka \\
+          --dict-size 1024 --group-sizes 64,128,256,576
       featurestore train-crosscoder --name diff --tokens-from demo --tokens 2000000 \\
           --source base=demo@LAST:layer_2_post_mlp --source ft=demo-ft@LAST:layer_2_post_mlp
       featurestore train-crosscoder --name gpt2-sae --tokens-from tokens.parquet \\
@@ -597,13 +618,14 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
       featurestore train-crosscoder --name web-diff --tokens-from web.jsonl --splits news \\
           --source base=pythia@1000:layer_3_post_mlp --source ft=pythia@LAST:layer_3_post_mlp
     """
-    from featurestore.ingest.train_crosscoder import train_crosscoder_job
+    from featurestore.ingest.train_crosscoder import parse_group_sizes, train_crosscoder_job
 
     _threads(ctx)
     result = train_crosscoder_job(
         name, list(sources), arch=arch, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
         dict_size=dict_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
-        betas=betas, l1_coeff=l1_coeff, k_anneal_from=k_anneal_from, n_shared=n_shared,
+        betas=betas, l1_coeff=l1_coeff, l0_coeff=l0_coeff, jumprelu_bandwidth=jumprelu_bandwidth,
+        group_sizes=parse_group_sizes(group_sizes), k_anneal_from=k_anneal_from, n_shared=n_shared,
         log_every=log_every, save_every=save_every, resume=resume, seed=seed,
         tokens_from=tokens_from, pool_batches=pool_batches, epochs=epochs,
         text_column=text_column, tokenizer=tokenizer, seq_len=seq_len, splits=_split_list(splits),
@@ -632,16 +654,32 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--kind", type=click.Choice(["pooled", "crosscoder"]), default="pooled",
               show_default=True, help="pooled: one SAE on all checkpoints; crosscoder: one "
                                       "decoder slice per checkpoint.")
-@click.option("--arch", type=click.Choice(["batchtopk", "vanilla"]), default="batchtopk",
-              show_default=True)
+@click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
+                                          "vanilla"]), default="batchtopk", show_default=True,
+              help="batchtopk: the k x batch-size largest activations of each batch, a learned "
+                   "threshold after training; topk: each token's k largest; jumprelu: a learned "
+                   "threshold per latent and an L0 penalty (--l0-coeff); matryoshka: batchtopk "
+                   "over nested groups of latents (--group-sizes); vanilla: ReLU and an L1 "
+                   "penalty (--l1-coeff).")
 @click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
-              help="BatchTopK: active features per token.")
+              help="batchtopk, matryoshka: active features per token on average; topk: per "
+                   "token.")
 @click.option("--dict-size", type=cli_types.COUNT, help="Features [default: 16 x d_model].")
 @click.option("--steps", type=cli_types.COUNT, default=2000, show_default=True)
 @click.option("--batch-size", type=cli_types.COUNT, default=1024, show_default=True)
 @click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
 @click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
               help="Vanilla: final sparsity coefficient [default: 1].")
+@click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
+              help="jumprelu: final coefficient of the L0 penalty, the squared error (in "
+                   "normalised units, a token's squared norm about d_model) an active latent "
+                   "must remove [default: 1].")
+@click.option("--jumprelu-bandwidth", type=cli_types.POSITIVE,
+              help="jumprelu: width of the window of pre-activations around a threshold whose "
+                   "tokens move it (normalised units) [default: 0.1].")
+@click.option("--group-sizes", metavar="N,N,...",
+              help="matryoshka: sizes of the nested groups of latents, in order, summing to "
+                   "--dict-size, e.g. 64,128,256,576 [default: five groups doubling in size].")
 @click.option("--seeds", type=cli_types.COUNT, default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
@@ -658,7 +696,8 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k, dict_size,
-                               steps, batch_size, lr, l1_coeff, seeds, seed, weighting,
+                               steps, batch_size, lr, l1_coeff, l0_coeff, jumprelu_bandwidth,
+                               group_sizes, seeds, seed, weighting,
                                init_weight,
                                min_explained_variance, max_active_fraction, max_dead_fraction,
                                as_json, quiet):
@@ -674,14 +713,19 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
       featurestore shared-feature-fit --run demo --stage layer_2_post_mlp --name demo-l2
       featurestore shared-feature-fit --run demo --stage final_norm --name demo-fn \\
           --checkpoints 0,100,400,LAST --kind crosscoder --seeds 3
+      featurestore shared-feature-fit --run demo --stage layer_2_post_mlp --name demo-nested \\
+          --arch matryoshka --dict-size 1024 --group-sizes 64,128,256,576
     """
     from featurestore.ingest.shared_feature_fit import shared_feature_fit
+    from featurestore.ingest.train_crosscoder import parse_group_sizes
 
     _threads(ctx)
     result = shared_feature_fit(
         run, stage, name, checkpoints=checkpoints, kind=kind, arch=arch, k=k,
         dict_size=dict_size, steps=steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff,
-        seeds=seeds, seed=seed, weighting=weighting, init_weight=init_weight,
+        l0_coeff=l0_coeff, jumprelu_bandwidth=jumprelu_bandwidth,
+        group_sizes=parse_group_sizes(group_sizes), seeds=seeds, seed=seed, weighting=weighting,
+        init_weight=init_weight,
         min_explained_variance=min_explained_variance,
         max_active_fraction=max_active_fraction, max_dead_fraction=max_dead_fraction,
         warehouse=_warehouse(ctx), progress=not quiet)
@@ -698,6 +742,95 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
                f"({result.seconds:.1f}s)")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command("import-dictionary")
+@click.option("--format", "format_", required=True,
+              type=click.Choice(["saelens", "sparsify", "dictionary_learning"]),
+              help="The tool that saved the dictionary.")
+@click.option("--path", required=True, type=click.Path(exists=True),
+              help="Its folder (SAELens: cfg.json + sae_weights.safetensors; sparsify: cfg.json "
+                   "+ sae.safetensors; dictionary_learning: ae.pt or model_final.pt, with the "
+                   "config.json beside it), or the dictionary_learning weights file.")
+@click.option("--name", required=True, help="Name of the basis to create (or replace).")
+@click.option("--run", help="Run whose checkpoints the dictionary reads (with --stage).")
+@click.option("--stage", help="Stage it was trained on, e.g. layer_2_post_mlp (with --run).")
+@click.option("--checkpoints", metavar="all|STEP,...",
+              help="With --run: the checkpoints (at least 3; a crosscoder over N sources takes "
+                   "N) [default: every checkpoint the stage was collected at].")
+@click.option("--source", "sources", multiple=True, metavar="LABEL=SET",
+              help="Instead of --run: one activation set per source, in the dictionary's order "
+                   "(as train-crosscoder takes them; two sources give a model diff).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def import_dictionary_command(ctx, format_, path, name, run, stage, checkpoints, sources,
+                              as_json):
+    """Register an SAE or crosscoder trained with SAELens, sparsify or dictionary_learning.
+
+    The dictionary's own files are read (safetensors, or .pt state dicts loaded with
+    weights_only=True) and its encoder (input normalisation, decoder-bias subtraction, ReLU,
+    TopK, JumpReLU or BatchTopK threshold) is folded exactly into a featurestore basis, so the
+    sweep, births, compare, patch, lineage, exports and model diff work on it. Its fit on the
+    activations is recorded in bases.fit_quality.
+
+    \b
+    Examples:
+      featurestore import-dictionary --format saelens --path ./my-sae \\
+          --name my-sae --run demo --stage layer_2_post_mlp
+      featurestore import-dictionary --format dictionary_learning --path ./crosscoder \\
+          --name diff --source base=demo@1800:layer_2_post_mlp \\
+          --source chat=demo-ft@300:layer_2_post_mlp --json
+    """
+    from featurestore.ingest.import_dictionary import import_dictionary
+
+    _threads(ctx)
+    result = import_dictionary(format_, path, name, run=run, stage=stage,
+                               checkpoints=checkpoints, sources=list(sources),
+                               warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        explained = result.explained_variance.values()
+        click.echo(f"basis {result.name!r}: {result.format} {result.arch} {result.kind}, "
+                   f"{result.d_hidden} features over {result.n_sources} source(s) of width "
+                   f"{result.d_model}, registered on {len(result.sources)} activation set(s); "
+                   f"explained variance {min(explained):.3f}-{max(explained):.3f}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command("export-dictionary")
+@click.option("--basis", required=True, help="A one-source basis (pooled, or an SAE).")
+@click.option("--format", "format_", required=True, type=click.Choice(["saelens", "sparsify"]),
+              help="saelens: any architecture; sparsify: TopK bases.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder [default: WAREHOUSE/exports/BASIS/FORMAT].")
+@click.option("--step", type=int,
+              help="Pooled bases whose checkpoints have different norm scales: the checkpoint "
+                   "the SAE is for.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_dictionary_command(ctx, basis, format_, out, step, as_json):
+    """Write a basis so SAELens or sparsify loads it with its own loader.
+
+    The folder holds cfg.json and the weights as safetensors, in original activation units
+    (the basis's norm scale folded in); BatchTopK and Matryoshka thresholds become per-latent
+    JumpReLU thresholds with the same code. Load it with sae_lens.SAE.load_from_disk(DIR) or
+    sparsify.SparseCoder.load_from_disk(DIR).
+
+    \b
+    Examples:
+      featurestore export-dictionary --basis demo-l2 --format saelens --step 1800
+      featurestore export-dictionary --basis my-topk --format sparsify --out ./sae --json
+    """
+    from featurestore.queries.export_dictionary import export_dictionary
+
+    result = export_dictionary(basis, format_, out=out, step=step, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"{basis!r} written as a {result.format} {result.arch} SAE ({result.d_in} -> "
+               f"{result.d_sae}) to {result.directory}: {', '.join(result.files)}")
 
 
 @cli.command("feature-trajectory-sweep")
@@ -1363,6 +1496,51 @@ def export_artifacts_command(ctx, basis, out, as_json):
         return
     click.echo(f"{len(result.files)} files of {basis!r} in {result.directory} "
                f"({result.seconds:.1f}s)")
+
+
+@cli.command("export-dashboards")
+@click.option("--basis", required=True, help="Shared basis to export.")
+@click.option("--step", metavar="STEP|LAST",
+              help="Swept checkpoint to show [default: the last swept, as `feature` uses].")
+@click.option("--features", metavar="ID,...|top:N",
+              help="Features to export (top:N: highest energy at the step) [default: every "
+                   "feature that fires at the step].")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory; the files go to OUT/BASIS_stepSTEP/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_dashboards_command(ctx, basis, step, features, out, as_json):
+    """Export feature dashboards in the format Neuronpedia imports (SAEDashboard's batches).
+
+    One batch-FEATURE.json per feature at one checkpoint: its top activating contexts with the
+    activation at every token (decoded text where the run has token strings, token ids
+    otherwise), its activation rate and histogram, and the tokens it promotes and suppresses
+    through the checkpoint's unembedding. skipped_indexes.json lists the features that never
+    fire there. Neuronpedia's importer reads the folder as it reads SAEDashboard's output.
+
+    \b
+    Examples:
+      featurestore export-dashboards --basis demo-l2 --out dashboards/
+      featurestore export-dashboards --basis demo-fn --step 400 --features top:20 \\
+          --out dashboards/ --json
+    """
+    from featurestore.queries.dashboards import export_dashboards
+
+    _threads(ctx)  # the logit effects run the checkpoint's unembedding in torch
+    result = export_dashboards(basis, step=step, features=features, out=out,
+                               warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    count = len(result.features)
+    click.echo(f"{count} dashboard{'' if count == 1 else 's'} of {basis!r} at step {result.step} "
+               f"({result.step_rule}) written to {result.directory} in {result.seconds:.1f}s")
+    click.echo("tokens: " + ("text (token_strings)" if result.token_text else
+                             "token ids (the run has no token strings)"))
+    click.echo(f"logit effects: {result.logits}")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} features that never fire at step "
+                   f"{result.step} (skipped_indexes.json)")
 
 
 @cli.command("report")

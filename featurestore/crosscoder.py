@@ -7,19 +7,28 @@ the same thing in every source, and how strongly each source's decoder uses it (
 says whether the feature is shared or exclusive to a source. With one source this is an ordinary
 sparse autoencoder.
 
-Two architectures:
+Five architectures:
 
-    vanilla    f = ReLU(pre); penalty = sum_i f_i * sum_s ||W_dec[i, s]||: the decoder-norm-
-               weighted L1 of the crosscoder paper, its coefficient warmed up by the trainer
-    batchtopk  keep the k * batch largest decoder-norm-weighted activations across the whole batch;
-               a running estimate of the smallest kept score becomes the threshold used after
-               training, so encoding one token does not depend on its batch. The ranking uses the
-               plain decoder norms: the shared latents' reduced penalty is an L1 notion, and
-               ranking by it would keep them from ever being selected
+    vanilla     f = ReLU(pre); penalty = sum_i f_i * sum_s ||W_dec[i, s]||: the decoder-norm-
+                weighted L1 of the crosscoder paper, its coefficient warmed up by the trainer
+    batchtopk   keep the k * batch largest decoder-norm-weighted activations across the whole
+                batch; a running estimate of the smallest kept score becomes the threshold used
+                after training, so encoding one token does not depend on its batch. The ranking
+                uses the plain decoder norms: the shared latents' reduced penalty is an L1 notion,
+                and ranking by it would keep them from ever being selected
+    topk        keep each token's k largest ReLU activations (Gao et al.), ranked by the plain
+                activation, not weighted by decoder norms, as sparsify's and SAELens' TopK do
+    jumprelu    f = ReLU(pre) * (pre > exp(log_threshold)), one learned threshold per latent
+                (Rajamanoharan et al. 2024), trained with straight-through pseudo-derivatives for
+                the threshold and an L0 penalty, its coefficient warmed up like vanilla's
+    matryoshka  BatchTopK's selection and threshold, and a dictionary of nested prefixes
+                (group_sizes): the loss is the mean over the prefixes of the error of the
+                reconstruction from that prefix's latents alone, so the first latents learn the
+                broad features on their own (Bussmann et al. 2025)
 
-Either can add the AuxK loss (dead latents learn to reconstruct the residual) and designated shared
-latents: the first n_shared latents have one decoder vector for all sources and a reduced sparsity
-penalty, as in Anthropic's February 2025 crosscoder update.
+Any of them can add the AuxK loss (dead latents learn to reconstruct the residual) and designated
+shared latents: the first n_shared latents have one decoder vector for all sources and a reduced
+sparsity penalty, as in Anthropic's February 2025 crosscoder update.
 
 The model works internally on normalised activations (each source multiplied by its norm scale
 from the activation sets); `encode` and `decode` take and return activations in original units.
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,14 +59,30 @@ class CrossCoderConfig:
     n_sources: int
     d_model: int
     d_hidden: int = 1024
-    arch: Literal["vanilla", "batchtopk"] = "batchtopk"
-    k: int = 32  # batchtopk: active latents per token, on average over the batch
+    arch: Literal["vanilla", "batchtopk", "topk", "jumprelu", "matryoshka"] = "batchtopk"
+    k: int = 32  # batchtopk, matryoshka: active latents per token on average; topk: per token
     aux_k: int = 0  # AuxK: dead latents used to reconstruct the residual (0: no auxiliary loss)
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 200_000  # a latent that has not fired for this many tokens is dead
     n_shared: int = 0  # designated shared latents (ids 0 .. n_shared-1), one decoder for all
     shared_penalty: float = 0.15  # their sparsity penalty relative to the other latents
-    threshold_momentum: float = 0.99  # batchtopk: EMA of the smallest kept score
+    threshold_momentum: float = 0.99  # batchtopk, matryoshka: EMA of the smallest kept score
+    # jumprelu, in normalised units, where a token's norm is about sqrt(d_model) and, at
+    # initialisation (unit decoder rows, encoder = decoder transposed), a pre-activation is about
+    # N(0, 1), while a feature that carries a share of the token is several units. The threshold
+    # is learned through its logarithm, which Adam moves by about the learning rate a step, so
+    # it has to start near its useful range: at 1 a latent fires on ~16% of tokens at first (none
+    # starts dead) and the ReLU code's small noise is cut from the start; started near 0, as a
+    # plain ReLU, it takes thousands of steps to rise and leaves spurious small activations.
+    # The bandwidth is the window of pre-activations around a threshold whose tokens move it:
+    # narrow beside a feature's activation, so that the gradient is local, wide enough that a
+    # batch puts tokens in it.
+    jumprelu_init_threshold: float = 1.0
+    jumprelu_bandwidth: float = 0.1
+    # matryoshka: the sizes of the nested groups of latents, in order, summing to d_hidden; the
+    # prefixes are the first group, the first two, ..., the whole dictionary. Empty: the default,
+    # default_group_sizes(d_hidden).
+    group_sizes: tuple[int, ...] = ()
     decoder_init_norm: float = 1.0  # normalised units, where a token's norm is about sqrt(d_model)
     # Start every source's decoder vector of a latent in the same random direction: checkpoints of
     # one run, or a base model and its fine-tune, share a residual basis, and independent starts
@@ -67,9 +93,9 @@ class CrossCoderConfig:
     def __post_init__(self) -> None:
         if self.n_sources < 1 or self.d_model < 1 or self.d_hidden < 1:
             raise ValueError("n_sources, d_model and d_hidden must be positive")
-        if self.arch not in ("vanilla", "batchtopk"):
-            raise ValueError(f"arch must be vanilla or batchtopk, got {self.arch!r}")
-        if self.arch == "batchtopk" and not 0 < self.k <= self.d_hidden:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch in K_ARCHS and not 0 < self.k <= self.d_hidden:
             raise ValueError(f"k must be in 1..d_hidden ({self.d_hidden}), got {self.k}")
         if not 0 <= self.aux_k <= self.d_hidden:
             raise ValueError(f"aux_k must be in 0..d_hidden ({self.d_hidden}), got {self.aux_k}")
@@ -78,7 +104,9 @@ class CrossCoderConfig:
         for name, allowed in (("aux_coeff", ranges.NON_NEGATIVE),
                               ("shared_penalty", ranges.NON_NEGATIVE),
                               ("threshold_momentum", ranges.FRACTION),
-                              ("decoder_init_norm", ranges.POSITIVE)):
+                              ("decoder_init_norm", ranges.POSITIVE),
+                              ("jumprelu_init_threshold", ranges.POSITIVE),
+                              ("jumprelu_bandwidth", ranges.POSITIVE)):
             if not allowed.contains(getattr(self, name)):
                 raise ValueError(f"{name} must be {allowed.describe()}, got "
                                  f"{getattr(self, name)}")
@@ -86,17 +114,51 @@ class CrossCoderConfig:
         if len(labels) != self.n_sources or len(set(labels)) != len(labels):
             raise ValueError(f"need {self.n_sources} distinct source labels, got {labels}")
         object.__setattr__(self, "source_labels", tuple(labels))
+        object.__setattr__(self, "group_sizes", self._checked_group_sizes())
+
+    def _checked_group_sizes(self) -> tuple[int, ...]:
+        """matryoshka: the given group sizes, or the default; other archs have none."""
+        if self.arch != "matryoshka":
+            if self.group_sizes:
+                raise ValueError(f"group_sizes are for arch matryoshka, not {self.arch}")
+            return ()
+        sizes = tuple(self.group_sizes) or default_group_sizes(self.d_hidden)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ValueError(f"group_sizes must be positive integers, got {list(sizes)}")
+        if sum(sizes) != self.d_hidden:
+            raise ValueError(f"group_sizes {list(sizes)} sum to {sum(sizes)}, not to d_hidden "
+                             f"({self.d_hidden})")
+        return sizes
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["source_labels"] = list(self.source_labels)
+        data["group_sizes"] = list(self.group_sizes)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CrossCoderConfig:
         data = dict(data)
         data["source_labels"] = tuple(data.get("source_labels", ()))
+        data["group_sizes"] = tuple(data.get("group_sizes", ()))
         return config_from_dict(cls, data)
+
+
+ARCHS = ("vanilla", "batchtopk", "topk", "jumprelu", "matryoshka")
+K_ARCHS = ("batchtopk", "topk", "matryoshka")  # the archs whose sparsity is set by k
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka")  # batch top-k in training, a threshold after
+DEFAULT_GROUPS = 5
+
+
+def default_group_sizes(d_hidden: int) -> tuple[int, ...]:
+    """Matryoshka groups doubling in size, g, 2g, 4g, 8g, 16g (the rest of d_hidden in the last),
+    as in Bussmann et al.: each prefix about twice the one before, the first a 31st of the
+    dictionary. A dictionary too small for five groups gets as many as fit."""
+    groups = min(DEFAULT_GROUPS, (d_hidden + 1).bit_length() - 1)  # 2**groups - 1 <= d_hidden
+    first = d_hidden // (2**groups - 1)
+    sizes = [first * 2**i for i in range(groups)]
+    sizes[-1] += d_hidden - sum(sizes)
+    return tuple(sizes)
 
 
 @dataclass
@@ -107,6 +169,12 @@ class ForwardOutput:
     reconstruction: torch.Tensor  # [batch, n_sources, d_model], normalised units
     sparsity: torch.Tensor  # scalar: the decoder-norm-weighted L1 (penalty before its coefficient)
     aux_loss: torch.Tensor  # scalar: AuxK reconstruction error of the residual (0 if unused)
+    # jumprelu: the mean over tokens of the number of active latents, with the straight-through
+    # pseudo-derivative for the thresholds (the L0 penalty before its coefficient)
+    l0_penalty: torch.Tensor | None = None
+    # matryoshka: the mean over the nested prefixes of the squared error of each prefix's own
+    # reconstruction (the loss in place of the whole dictionary's squared error)
+    prefix_l2: torch.Tensor | None = None
 
 
 class CrossCoder(nn.Module):
@@ -121,8 +189,13 @@ class CrossCoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(s, d))
         scales = torch.ones(s) if norm_scales is None else torch.as_tensor(norm_scales).float()
         self.register_buffer("norm_scales", scales.reshape(s).clone())
-        self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk; < 0 means not learned
+        # batchtopk, matryoshka; < 0 means not learned
+        self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(h, dtype=torch.long))
+        if config.arch == "jumprelu":
+            # Only JumpReLU has it, so that the saved weights of the other archs load as before.
+            # Its logarithm is learned, so the threshold stays positive.
+            self.log_threshold = nn.Parameter(torch.empty(h))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,6 +210,8 @@ class CrossCoder(nn.Module):
             self.W_enc.copy_(self.decoder().permute(1, 2, 0))
             self.b_enc.zero_()
             self.b_dec.zero_()
+            if self.config.arch == "jumprelu":
+                self.log_threshold.fill_(math.log(self.config.jumprelu_init_threshold))
 
     # -- the dictionary -----------------------------------------------------------------------
 
@@ -182,8 +257,11 @@ class CrossCoder(nn.Module):
         weights = self.penalty_weights(norms)
         pre = self.pre_activations(x)
         acts = F.relu(pre)
-        if self.config.arch == "batchtopk":
-            active = self._batch_top_k(acts, norms.sum(dim=1))
+        arch = self.config.arch
+        l0_penalty = prefix_l2 = None
+        if arch in K_ARCHS:
+            active = (self._batch_top_k(acts, norms.sum(dim=1)) if arch in THRESHOLD_ARCHS
+                      else self._top_k_per_token(acts))
             # Each token keeps about k of d_hidden latents, so the decode sums k decoder rows per
             # token instead of multiplying a mostly-zero [batch, d_hidden] matrix by the whole
             # decoder: O(batch * k) rows rather than O(batch * d_hidden), forward and backward.
@@ -192,8 +270,18 @@ class CrossCoder(nn.Module):
             values = F.relu(KeptPreActivations.apply(self.W_enc, self.b_enc, x, pre.detach(),
                                                      active))
             latents = torch.zeros_like(acts).flatten().index_put_((active,), values).view_as(acts)
-            reconstruction = sparse_reconstruct(values, active, acts.shape[0], decoder,
-                                                self.b_dec)
+            if arch == "matryoshka":
+                reconstruction, prefix_l2 = self._nested_reconstructions(x, values, active,
+                                                                         decoder)
+            else:
+                reconstruction = sparse_reconstruct(values, active, acts.shape[0], decoder,
+                                                    self.b_dec)
+        elif arch == "jumprelu":
+            # A JumpReLU code is not k-sparse per token (and early in training far from sparse):
+            # the dense product, as for vanilla.
+            latents, l0_penalty = JumpReLU.apply(pre, self.log_threshold.exp(),
+                                                 self.config.jumprelu_bandwidth)
+            reconstruction = self.reconstruct(latents, decoder)
         else:
             latents = acts  # vanilla's ReLU code is not k-sparse: the dense product is cheaper
             reconstruction = self.reconstruct(latents, decoder)
@@ -206,7 +294,31 @@ class CrossCoder(nn.Module):
             torch.zeros((), device=x.device))
         if self.training:
             self._track_firing(totals.detach() > 0, latents.shape[0])
-        return ForwardOutput(latents, reconstruction, sparsity, aux)
+        return ForwardOutput(latents, reconstruction, sparsity, aux, l0_penalty, prefix_l2)
+
+    def _top_k_per_token(self, acts: torch.Tensor) -> torch.Tensor:
+        """The flat indices into acts [batch, d_hidden] of each token's k largest, token by
+        token (the grouping sparse_reconstruct needs)."""
+        top = acts.topk(min(self.config.k, acts.shape[1]), dim=1, sorted=False)
+        rows = torch.arange(acts.shape[0], device=acts.device)[:, None] * acts.shape[1]
+        return (rows + top.indices).flatten()
+
+    def _nested_reconstructions(self, x: torch.Tensor, values: torch.Tensor,
+                                active: torch.Tensor, decoder: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the whole dictionary's reconstruction, the mean over the nested prefixes of the
+        squared error of the reconstruction from the prefix's latents alone).
+
+        Each group's latents are decoded once, and the prefixes' reconstructions are cumulative
+        sums of those decodes; a prefix is never decoded from scratch. The mean (not the sum) over
+        prefixes keeps the loss on the scale of the other archs' squared error, which the AuxK
+        coefficient, the gradient clipping and the learning rate were chosen for.
+        """
+        groups = sparse_group_decodes(values, active, x.shape[0], decoder,
+                                      self.config.group_sizes)  # [batch, groups, sources, d]
+        prefixes = groups.cumsum(dim=1) + self.b_dec
+        errors = (x[:, None] - prefixes).pow(2).sum(dim=(2, 3)).mean(dim=0)  # [groups]
+        return prefixes[:, -1], errors.mean()
 
     def _batch_top_k(self, acts: torch.Tensor, norm_sums: torch.Tensor) -> torch.Tensor:
         """The flat indices into acts [batch, d_hidden] of the kept latents, in increasing order."""
@@ -279,17 +391,24 @@ class CrossCoder(nn.Module):
     def encode(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
         """Latents for activations [batch, n_sources, d_model] in original units (or normalised).
 
-        BatchTopK encodes with its learned threshold, so a token's code does not depend on which
-        other tokens share its batch.
+        BatchTopK and Matryoshka encode with their learned threshold, so a token's code does not
+        depend on which other tokens share its batch.
         """
         if not normalized:
             x = x * self.norm_scales[:, None]
-        acts = F.relu(self.pre_activations(x))
-        if self.config.arch == "batchtopk":
+        pre = self.pre_activations(x)
+        acts = F.relu(pre)
+        arch = self.config.arch
+        if arch in THRESHOLD_ARCHS:
             if self.threshold < 0:
-                raise RuntimeError("this BatchTopK crosscoder has not learned its threshold yet")
+                raise RuntimeError(f"this {arch} crosscoder has not learned its threshold yet")
             scores = acts * self.decoder_norms().sum(dim=1)
             acts = acts * (scores > self.threshold)
+        elif arch == "topk":
+            top = acts.topk(min(self.config.k, acts.shape[1]), dim=1)
+            acts = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
+        elif arch == "jumprelu":
+            acts = acts * (pre > self.log_threshold.exp())
         return acts
 
     @torch.no_grad()
@@ -337,6 +456,60 @@ def sparse_reconstruct(values: torch.Tensor, active: torch.Tensor, batch_size: i
                              mode="sum", per_sample_weights=values.to(decoder.dtype))
     x_hat = summed.view(batch_size, n_sources, d_model)
     return x_hat if bias is None else x_hat + bias
+
+
+def sparse_group_decodes(values: torch.Tensor, active: torch.Tensor, batch_size: int,
+                         decoder: torch.Tensor, group_sizes: tuple[int, ...]) -> torch.Tensor:
+    """Each token's decode from each group of consecutive latents alone, without a bias:
+    [batch_size, n_groups, n_sources, d_model], summing over the groups to sparse_reconstruct.
+
+    The code is as sparse_reconstruct takes it, but `active` must be in increasing order: then
+    the entries of one token and group are consecutive, and one embedding_bag, with a bag per
+    (token, group), decodes every group at once.
+    """
+    d_hidden, n_sources, d_model = decoder.shape
+    tokens = torch.div(active, d_hidden, rounding_mode="floor")
+    latents = active - tokens * d_hidden
+    ends = torch.tensor(group_sizes, device=active.device).cumsum(0)
+    bags = tokens * len(group_sizes) + torch.bucketize(latents, ends, right=True)
+    counts = torch.bincount(bags, minlength=batch_size * len(group_sizes))
+    summed = F.embedding_bag(latents, decoder.reshape(d_hidden, -1), counts.cumsum(0) - counts,
+                             mode="sum", per_sample_weights=values.to(decoder.dtype))
+    return summed.view(batch_size, len(group_sizes), n_sources, d_model)
+
+
+class JumpReLU(torch.autograd.Function):
+    """apply(pre, threshold, bandwidth) -> (latents, l0): the JumpReLU code of pre [batch,
+    d_hidden], pre * (pre > threshold), and the mean over tokens of its count of active latents.
+
+    Both are step functions of the threshold [d_hidden], whose true gradient is zero almost
+    everywhere; the backward uses the straight-through pseudo-derivatives of Rajamanoharan et al.
+    (2024), a rectangle kernel of width `bandwidth` around the threshold: only tokens whose
+    pre-activation lies within bandwidth / 2 of it move it, the code by -(threshold / bandwidth)
+    and the count by -(1 / bandwidth) per token. The gradient for pre is the ordinary one of
+    the code (through the active entries); the count passes none to pre.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        active = pre > threshold
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * active, active.sum(dim=1, dtype=pre.dtype).mean()
+
+    @staticmethod
+    def backward(ctx, grad_latents, grad_l0):
+        pre, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        window = (pre - threshold).abs() < bandwidth / 2
+        grad_pre = grad_latents * (pre > threshold)
+        # Per token in the window, d code / d threshold is -(threshold / bandwidth) and
+        # d (count / batch) / d threshold is -(1 / bandwidth) / batch; the threshold is one per
+        # latent, so both are summed over the batch before they are scaled.
+        in_window = (grad_latents * window).sum(dim=0)
+        counts = window.sum(dim=0, dtype=pre.dtype)
+        grad_threshold = -(in_window * threshold + counts * grad_l0 / pre.shape[0]) / bandwidth
+        return grad_pre, grad_threshold, None
 
 
 class KeptPreActivations(torch.autograd.Function):

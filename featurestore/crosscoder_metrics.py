@@ -3,10 +3,13 @@
 All in normalised units, over one batch x [batch, n_sources, d_model]:
 
     l2_loss               mean over tokens of sum over sources and dims of (x - x_hat)^2
+    prefix_l2_loss        matryoshka: the mean over the nested prefixes of their own l2_loss
     l1_loss               the decoder-norm-weighted L1 of the latents (before its coefficient)
     l0_loss               mean number of active latents per token
     aux_loss              the AuxK loss (0 when unused)
-    loss                  l2_loss + l1_coeff * l1_loss (vanilla only) + aux_coeff * aux_loss
+    loss                  l2_loss (matryoshka: prefix_l2_loss) + aux_coeff * aux_loss
+                          + l1_coeff * l1_loss (vanilla) or + l0_coeff * l0_loss (jumprelu)
+    l1_coeff, l0_coeff    the sparsity coefficients at this step (l0_coeff for jumprelu only)
     explained_variance    1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean over the batch
     explained_variance_<label>   the same for one source
     dead_fraction         share of latents that have not fired for dead_after_tokens tokens
@@ -19,13 +22,17 @@ import torch
 from featurestore.crosscoder import CrossCoder, ForwardOutput
 
 
-def total_loss(model: CrossCoder, x: torch.Tensor, out: ForwardOutput,
-               l1_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimise, l2 part); BatchTopK's sparsity comes from k, so it gets no L1 term."""
+def total_loss(model: CrossCoder, x: torch.Tensor, out: ForwardOutput, l1_coeff: float,
+               l0_coeff: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, l2 part). Vanilla's sparsity penalty is the L1 and JumpReLU's the L0;
+    the archs with a k get their sparsity from it, and no penalty."""
     l2 = (x - out.reconstruction).pow(2).sum(dim=(1, 2)).mean()
-    loss = l2 + model.config.aux_coeff * out.aux_loss
+    reconstruction = l2 if out.prefix_l2 is None else out.prefix_l2
+    loss = reconstruction + model.config.aux_coeff * out.aux_loss
     if model.config.arch == "vanilla":
         loss = loss + l1_coeff * out.sparsity
+    elif model.config.arch == "jumprelu":
+        loss = loss + l0_coeff * out.l0_penalty
     return loss, l2
 
 
@@ -40,8 +47,8 @@ def explained_variance(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def batch_metrics(model: CrossCoder, x: torch.Tensor, out: ForwardOutput, l1_coeff: float,
-                  lr: float) -> dict[str, float]:
-    loss, l2 = total_loss(model, x, out, l1_coeff)
+                  lr: float, l0_coeff: float = 0.0) -> dict[str, float]:
+    loss, l2 = total_loss(model, x, out, l1_coeff, l0_coeff)
     ev = explained_variance(x, out.reconstruction)
     metrics = {
         "loss": loss.item(),
@@ -55,6 +62,10 @@ def batch_metrics(model: CrossCoder, x: torch.Tensor, out: ForwardOutput, l1_coe
         "dead_fraction": (model.tokens_since_fired >= model.config.dead_after_tokens)
         .float().mean().item(),
     }
+    if model.config.arch == "jumprelu":
+        metrics["l0_coeff"] = l0_coeff
+    if out.prefix_l2 is not None:
+        metrics["prefix_l2_loss"] = out.prefix_l2.item()
     for label, value in zip(model.config.source_labels, ev[:-1]):
         metrics[f"explained_variance_{label}"] = value.item()
     return metrics

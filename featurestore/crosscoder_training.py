@@ -1,4 +1,4 @@
-"""Training a crosscoder: one loop for both architectures, resumable to the bit.
+"""Training a crosscoder: one loop for every architecture, resumable to the bit.
 
 A training state (model, optimizer, scheduler, step, RNG, metrics so far) is saved every
 `save_every` steps as safetensors plus JSON, never a pickle. The data order is a pure function of
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from featurestore import ranges
-from featurestore.crosscoder import CrossCoder
+from featurestore.crosscoder import THRESHOLD_ARCHS, CrossCoder
 from featurestore.crosscoder_metrics import batch_metrics, total_loss
 from featurestore.errors import FeaturestoreError
 from featurestore.model import config_from_dict
@@ -65,8 +65,14 @@ class TrainerConfig:
     warmup_steps: int = 100  # linear learning-rate warm-up
     decay_fraction: float = 0.2  # linear decay to 0 over this last share of the steps
     l1_coeff: float = 1.0  # vanilla: final sparsity coefficient
-    l1_warmup_fraction: float = 0.05  # vanilla: the coefficient ramps up over this share
-    k_anneal_from: int = 0  # batchtopk: start at this k and anneal linearly to k (0: off)
+    l1_warmup_fraction: float = 0.05  # vanilla, jumprelu: the coefficient ramps up over this share
+    # jumprelu: final coefficient of the L0 penalty (active latents per token). An active latent
+    # must remove this much of a token's squared error to pay for itself, where the squared norm
+    # of a normalised token is d_model and a typical feature's share of it about d_model / L0,
+    # tens of units in most dictionaries: 1 prunes the latents that add little and keeps the
+    # features. Raise it for a sparser code.
+    l0_coeff: float = 1.0
+    k_anneal_from: int = 0  # batchtopk, topk, matryoshka: start at this k, anneal to k (0: off)
     k_anneal_fraction: float = 0.1
     max_grad_norm: float = 1.0
     log_every: int = 50
@@ -88,6 +94,7 @@ class TrainerConfig:
         for beta in self.betas:
             ranges.BETA.check(beta, "--betas")
         ranges.NON_NEGATIVE.check(self.l1_coeff, "--l1-coeff")
+        ranges.NON_NEGATIVE.check(self.l0_coeff, "--l0-coeff")
         for name in ("decay_fraction", "l1_warmup_fraction", "k_anneal_fraction"):
             ranges.FRACTION.check(getattr(self, name), f"TrainerConfig.{name}")
         ranges.POSITIVE.check(self.max_grad_norm, "TrainerConfig.max_grad_norm")
@@ -136,8 +143,16 @@ def lr_factor(step: int, config: TrainerConfig) -> float:
 
 
 def l1_coeff_at(step: int, config: TrainerConfig) -> float:
+    return config.l1_coeff * _sparsity_warmup(step, config)
+
+
+def l0_coeff_at(step: int, config: TrainerConfig) -> float:
+    return config.l0_coeff * _sparsity_warmup(step, config)
+
+
+def _sparsity_warmup(step: int, config: TrainerConfig) -> float:
     warmup = max(1, int(config.steps * config.l1_warmup_fraction))
-    return config.l1_coeff * min(1.0, (step + 1) / warmup)
+    return min(1.0, (step + 1) / warmup)
 
 
 def k_at(step: int, config: TrainerConfig, k: int) -> int:
@@ -230,9 +245,10 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
 
     on_log receives every logged metrics row (e.g. for wandb); on_step the count of steps done.
     Under torchrun every process trains on its share of each batch and DistributedDataParallel
-    averages the gradients, so (for vanilla) the result is that of one process on whole batches;
-    BatchTopK selects its top k x batch within each share, and its threshold and dead-latent counts
-    are combined over all shares. Only rank 0 saves states and metrics.
+    averages the gradients, so (for vanilla, TopK and JumpReLU) the result is that of one process
+    on whole batches; BatchTopK and Matryoshka select their top k x batch within each share, and
+    their threshold and dead-latent counts are combined over all shares. Only rank 0 saves
+    states and metrics.
     """
     from tqdm import tqdm
 
@@ -271,9 +287,9 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
             if step + 1 < config.steps:
                 upcoming = loader.submit(load, step + 1)
             model.config = dataclasses.replace(model.config, k=k_at(step, config, base_k))
-            l1_coeff = l1_coeff_at(step, config)
+            l1_coeff, l0_coeff = l1_coeff_at(step, config), l0_coeff_at(step, config)
             out = step_model(x)
-            loss, _ = total_loss(model, x, out, l1_coeff)
+            loss, _ = total_loss(model, x, out, l1_coeff, l0_coeff)
             if not torch.isfinite(loss):
                 saved = _saved_step(state_dir)
                 raise FeaturestoreError(
@@ -288,7 +304,8 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
             scheduler.step()
             done = step + 1
             if distributed.is_main and (done % config.log_every == 0 or done == config.steps):
-                row = batch_metrics(model, x, out, l1_coeff, optimizer.param_groups[0]["lr"])
+                row = batch_metrics(model, x, out, l1_coeff, optimizer.param_groups[0]["lr"],
+                                    l0_coeff)
                 metrics.append({"step": done, "tokens": done * config.batch_size, **row})
                 if on_log is not None:
                     on_log(metrics[-1])
@@ -302,7 +319,7 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
                 on_step(done)
     bar.close()
     model.config = dataclasses.replace(model.config, k=base_k)
-    if model.config.arch == "batchtopk":
+    if model.config.arch in THRESHOLD_ARCHS:
         calibrate_threshold(model, data, config)
     model.eval()
     return TrainResult(config.steps, config.steps * config.batch_size, metrics)
@@ -311,7 +328,7 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
 @torch.no_grad()
 def calibrate_threshold(model: CrossCoder, data: TrainingData, config: TrainerConfig,
                         batches: int = 8) -> None:
-    """Set the BatchTopK inference threshold from the final weights.
+    """Set the BatchTopK (or Matryoshka) inference threshold from the final weights.
 
     The running estimate lags behind the weights (its EMA spans ~100 steps while the decoder norms
     still move), so after training it is replaced by the mean, over a few whole batches, of the
@@ -395,9 +412,10 @@ def load_state(directory: Path, model: CrossCoder, optimizer, scheduler,
     if meta is None:
         raise FeaturestoreError(
             f"--resume: no saved training state in {directory}; run without --resume to start")
-    if meta["trainer"] != config.to_dict():
-        changed = sorted(k for k in config.to_dict() if meta["trainer"].get(k) !=
-                         config.to_dict()[k])
+    # Through from_dict, a setting added since the state was saved reads as its default.
+    saved = TrainerConfig.from_dict(meta["trainer"]).to_dict()
+    if saved != config.to_dict():
+        changed = sorted(k for k in config.to_dict() if saved.get(k) != config.to_dict()[k])
         raise FeaturestoreError(
             f"--resume: the saved run used different settings ({', '.join(changed)}); resume "
             "with the same options, or start over without --resume"

@@ -723,8 +723,7 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
         edges += _upstream_edges(shared, up, features, fired, correlations.correlation(),
                                  read_outs.norm, top_k, min_weight)
     if shared.stage == "final_norm":
-        edges += _logit_edges(shared, step, features, _projection(reader, "unembed"), top_k,
-                              min_weight)
+        edges += _logit_edges(reader, shared, step, features, top_k, min_weight)
     return edges, [f for j, f in enumerate(features) if not fired[j]]
 
 
@@ -758,13 +757,13 @@ def _upstream_edges(shared: SharedBasis, up: SharedBasis, features: list[int], f
     return edges
 
 
-def _logit_edges(shared: SharedBasis, step: int, features: list[int], unembed: torch.Tensor,
+def _logit_edges(reader: StageReader, shared: SharedBasis, step: int, features: list[int],
                  top_k: int, min_weight: float) -> list[dict]:
-    """dla edges: the logits each feature's decoder direction adds to every token through the
-    unembedding [vocab, d], in raw units (the final_norm output the unembedding reads); half of
-    top_k for the most promoted tokens, the rest for the most suppressed."""
+    """dla edges: the logits each feature's decoder direction, in raw units, adds to every token
+    (output_logits); half of top_k for the most promoted tokens, the rest for the most
+    suppressed."""
     decoder = shared.decoder_directions(0)[features] / _norm_scale(shared, step)
-    logits = decoder @ unembed.double().numpy().T  # [F, vocab]
+    logits = output_logits(reader, decoder, shared.stage)  # [F, vocab]
     edges = []
     for j, feature in enumerate(features):
         row = logits[j]
@@ -774,6 +773,21 @@ def _logit_edges(shared: SharedBasis, step: int, features: list[int], unembed: t
         edges += _ranked("dla", [("feature", str(feature), "token", str(t)) for t in tokens],
                          row[tokens], top_k, min_weight)
     return edges
+
+
+def output_logits(reader: StageReader, directions: np.ndarray, stage: str) -> np.ndarray:
+    """[n, vocab]: the logits that directions [n, d] in raw units, written at residual-stream
+    stage `stage`, add to every token through the unembedding. At final_norm (what the
+    unembedding reads) this is exact. Written before the final norm, a direction takes the direct
+    path: the norm passes it on linearised (FinalNorm.passes_on), less the per-token denominator,
+    as dashboards that fold the norm's weights into the unembedding show it; later blocks are
+    not run."""
+    import torch
+
+    rows = torch.from_numpy(directions).double()
+    if stage != "final_norm":
+        rows = FinalNorm.of(reader).passes_on(rows)
+    return (rows @ _projection(reader, "unembed").double().T).numpy()
 
 
 def _strongest(weights: np.ndarray, limit: int, min_weight: float) -> np.ndarray:

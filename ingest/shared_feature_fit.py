@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -73,6 +74,9 @@ def shared_feature_fit(
     batch_size: int = 1024,
     lr: float | None = None,
     l1_coeff: float | None = None,
+    l0_coeff: float | None = None,
+    jumprelu_bandwidth: float | None = None,
+    group_sizes: Sequence[int] | None = None,
     seeds: int = 1,
     seed: int = 0,
     weighting: str = DEFAULT_WEIGHTING,
@@ -92,6 +96,7 @@ def shared_feature_fit(
         require_training_memory,
         train_crosscoder,
     )
+    from featurestore.ingest.train_crosscoder import ArchOptions, basis_k, default_aux_k
 
     check_name(name, "basis name")
     if kind not in ("pooled", "crosscoder"):
@@ -99,6 +104,7 @@ def shared_feature_fit(
     ranges.COUNT.check(k, "--k")
     if dict_size is not None:
         ranges.COUNT.check(dict_size, "--dict-size")
+    arch_options = ArchOptions.checked(arch, jumprelu_bandwidth, group_sizes, dict_size)
     if seeds < 1:
         raise FeaturestoreError(f"--seeds must be at least 1, got {seeds}")
     if ranges.SEED.contains(seed) and seed + seeds - 1 > ranges.MAX_SEED:
@@ -110,6 +116,7 @@ def shared_feature_fit(
     trainer = TrainerConfig(
         steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
         l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
+        l0_coeff=l0_coeff if l0_coeff is not None else defaults.l0_coeff,
         log_every=max(1, min(50, steps)), save_every=steps + 1, seed=seed)
     if weighting not in WEIGHTINGS:
         raise FeaturestoreError(
@@ -140,10 +147,11 @@ def shared_feature_fit(
             weights = [1.0] * len(sources)  # a crosscoder's code is joint: every step, every row
             data = AlignedActivations(sources, seed=seed)
         try:
+            d_hidden = dict_size or 16 * data.d_model
             config = CrossCoderConfig(
-                n_sources=len(data.labels), d_model=data.d_model,
-                d_hidden=dict_size or 16 * data.d_model, arch=arch, k=k,
-                aux_k=2 * k if arch == "batchtopk" else 0, source_labels=tuple(data.labels))
+                n_sources=len(data.labels), d_model=data.d_model, d_hidden=d_hidden, k=k,
+                aux_k=default_aux_k(arch, k), source_labels=tuple(data.labels),
+                **arch_options.config_fields(d_hidden))
         except ValueError as error:
             raise FeaturestoreError(f"shared-feature-fit: {error}") from None
 
@@ -178,7 +186,8 @@ def shared_feature_fit(
             reject_fit(wh, "shared-feature-fit", name, report, failed, save_weights, {
                 "run": run, "stage": stage, "kind": kind, "config": config.to_dict(),
                 "trainer_config": trainer.to_dict(), "seeds": list(range(seed, seed + seeds))},
-                advice="Train longer (--steps) or change the dictionary (--dict-size, --k).")
+                advice="Train longer (--steps) or change the dictionary (--dict-size, --k, "
+                       "--l1-coeff, --l0-coeff).")
         stability = seed_stability(models) if seeds > 1 else None
 
         from featurestore.ingest.train_crosscoder import (
@@ -199,7 +208,7 @@ def shared_feature_fit(
         writer.put("bases", [{
             "name": name, "kind": kind, "arch": arch, "n_sources": config.n_sources,
             "d_model": data.d_model, "d_hidden": config.d_hidden,
-            "k": k if arch == "batchtopk" else None,
+            "k": basis_k(arch, k),
             "sources": [{"label": f"step_{row['step']}", "activation_set": row["name"],
                          "run": run, "step": row["step"], "stage": stage,
                          "norm_scale": float(row["norm_scale"])} for _, row in chosen],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ def train_crosscoder_job(
     lr: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     l1_coeff: float | None = None,
+    l0_coeff: float | None = None,
+    jumprelu_bandwidth: float | None = None,
+    group_sizes: Sequence[int] | None = None,
     k_anneal_from: int = 0,
     n_shared: int = 0,
     log_every: int = 50,
@@ -151,7 +155,9 @@ def train_crosscoder_job(
 ) -> CrossCoderJobResult:
     """Train and register a crosscoder. With tokens_from the sources are models, `tokens`
     bounds the token stream (each token used once per epoch, `epochs` times) and the pool holds
-    pool_batches batches. The fit must reach the bounds (featurestore.fit_quality)."""
+    pool_batches batches. The fit must reach the bounds (featurestore.fit_quality). arch is one
+    of featurestore.crosscoder.ARCHS; l0_coeff and jumprelu_bandwidth are JumpReLU's,
+    group_sizes Matryoshka's (None: their defaults)."""
     import time
 
     import torch
@@ -176,10 +182,12 @@ def train_crosscoder_job(
     _check_numbers(steps=steps, tokens=tokens, pool_batches=pool_batches, epochs=epochs, k=k,
                    aux_k=aux_k, aux_coeff=aux_coeff, dict_size=dict_size, n_shared=n_shared,
                    seq_len=seq_len)
+    arch_options = ArchOptions.checked(arch, jumprelu_bandwidth, group_sizes, dict_size)
     defaults = TrainerConfig()
     settings = dict(batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
                     betas=tuple(betas),
                     l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
+                    l0_coeff=l0_coeff if l0_coeff is not None else defaults.l0_coeff,
                     k_anneal_from=k_anneal_from, log_every=log_every, save_every=save_every,
                     seed=seed)
     TrainerConfig(**settings)  # checks every number before any work
@@ -241,9 +249,10 @@ def train_crosscoder_job(
         trainer = TrainerConfig(steps=steps, **settings)
         try:
             config = CrossCoderConfig(
-                n_sources=len(labels), d_model=data.d_model, d_hidden=d_hidden, arch=arch, k=k,
-                aux_k=(2 * k if arch == "batchtopk" else 0) if aux_k is None else aux_k,
+                n_sources=len(labels), d_model=data.d_model, d_hidden=d_hidden, k=k,
+                aux_k=default_aux_k(arch, k) if aux_k is None else aux_k,
                 aux_coeff=aux_coeff, n_shared=n_shared, source_labels=tuple(labels),
+                **arch_options.config_fields(d_hidden),
             )
         except ValueError as error:
             raise FeaturestoreError(f"train-crosscoder: {error}") from None
@@ -274,9 +283,10 @@ def train_crosscoder_job(
                 "sources": source_rows, "config": config.to_dict(),
                 "trainer_config": trainer_config, "final_metrics": result.final},
                 advice=f"Train longer (--steps, --tokens{', --epochs' if tokens_from else ''}) "
-                       f"or change the dictionary (--dict-size, --k, --l1-coeff). The training "
-                       f"state stays in {state_dir}: the same command with a relaxed bound and "
-                       "--resume registers these weights without training again.")
+                       f"or change the dictionary (--dict-size, --k, --l1-coeff, --l0-coeff). "
+                       f"The training state stays in {state_dir}: the same command with a "
+                       "relaxed bound and --resume registers these weights without training "
+                       "again.")
         from featurestore.latent_scaling import latent_scaling
 
         scaling = latent_scaling(model, data.in_order(EVAL_BATCH, EVAL_TOKENS))
@@ -287,7 +297,7 @@ def train_crosscoder_job(
         writer.put("bases", [{
             "name": name, "kind": "crosscoder", "arch": arch, "n_sources": len(labels),
             "d_model": data.d_model, "d_hidden": d_hidden,
-            "k": k if arch == "batchtopk" else None,
+            "k": basis_k(arch, k),
             "sources": source_rows,
             "config": json.dumps(config.to_dict()),
             "trainer_config": json.dumps(trainer_config),
@@ -312,6 +322,87 @@ def train_crosscoder_job(
     return CrossCoderJobResult(name, arch, labels, d_hidden, result.steps, result.tokens,
                                result.final, time.perf_counter() - started,
                                notes=list(data.tokens.notes) if tokens_from else [])
+
+
+@dataclass(frozen=True)
+class ArchOptions:
+    """The architecture and its own options, as both fitting jobs take them (train-crosscoder,
+    shared-feature-fit), checked with the flags' names."""
+
+    arch: str
+    jumprelu_bandwidth: float | None
+    group_sizes: tuple[int, ...] | None
+
+    @classmethod
+    def checked(cls, arch: str, jumprelu_bandwidth: float | None,
+                group_sizes: Sequence[int] | None, dict_size: int | None) -> ArchOptions:
+        """Refuse an unknown arch or options it does not take; with --dict-size given, group
+        sizes that do not sum to it (else config_fields checks them, once d_model is known)."""
+        from featurestore.crosscoder import ARCHS
+
+        if arch not in ARCHS:
+            raise FeaturestoreError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+        if jumprelu_bandwidth is not None:
+            if arch != "jumprelu":
+                raise FeaturestoreError(
+                    "--jumprelu-bandwidth is JumpReLU's: drop it, or use --arch jumprelu")
+            ranges.POSITIVE.check(jumprelu_bandwidth, "--jumprelu-bandwidth")
+        if group_sizes is not None:
+            if arch != "matryoshka":
+                raise FeaturestoreError(
+                    "--group-sizes is Matryoshka's: drop it, or use --arch matryoshka")
+            group_sizes = tuple(group_sizes)
+            if not group_sizes or not all(ranges.COUNT.contains(n) for n in group_sizes):
+                raise FeaturestoreError(
+                    f"--group-sizes {','.join(map(str, group_sizes))}: give positive integers, "
+                    "e.g. 64,128,256,512")
+        options = cls(arch, jumprelu_bandwidth, group_sizes)
+        if dict_size is not None:
+            options.config_fields(dict_size)
+        return options
+
+    def config_fields(self, d_hidden: int) -> dict:
+        """The CrossCoderConfig fields these options set, for a dictionary of d_hidden latents."""
+        fields = {"arch": self.arch}
+        if self.jumprelu_bandwidth is not None:
+            fields["jumprelu_bandwidth"] = self.jumprelu_bandwidth
+        if self.group_sizes is not None:
+            total = sum(self.group_sizes)
+            if total != d_hidden:
+                raise FeaturestoreError(
+                    f"--group-sizes {','.join(map(str, self.group_sizes))} sum to {total}, not to "
+                    f"the dictionary's {d_hidden} latents (--dict-size, by default 16 x d_model): "
+                    "give sizes that sum to --dict-size, or leave --group-sizes out for the "
+                    "default doubling groups")
+            fields["group_sizes"] = self.group_sizes
+        return fields
+
+
+def parse_group_sizes(text: str | None) -> tuple[int, ...] | None:
+    """--group-sizes 64,128,256: the sizes, or None when the flag is not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise FeaturestoreError(
+            f"--group-sizes {text!r}: give the Matryoshka group sizes as integers separated by "
+            "commas, summing to --dict-size, e.g. 64,128,256,512") from None
+
+
+def default_aux_k(arch: str, k: int) -> int:
+    """AuxK's dead latents per token unless --aux-k says: 2k for the archs with a k (Gao et al.
+    pair AuxK with TopK), none for vanilla and JumpReLU (--aux-k can still add it)."""
+    from featurestore.crosscoder import K_ARCHS
+
+    return 2 * k if arch in K_ARCHS else 0
+
+
+def basis_k(arch: str, k: int) -> int | None:
+    """bases.k: the k of the archs that have one, NULL for the others."""
+    from featurestore.crosscoder import K_ARCHS
+
+    return k if arch in K_ARCHS else None
 
 
 def _check_numbers(steps, tokens, pool_batches, epochs, k, aux_k, aux_coeff, dict_size,

@@ -85,7 +85,7 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
             _write_tables(wh, con, basis, basis_row, staging)
             export_graphs(basis, out=staging / "graphs", warehouse=warehouse)
             plots = export_plots(basis, out=staging / "plots", warehouse=warehouse)
-            _swap_in(staging, target)
+            swap_in(staging, target, "export-artifacts")
         finally:
             claim.release(remove=True, warn="export-artifacts")
     finally:
@@ -192,14 +192,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, default=_json_default, allow_nan=False) + "\n")
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path, job: str) -> None:
     """Replace `target` by `staging`: two renames in one directory, the old copy removed last
-    (if that fails, the new layout stands and a warning names the old copy)."""
+    (if that fails, the new layout stands and a warning from `job` names the old copy)."""
     if target.exists():
         retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
         os.replace(target, retired)
         os.replace(staging, target)
-        remove_tree(retired, warn="export-artifacts")
+        remove_tree(retired, warn=job)
     else:
         os.replace(staging, target)
 

@@ -25,11 +25,11 @@ CREATE TABLE bases (
 COMMENT ON TABLE bases IS 'One row per trained dictionary (crosscoder, or SAE with one source): its sources, architecture, settings and final metrics.';
 COMMENT ON COLUMN bases.name IS 'Basis name, given to train-crosscoder --name; the id features and decoder_directions refer to.';
 COMMENT ON COLUMN bases.kind IS 'crosscoder (one encoder/decoder slice per source, shared latent code) or pooled (one encoder/decoder for activations pooled from several checkpoints: a shared-feature-fit SAE).';
-COMMENT ON COLUMN bases.arch IS 'vanilla (ReLU + decoder-norm-weighted L1) or batchtopk (top k x batch latents, learned inference threshold).';
+COMMENT ON COLUMN bases.arch IS 'vanilla (ReLU + decoder-norm-weighted L1), batchtopk (top k x batch latents, learned inference threshold), topk (each token''s k largest latents), jumprelu (a learned threshold per latent, L0 penalty) or matryoshka (batchtopk over nested prefixes of the dictionary, config.group_sizes).';
 COMMENT ON COLUMN bases.n_sources IS 'Number of aligned activation sources the dictionary spans.';
 COMMENT ON COLUMN bases.d_model IS 'Width of each source''s activations.';
 COMMENT ON COLUMN bases.d_hidden IS 'Number of latents (dictionary size).';
-COMMENT ON COLUMN bases.k IS 'BatchTopK: mean active latents per token during training; NULL for vanilla.';
+COMMENT ON COLUMN bases.k IS 'batchtopk, matryoshka: mean active latents per token during training; topk: active latents per token; NULL for vanilla and jumprelu.';
 COMMENT ON COLUMN bases.sources IS 'The sources in order: label, activation set (name or path), run, step, stage, and the norm scale the model multiplies that source by. For pooled bases, the pooled checkpoints, each with its own norm scale.';
 COMMENT ON COLUMN bases.config IS 'The crosscoder config as JSON (enough to rebuild the model).';
 COMMENT ON COLUMN bases.trainer_config IS 'The training settings as JSON (learning rate, schedules, batch size, seed, ...).';

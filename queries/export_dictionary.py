@@ -1,0 +1,127 @@
+"""`featurestore export-dictionary`: a basis as files another tool loads with its own loader.
+
+    saelens    cfg.json + sae_weights.safetensors: SAE.load_from_disk(DIR)
+    sparsify   cfg.json + sae.safetensors: SparseCoder.load_from_disk(DIR) (TopK bases only)
+
+Both formats are single-input SAEs, so the basis must have one source: a pooled shared basis or
+a one-source crosscoder. The exported SAE reads activations in original units, so the basis's
+norm scale is folded into its weights; a pooled basis scales each checkpoint by its own norm
+scale, so when those differ, --step says which checkpoint the SAE is for. A BatchTopK or
+Matryoshka basis encodes with its learned threshold, which is exported as a JumpReLU threshold
+per latent: the same code. The folder is built beside its target and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from featurestore import format_saelens, format_sparsify
+from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.queries.artifacts import swap_in
+from featurestore.scratch import Claim
+from featurestore.warehouse import Warehouse
+
+FORMATS = ("saelens", "sparsify")
+
+
+@dataclass
+class DictionaryExport:
+    basis: str
+    format: str
+    directory: str
+    arch: str  # the exported architecture, in the format's own terms
+    d_in: int
+    d_sae: int
+    step: int | None  # pooled bases: the checkpoint whose norm scale was folded in (None: all
+    # of the basis's checkpoints share one)
+    files: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = None,
+                      step: int | None = None, warehouse: str | None = None
+                      ) -> DictionaryExport:
+    """Write `basis` in `format` to `out` (default WAREHOUSE/exports/BASIS/FORMAT)."""
+    from featurestore.crosscoder import CrossCoder
+    from featurestore.dictionary_weights import DictionaryWeights
+
+    if format not in FORMATS:
+        raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    wh = Warehouse(warehouse)
+    con = wh.connect()
+    try:
+        row = _basis_row(con, basis)
+    finally:
+        con.close()
+    if row["n_sources"] != 1:
+        raise FeaturestoreError(
+            f"--basis {basis} is a crosscoder over {row['n_sources']} sources; {format} holds "
+            "single-input SAEs, so only one-source bases (a pooled shared basis, or a "
+            "crosscoder trained on one source) can be exported")
+    model = CrossCoder.load(wh.path(row["path"]))
+    weights = DictionaryWeights.from_crosscoder(model)
+    chosen_step = None
+    if row["kind"] == "pooled":
+        chosen_step, scale = _pooled_scale(basis, row["sources"], step)
+        weights.norm_scales = torch.tensor([scale])
+    elif step is not None:
+        raise FeaturestoreError(
+            f"--step: basis {basis} reads one activation set with one norm scale; drop --step")
+    target = Path(out).resolve() if out else wh.root / "exports" / basis / format
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    claim = Claim(staging)
+    try:
+        if format == "saelens":
+            format_saelens.write(weights, staging, {
+                "model_name": row["run"], "hook_name": row["stage"], "featurestore_basis": basis,
+                "featurestore_step": chosen_step})
+        else:
+            format_sparsify.write(weights, staging)
+        swap_in(staging, target, "export-dictionary")
+    finally:
+        claim.release(remove=True, warn="export-dictionary")
+    arch = weights.in_original_units().arch
+    exported_arch = ({"vanilla": "standard"}.get(arch, arch) if format == "saelens"
+                     else "topk")
+    return DictionaryExport(basis, format, str(target), exported_arch, weights.d_model,
+                            weights.d_hidden, chosen_step,
+                            sorted(p.name for p in target.iterdir() if p.is_file()))
+
+
+def _basis_row(con, basis: str) -> dict:
+    cursor = con.execute(
+        "SELECT name, kind, n_sources, path, run, stage, sources FROM bases WHERE name = ?",
+        [basis])
+    rows = cursor.fetchall()
+    if not rows:
+        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
+        raise NotFoundError(f"--basis {basis!r}: no such basis; bases: "
+                            f"{', '.join(names) or 'none'}")
+    return dict(zip([c[0] for c in cursor.description], rows[0]))
+
+
+def _pooled_scale(basis: str, sources: list[dict], step: int | None
+                  ) -> tuple[int | None, float]:
+    """(step, norm scale) of the checkpoint the exported SAE reads; step None when every
+    checkpoint has the same norm scale and the SAE reads them all alike."""
+    by_step = {source["step"]: source["norm_scale"] for source in sources}
+    steps = ", ".join(map(str, sorted(by_step)))
+    if step is not None:
+        if step not in by_step:
+            raise NotFoundError(f"--step {step}: basis {basis} was not fitted on it; its steps "
+                                f"are {steps}")
+        return step, by_step[step]
+    if len(set(by_step.values())) > 1:
+        raise FeaturestoreError(
+            f"--step: basis {basis} scales each checkpoint by its own norm scale, and the "
+            f"exported SAE reads activations in original units, so it is for one checkpoint: "
+            f"give --step, one of {steps}")
+    return None, next(iter(by_step.values()))
