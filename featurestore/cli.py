@@ -124,6 +124,29 @@ def _warehouse(ctx: click.Context) -> str | None:
     return ctx.obj["warehouse"]
 
 
+def _sparsity_options(command):
+    """The settings of each architecture's sparsity, the same in every command that trains a
+    dictionary (each is ignored by the architectures it does not name)."""
+    options = [
+        click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
+                     help="Vanilla: final sparsity coefficient [default: 1]."),
+        click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
+                     help="jumprelu: final coefficient of the L0 penalty, the squared error (in "
+                          "normalised units, a token's squared norm about d_model) an active "
+                          "latent must remove [default: 1]."),
+        click.option("--jumprelu-bandwidth", type=cli_types.POSITIVE,
+                     help="jumprelu: width of the window of pre-activations around a threshold "
+                          "whose tokens move it (normalised units) [default: 0.1]."),
+        click.option("--group-sizes", metavar="N,N,...",
+                     help="matryoshka: sizes of the nested groups of latents, in order, summing "
+                          "to --dict-size, e.g. 64,128,256,576 [default: five groups doubling "
+                          "in size]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _fit_bound_options(command):
     """The quality bounds of featurestore.fit_quality: the same flags and defaults in every
     command that fits a dictionary."""
@@ -551,18 +574,7 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
 @click.option("--betas", type=(cli_types.BETA, cli_types.BETA), default=(0.9, 0.999),
               show_default=True, help="Adam betas, each in [0, 1).")
-@click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
-              help="Vanilla: final sparsity coefficient [default: 1].")
-@click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
-              help="jumprelu: final coefficient of the L0 penalty, the squared error (in "
-                   "normalised units, a token's squared norm about d_model) an active latent "
-                   "must remove [default: 1].")
-@click.option("--jumprelu-bandwidth", type=cli_types.POSITIVE,
-              help="jumprelu: width of the window of pre-activations around a threshold whose "
-                   "tokens move it (normalised units) [default: 0.1].")
-@click.option("--group-sizes", metavar="N,N,...",
-              help="matryoshka: sizes of the nested groups of latents, in order, summing to "
-                   "--dict-size, e.g. 64,128,256,576 [default: five groups doubling in size].")
+@_sparsity_options
 @click.option("--k-anneal-from", type=cli_types.NON_NEGATIVE_COUNT, default=0, show_default=True,
               help="batchtopk, topk, matryoshka: start at this k and anneal to --k over the "
                    "first 10% (0: off).")
@@ -668,18 +680,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--steps", type=cli_types.COUNT, default=2000, show_default=True)
 @click.option("--batch-size", type=cli_types.COUNT, default=1024, show_default=True)
 @click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
-@click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
-              help="Vanilla: final sparsity coefficient [default: 1].")
-@click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
-              help="jumprelu: final coefficient of the L0 penalty, the squared error (in "
-                   "normalised units, a token's squared norm about d_model) an active latent "
-                   "must remove [default: 1].")
-@click.option("--jumprelu-bandwidth", type=cli_types.POSITIVE,
-              help="jumprelu: width of the window of pre-activations around a threshold whose "
-                   "tokens move it (normalised units) [default: 0.1].")
-@click.option("--group-sizes", metavar="N,N,...",
-              help="matryoshka: sizes of the nested groups of latents, in order, summing to "
-                   "--dict-size, e.g. 64,128,256,576 [default: five groups doubling in size].")
+@_sparsity_options
 @click.option("--seeds", type=cli_types.COUNT, default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)

@@ -16,6 +16,7 @@ from the other tool's only by float rounding.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,3 +159,33 @@ def require_keys(tensors: dict[str, torch.Tensor], keys: tuple[str, ...], path: 
 
 def as_float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float32).clone()
+
+
+def read_config(folder: Path, name: str, missing: str, integers: tuple[str, ...]) -> dict:
+    """The JSON config `name` in `folder`; `missing` says what the folder should hold when it is
+    not there, and the `integers` fields must be integers."""
+    file = folder / name
+    if not file.is_file():
+        raise FeaturestoreError(f"--path {folder}: no {name}; {missing}")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise FeaturestoreError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise FeaturestoreError(f"{file} holds a JSON {type(config).__name__}, not an object")
+    for key in integers:
+        if not isinstance(config.get(key), int):
+            raise FeaturestoreError(f"{file}: field {key!r} must be an integer, got "
+                                    f"{config.get(key)!r}")
+    return config
+
+
+def write_folder(out: Path, tensors: dict[str, torch.Tensor], weights_name: str, config: dict,
+                 config_name: str) -> None:
+    """A format's folder: the tensors as float32 safetensors and the config as JSON."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({key: t.detach().to(torch.float32).contiguous() for key, t in tensors.items()},
+              out / weights_name)
+    (out / config_name).write_text(json.dumps(config, indent=2))

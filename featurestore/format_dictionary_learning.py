@@ -26,7 +26,6 @@ that needs arbitrary unpickling is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from featurestore.dictionary_weights import (
     DictionaryWeights,
     as_float,
     load_tensors,
+    read_config,
     require_keys,
 )
 from featurestore.errors import FeaturestoreError
@@ -57,7 +57,8 @@ def read(path: Path) -> tuple[DictionaryWeights, dict]:
     """(weights, a description with the class and the training config) of the dictionary in
     `path`: a folder, or its weights file."""
     weights_file = _weights_file(path)
-    config = _read_config(weights_file.parent / CONFIG_FILE)
+    config = (read_config(weights_file.parent, CONFIG_FILE, "", ())
+              if (weights_file.parent / CONFIG_FILE).is_file() else {})
     tensors = {key.removeprefix("_orig_mod."): value  # saved from a torch.compile'd model
                for key, value in load_tensors(weights_file, "dictionary_learning weights").items()}
     trainer = config.get("trainer", {}) if isinstance(config.get("trainer"), dict) else {}
@@ -241,12 +242,3 @@ def _weights_file(path: Path) -> Path:
         f"--path {path}: found {'no weights file' if not candidates else ', '.join(candidates)}"
         f"; give the weights file itself (looked for {', '.join(WEIGHT_FILES)})")
 
-
-def _read_config(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise FeaturestoreError(f"{file} is not valid JSON: {error}") from None
-    return config if isinstance(config, dict) else {}

@@ -21,7 +21,6 @@ output than the input (transcoders).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,7 +29,9 @@ from featurestore.dictionary_weights import (
     DictionaryWeights,
     as_float,
     load_tensors,
+    read_config,
     require_keys,
+    write_folder,
 )
 from featurestore.errors import FeaturestoreError
 
@@ -48,7 +49,8 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 def read(path: Path) -> tuple[DictionaryWeights, dict]:
     """(weights, the SAELens config) of the SAE saved in folder `path`."""
-    config = _read_config(path)
+    config = read_config(path, CONFIG_FILE, f"a SAELens SAE folder holds {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE} (what SAE.save_model writes)", ("d_in", "d_sae"))
     architecture = config.get("architecture", "standard")
     if architecture not in ARCHITECTURES:
         raise FeaturestoreError(
@@ -104,8 +106,6 @@ def read(path: Path) -> tuple[DictionaryWeights, dict]:
 
 def write(weights: DictionaryWeights, out: Path, metadata: dict) -> None:
     """Write `weights` (one source) as a SAELens inference SAE that SAE.load_from_disk reads."""
-    from safetensors.torch import save_file
-
     weights = weights.in_original_units()
     architecture = {"vanilla": "standard", "topk": "topk", "jumprelu": "jumprelu"}[weights.arch]
     d_model, d_hidden = weights.d_model, weights.d_hidden
@@ -120,24 +120,5 @@ def write(weights: DictionaryWeights, out: Path, metadata: dict) -> None:
         config.update(k=weights.k, rescale_acts_by_decoder_norm=False)
     elif architecture == "jumprelu":
         tensors["threshold"] = weights.threshold
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()},
-              out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_folder(out, tensors, WEIGHTS_FILE, config, CONFIG_FILE)
 
-
-def _read_config(path: Path) -> dict:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise FeaturestoreError(
-            f"--path {path}: no {CONFIG_FILE}; a SAELens SAE folder holds {CONFIG_FILE} and "
-            f"{WEIGHTS_FILE} (what SAE.save_model writes)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise FeaturestoreError(f"{file} is not valid JSON: {error}") from None
-    for field in ("d_in", "d_sae"):
-        if not isinstance(config.get(field), int):
-            raise FeaturestoreError(f"{file}: field {field!r} must be an integer, got "
-                                    f"{config.get(field)!r}")
-    return config

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from featurestore.dictionary_weights import (
     DictionaryWeights,
     as_float,
     load_tensors,
+    read_config,
     require_keys,
+    write_folder,
 )
 from featurestore.errors import FeaturestoreError
 
@@ -31,7 +31,10 @@ WEIGHTS_FILE = "sae.safetensors"
 
 def read(path: Path) -> tuple[DictionaryWeights, dict]:
     """(weights, the sparsify config) of the sparse coder saved in folder `path`."""
-    config = _read_config(path)
+    config = read_config(path, CONFIG_FILE,
+                         f"a sparsify sparse-coder folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                         "(what SparseCoder.save_to_disk writes; for a model trained on several "
+                         "hookpoints, give the hookpoint's folder)", ("d_in", "k"))
     for field, supported in (("activation", "topk"), ("transcode", False),
                              ("skip_connection", False)):
         value = config.get(field, supported)
@@ -60,8 +63,6 @@ def read(path: Path) -> tuple[DictionaryWeights, dict]:
 
 def write(weights: DictionaryWeights, out: Path) -> None:
     """Write a TopK `weights` (one source) as a sparse coder SparseCoder.load_from_disk reads."""
-    from safetensors.torch import save_file
-
     weights = weights.in_original_units()
     if weights.arch != "topk":
         raise FeaturestoreError(
@@ -74,25 +75,5 @@ def write(weights: DictionaryWeights, out: Path) -> None:
     # sparsify subtracts b_dec before encoding: its bias is ours plus b_dec @ W_enc.
     tensors = {"encoder.weight": W_enc.T, "encoder.bias": weights.b_enc + b_dec @ W_enc,
                "W_dec": weights.W_dec[:, 0, :], "b_dec": b_dec}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()},
-              out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_folder(out, tensors, WEIGHTS_FILE, config, CONFIG_FILE)
 
-
-def _read_config(path: Path) -> dict:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise FeaturestoreError(
-            f"--path {path}: no {CONFIG_FILE}; a sparsify sparse-coder folder holds "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE} (what SparseCoder.save_to_disk writes; for a "
-            "model trained on several hookpoints, give the hookpoint's folder)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise FeaturestoreError(f"{file} is not valid JSON: {error}") from None
-    for field in ("d_in", "k"):
-        if not isinstance(config.get(field), int):
-            raise FeaturestoreError(f"{file}: field {field!r} must be an integer, got "
-                                    f"{config.get(field)!r}")
-    return config
