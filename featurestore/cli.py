@@ -124,8 +124,8 @@ def _warehouse(ctx: click.Context) -> str | None:
     return ctx.obj["warehouse"]
 
 
-def _sparsity_options(command):
-    """The settings of each architecture's sparsity, the same in every command that trains a
+def _arch_options(command):
+    """The settings that belong to some architectures, the same in every command that trains a
     dictionary (each is ignored by the architectures it does not name)."""
     options = [
         click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
@@ -141,6 +141,10 @@ def _sparsity_options(command):
                      help="matryoshka: sizes of the nested groups of latents, in order, summing "
                           "to --dict-size, e.g. 64,128,256,576 [default: five groups doubling "
                           "in size]."),
+        click.option("--norm-loss-fraction", type=cli_types.FRACTION,
+                     help="batchtopk, topk: the last share of the steps trained on each "
+                          "source's error norm instead of its square, which sharpens the "
+                          "learned directions; 0 keeps the squared error [default: 0.2]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -574,7 +578,7 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
 @click.option("--betas", type=(cli_types.BETA, cli_types.BETA), default=(0.9, 0.999),
               show_default=True, help="Adam betas, each in [0, 1).")
-@_sparsity_options
+@_arch_options
 @click.option("--k-anneal-from", type=cli_types.NON_NEGATIVE_COUNT, default=0, show_default=True,
               help="batchtopk, topk, matryoshka: start at this k and anneal to --k over the "
                    "first 10% (0: off).")
@@ -592,6 +596,7 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, tokenizer, seq_len,
                              splits, epochs, pool_batches, arch, k, aux_k, aux_coeff, dict_size,
                              steps, tokens, batch_size, lr, betas, l1_coeff, l0_coeff,
+                             norm_loss_fraction,
                              jumprelu_bandwidth, group_sizes, k_anneal_from, n_shared,
                              log_every, save_every, resume, seed, wandb,
                              min_explained_variance, max_active_fraction, max_dead_fraction,
@@ -637,6 +642,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
         name, list(sources), arch=arch, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
         dict_size=dict_size, steps=steps, tokens=tokens, batch_size=batch_size, lr=lr,
         betas=betas, l1_coeff=l1_coeff, l0_coeff=l0_coeff, jumprelu_bandwidth=jumprelu_bandwidth,
+        norm_loss_fraction=norm_loss_fraction,
         group_sizes=parse_group_sizes(group_sizes), k_anneal_from=k_anneal_from, n_shared=n_shared,
         log_every=log_every, save_every=save_every, resume=resume, seed=seed,
         tokens_from=tokens_from, pool_batches=pool_batches, epochs=epochs,
@@ -680,7 +686,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--steps", type=cli_types.COUNT, default=2000, show_default=True)
 @click.option("--batch-size", type=cli_types.COUNT, default=1024, show_default=True)
 @click.option("--lr", type=cli_types.POSITIVE, help="Peak learning rate [default: 1e-3].")
-@_sparsity_options
+@_arch_options
 @click.option("--seeds", type=cli_types.COUNT, default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
@@ -698,6 +704,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.pass_context
 def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k, dict_size,
                                steps, batch_size, lr, l1_coeff, l0_coeff, jumprelu_bandwidth,
+                               norm_loss_fraction,
                                group_sizes, seeds, seed, weighting,
                                init_weight,
                                min_explained_variance, max_active_fraction, max_dead_fraction,
@@ -725,6 +732,7 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
         run, stage, name, checkpoints=checkpoints, kind=kind, arch=arch, k=k,
         dict_size=dict_size, steps=steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff,
         l0_coeff=l0_coeff, jumprelu_bandwidth=jumprelu_bandwidth,
+        norm_loss_fraction=norm_loss_fraction,
         group_sizes=parse_group_sizes(group_sizes), seeds=seeds, seed=seed, weighting=weighting,
         init_weight=init_weight,
         min_explained_variance=min_explained_variance,

@@ -72,6 +72,13 @@ class TrainerConfig:
     # tens of units in most dictionaries: 1 prunes the latents that add little and keeps the
     # features. Raise it for a sparser code.
     l0_coeff: float = 1.0
+    # batchtopk, topk: over this last share of the steps, train on each source's error norm
+    # ||x_s - x_hat_s|| instead of its square. Under the squared error, the tokens whose code
+    # missed a feature carry most of the error and tilt the decoder rows towards the features
+    # they fire with; the norm weighs every token alike and finishes the directions more
+    # precisely. Throughout training it would slow the discovery of rare features (the same
+    # down-weighting), so the squared error finds the features first. 0: squared error only.
+    norm_loss_fraction: float = 0.2
     k_anneal_from: int = 0  # batchtopk, topk, matryoshka: start at this k, anneal to k (0: off)
     k_anneal_fraction: float = 0.1
     max_grad_norm: float = 1.0
@@ -95,6 +102,7 @@ class TrainerConfig:
             ranges.BETA.check(beta, "--betas")
         ranges.NON_NEGATIVE.check(self.l1_coeff, "--l1-coeff")
         ranges.NON_NEGATIVE.check(self.l0_coeff, "--l0-coeff")
+        ranges.FRACTION.check(self.norm_loss_fraction, "--norm-loss-fraction")
         for name in ("decay_fraction", "l1_warmup_fraction", "k_anneal_fraction"):
             ranges.FRACTION.check(getattr(self, name), f"TrainerConfig.{name}")
         ranges.POSITIVE.check(self.max_grad_norm, "TrainerConfig.max_grad_norm")
@@ -153,6 +161,11 @@ def l0_coeff_at(step: int, config: TrainerConfig) -> float:
 def _sparsity_warmup(step: int, config: TrainerConfig) -> float:
     warmup = max(1, int(config.steps * config.l1_warmup_fraction))
     return min(1.0, (step + 1) / warmup)
+
+
+def norm_loss_at(step: int, config: TrainerConfig) -> bool:
+    """Whether this step trains on the error norm (the last norm_loss_fraction of the steps)."""
+    return step >= config.steps * (1 - config.norm_loss_fraction)
 
 
 def k_at(step: int, config: TrainerConfig, k: int) -> int:
@@ -288,8 +301,9 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
                 upcoming = loader.submit(load, step + 1)
             model.config = dataclasses.replace(model.config, k=k_at(step, config, base_k))
             l1_coeff, l0_coeff = l1_coeff_at(step, config), l0_coeff_at(step, config)
+            norm_loss = norm_loss_at(step, config)
             out = step_model(x)
-            loss, _ = total_loss(model, x, out, l1_coeff, l0_coeff)
+            loss, _ = total_loss(model, x, out, l1_coeff, l0_coeff, norm_loss)
             if not torch.isfinite(loss):
                 saved = _saved_step(state_dir)
                 raise FeaturestoreError(
@@ -305,7 +319,7 @@ def train_crosscoder(model: CrossCoder, data: TrainingData, config: TrainerConfi
             done = step + 1
             if distributed.is_main and (done % config.log_every == 0 or done == config.steps):
                 row = batch_metrics(model, x, out, l1_coeff, optimizer.param_groups[0]["lr"],
-                                    l0_coeff)
+                                    l0_coeff, norm_loss)
                 metrics.append({"step": done, "tokens": done * config.batch_size, **row})
                 if on_log is not None:
                     on_log(metrics[-1])

@@ -75,6 +75,7 @@ def shared_feature_fit(
     lr: float | None = None,
     l1_coeff: float | None = None,
     l0_coeff: float | None = None,
+    norm_loss_fraction: float | None = None,
     jumprelu_bandwidth: float | None = None,
     group_sizes: Sequence[int] | None = None,
     seeds: int = 1,
@@ -117,6 +118,8 @@ def shared_feature_fit(
         steps=steps, batch_size=batch_size, lr=lr if lr is not None else defaults.lr,
         l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
         l0_coeff=l0_coeff if l0_coeff is not None else defaults.l0_coeff,
+        norm_loss_fraction=(norm_loss_fraction if norm_loss_fraction is not None
+                            else defaults.norm_loss_fraction),
         log_every=max(1, min(50, steps)), save_every=steps + 1, seed=seed)
     if weighting not in WEIGHTINGS:
         raise FeaturestoreError(

@@ -131,6 +131,7 @@ def train_crosscoder_job(
     betas: tuple[float, float] = (0.9, 0.999),
     l1_coeff: float | None = None,
     l0_coeff: float | None = None,
+    norm_loss_fraction: float | None = None,
     jumprelu_bandwidth: float | None = None,
     group_sizes: Sequence[int] | None = None,
     k_anneal_from: int = 0,
@@ -188,6 +189,8 @@ def train_crosscoder_job(
                     betas=tuple(betas),
                     l1_coeff=l1_coeff if l1_coeff is not None else defaults.l1_coeff,
                     l0_coeff=l0_coeff if l0_coeff is not None else defaults.l0_coeff,
+                    norm_loss_fraction=(norm_loss_fraction if norm_loss_fraction is not None
+                                        else defaults.norm_loss_fraction),
                     k_anneal_from=k_anneal_from, log_every=log_every, save_every=save_every,
                     seed=seed)
     TrainerConfig(**settings)  # checks every number before any work

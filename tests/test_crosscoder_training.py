@@ -10,7 +10,7 @@ from featurestore.activations import ActivationSet, TokenColumns, write_activati
 from featurestore.aligned import AlignedActivations, Source
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.crosscoder_metrics import batch_metrics
-from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
+from featurestore.crosscoder_training import TrainerConfig, norm_loss_at, train_crosscoder
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
 
 
@@ -114,6 +114,28 @@ def test_metrics_equal_an_independent_numpy_computation(tmp_path):
         assert metrics[f"explained_variance_{label}"] == pytest.approx(ev, rel=1e-5, abs=1e-6)
     total = 1 - ((xn - rn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
     assert metrics["explained_variance"] == pytest.approx(total, rel=1e-5, abs=1e-6)
+
+
+def test_the_end_of_training_minimises_the_error_norm_for_the_archs_with_a_k():
+    """The last norm_loss_fraction of the steps: BatchTopK's loss is the mean over tokens and
+    sources of ||x_s - x_hat_s|| (numpy); vanilla keeps its squared error and L1."""
+    x = torch.randn(32, 2, 8)
+    for arch in ("batchtopk", "vanilla"):
+        model = small_model(arch)
+        out = model(x)
+        metrics = batch_metrics(model, x, out, l1_coeff=0.5, lr=1e-3, norm_loss=True)
+        error = (x - out.reconstruction).detach().numpy().astype(np.float64)
+        l2 = (error ** 2).sum(axis=(1, 2)).mean()
+        assert metrics["l2_loss"] == pytest.approx(l2, rel=1e-5)
+        if arch == "batchtopk":  # no AuxK here, no penalty
+            expected = np.linalg.norm(error, axis=2).mean()
+        else:
+            expected = l2 + 0.5 * metrics["l1_loss"]
+        assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    config = TrainerConfig(steps=10, norm_loss_fraction=0.2)
+    assert [norm_loss_at(step, config) for step in range(10)] == [False] * 8 + [True] * 2
+    assert not any(norm_loss_at(step, TrainerConfig(steps=10, norm_loss_fraction=0.0))
+                   for step in range(10))
 
 
 def test_the_shuffle_covers_every_row_once_per_epoch(tmp_path):
