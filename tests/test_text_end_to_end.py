@@ -15,7 +15,7 @@ from featurestore.cli import cli
 from featurestore.registry import get_activation_set_row, open_activation_set
 from featurestore.warehouse import Warehouse
 
-from .conftest import query
+from .conftest import RELAXED_FLAGS, query
 from .text_models import build_text_models
 
 RUN, STAGE, BASIS = "txt", "layer_1_post_mlp", "txt-l1"
@@ -87,8 +87,7 @@ def test_text_to_decoded_examples(models, tokenizer, tmp_path):
 
     ok(warehouse, "shared-feature-fit", "--run", RUN, "--stage", STAGE, "--name", BASIS,
        "--dict-size", "64", "--k", "4", "--steps", "120", "--batch-size", "256",
-       "--min-explained-variance", "0", "--max-active-fraction", "1",
-       "--max-dead-fraction", "1", "--quiet")
+       *RELAXED_FLAGS, "--quiet")
     ok(warehouse, "feature-trajectory-sweep", "--basis", BASIS, "--quiet")
     ok(warehouse, "feature-birth-analyze", "--basis", BASIS, "--persistence", "2",
        "--permutations", "20")
