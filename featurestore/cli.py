@@ -128,6 +128,14 @@ def _arch_options(command):
     """The settings that belong to some architectures, the same in every command that trains a
     dictionary (each is ignored by the architectures it does not name)."""
     options = [
+        click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
+                                                  "vanilla"]), default="batchtopk",
+                     show_default=True,
+                     help="batchtopk: the k x batch-size largest activations of each batch, a "
+                          "learned threshold after training; topk: each token's k largest; "
+                          "jumprelu: a learned threshold per latent and an L0 penalty "
+                          "(--l0-coeff); matryoshka: batchtopk over nested groups of latents "
+                          "(--group-sizes); vanilla: ReLU and an L1 penalty (--l1-coeff)."),
         click.option("--l1-coeff", type=cli_types.NON_NEGATIVE,
                      help="Vanilla: final sparsity coefficient [default: 1]."),
         click.option("--l0-coeff", type=cli_types.NON_NEGATIVE,
@@ -556,13 +564,6 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--pool-batches", type=cli_types.COUNT, default=32, show_default=True,
               help="With --tokens-from: the shuffle pool, in batches (memory: pool-batches x "
                    "batch-size x sources x d_model x 4 bytes).")
-@click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
-                                          "vanilla"]), default="batchtopk", show_default=True,
-              help="batchtopk: the k x batch-size largest activations of each batch, a learned "
-                   "threshold after training; topk: each token's k largest; jumprelu: a learned "
-                   "threshold per latent and an L0 penalty (--l0-coeff); matryoshka: batchtopk "
-                   "over nested groups of latents (--group-sizes); vanilla: ReLU and an L1 "
-                   "penalty (--l1-coeff).")
 @click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
               help="batchtopk, matryoshka: active latents per token on average; topk: per token.")
 @click.option("--aux-k", type=cli_types.NON_NEGATIVE_COUNT,
@@ -672,13 +673,6 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--kind", type=click.Choice(["pooled", "crosscoder"]), default="pooled",
               show_default=True, help="pooled: one SAE on all checkpoints; crosscoder: one "
                                       "decoder slice per checkpoint.")
-@click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
-                                          "vanilla"]), default="batchtopk", show_default=True,
-              help="batchtopk: the k x batch-size largest activations of each batch, a learned "
-                   "threshold after training; topk: each token's k largest; jumprelu: a learned "
-                   "threshold per latent and an L0 penalty (--l0-coeff); matryoshka: batchtopk "
-                   "over nested groups of latents (--group-sizes); vanilla: ReLU and an L1 "
-                   "penalty (--l1-coeff).")
 @click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
               help="batchtopk, matryoshka: active features per token on average; topk: per "
                    "token.")

@@ -74,6 +74,7 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
     elif step is not None:
         raise FeaturestoreError(
             f"--step: basis {basis} reads one activation set with one norm scale; drop --step")
+    weights = weights.in_original_units()  # the form written: scale folded, thresholds per latent
     target = Path(out).resolve() if out else wh.root / "exports" / basis / format
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
@@ -88,9 +89,8 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
         swap_in(staging, target, "export-dictionary")
     finally:
         claim.release(remove=True, warn="export-dictionary")
-    arch = weights.in_original_units().arch
-    exported_arch = ({"vanilla": "standard"}.get(arch, arch) if format == "saelens"
-                     else "topk")
+    exported_arch = ({"vanilla": "standard"}.get(weights.arch, weights.arch)
+                     if format == "saelens" else "topk")
     return DictionaryExport(basis, format, str(target), exported_arch, weights.d_model,
                             weights.d_hidden, chosen_step,
                             sorted(p.name for p in target.iterdir() if p.is_file()))
