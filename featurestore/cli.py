@@ -1263,6 +1263,56 @@ def sql_command(ctx, query, fmt, as_of, trusted):
         _write_table(table, fmt)
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but a loopback address also needs --public.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on.")
+@click.option("--public", is_flag=True,
+              help="Allow a --host other than loopback: anyone who can reach the address can "
+                   "read the whole warehouse (the app has no login; its SQL stays read-only).")
+@click.option("--time-limit", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              metavar="SECONDS", help="Stop a query of the SQL page after this long.")
+@click.pass_context
+def serve_command(ctx, host, port, public, time_limit):
+    """Browse the warehouse in a web browser: runs, bases, features across training, model
+    diffs and read-only SQL.
+
+    Each page shows the SQL behind it, with a link that opens it in the SQL page. The app reads
+    the warehouse read-only and shows what jobs commit after a reload; the SQL page runs only
+    queries, reads nothing outside the warehouse, stops a query after --time-limit seconds and
+    shows at most 1,000 rows (downloads as CSV or Parquet hold up to 1,000,000).
+
+    \b
+    Examples:
+      featurestore serve                                  # http://127.0.0.1:8765
+      featurestore --warehouse runs/wh serve --port 9000
+      featurestore serve --host 0.0.0.0 --public          # reachable from other machines
+    """
+    import ipaddress
+
+    from featurestore.queries.web_app import create_app, serve
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise click.BadParameter(f"{host!r} is not an IP address or localhost",
+                                 param_hint="--host") from None
+    if not loopback and not public:
+        raise click.BadParameter(
+            f"{host} is reachable from other machines and the app has no login: add --public "
+            "to serve the warehouse there anyway, or leave --host at 127.0.0.1",
+            param_hint="--host")
+    if not loopback:
+        click.echo(f"warning: serving {host}:{port} to anyone who can reach it; the app has no "
+                   "login (the SQL page stays read-only)", err=True)
+    create_app(_warehouse(ctx))  # a missing warehouse fails here, before the server starts
+    click.echo(f"featurestore: serving {_warehouse(ctx) or 'the warehouse'} at "
+               f"http://{'localhost' if host == 'localhost' else host}:{port}/ (Ctrl-C stops)",
+               err=True)
+    serve(_warehouse(ctx), host=host, port=port, time_limit=time_limit)
+
+
 def _write_table(table, fmt: str) -> None:
     if fmt == "parquet":
         import pyarrow.parquet as pq

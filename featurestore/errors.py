@@ -44,3 +44,7 @@ class DamagedCatalogError(FeaturestoreError):
 
 class QueryRefusedError(FeaturestoreError):
     """Read-only SQL that would change the warehouse or reach outside it."""
+
+
+class QueryTimeoutError(FeaturestoreError):
+    """Read-only SQL that ran past its time limit and was stopped."""

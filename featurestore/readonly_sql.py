@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 
 import duckdb
 import pyarrow as pa
 
-from featurestore.errors import FeaturestoreError, QueryRefusedError
+from featurestore.errors import FeaturestoreError, QueryRefusedError, QueryTimeoutError
 from featurestore.warehouse import damage_hint
 
 TRUSTED_HINT = "pass --trusted to run it with full DuckDB access"
@@ -189,6 +190,12 @@ def _outside_data(error: duckdb.Error) -> QueryRefusedError:
 
 
 @dataclass
+class LimitedResult:
+    table: pa.Table  # at most the row limit
+    truncated: bool  # the query had more rows than the limit
+
+
+@dataclass
 class ReadOnlySQL:
     """A locked-down warehouse connection that runs read-only SQL: open it once (a connection
     costs a catalog read), run many queries, close it. Every query reads the snapshot pinned
@@ -207,6 +214,36 @@ class ReadOnlySQL:
             raise _outside_data(error) from None
         except duckdb.Error as error:
             raise FeaturestoreError(f"SQL error: {error}.{damage_hint(str(error))}") from None
+
+    def query_limited(self, sql: str, max_rows: int, timeout_s: float) -> LimitedResult:
+        """Like `query`, for SQL typed by a person: at most `max_rows` rows are read (the result
+        says whether there were more), and the query is interrupted after `timeout_s` seconds
+        with a QueryTimeoutError."""
+        statements = check_query(self.con, sql)
+        timer = threading.Timer(timeout_s, self.con.interrupt)
+        timer.start()
+        try:
+            for statement in statements[:-1]:
+                self.con.execute(statement)
+            reader = self.con.sql(statements[-1]).fetch_record_batch(min(max_rows + 1, 65_536))
+            batches, rows = [], 0
+            for batch in reader:
+                batches.append(batch)
+                rows += batch.num_rows
+                if rows > max_rows:
+                    break
+            table = pa.Table.from_batches(batches, schema=reader.schema)
+        except duckdb.InterruptException:
+            raise QueryTimeoutError(
+                f"the query ran past the time limit of {timeout_s:g} s and was stopped; narrow "
+                "it (a WHERE on basis, step or feature_id reads far less)") from None
+        except duckdb.PermissionException as error:
+            raise _outside_data(error) from None
+        except duckdb.Error as error:
+            raise FeaturestoreError(f"SQL error: {error}.{damage_hint(str(error))}") from None
+        finally:
+            timer.cancel()
+        return LimitedResult(table.slice(0, max_rows), truncated=table.num_rows > max_rows)
 
     def close(self) -> None:
         self.con.close()

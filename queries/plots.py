@@ -24,6 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import altair as alt
@@ -33,6 +34,7 @@ from altair.utils.schemapi import debug_mode
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records, write_atomic
+from featurestore.queries.page_queries import page_query
 from featurestore.warehouse import Warehouse, package_version
 
 WIDTH = 480
@@ -411,6 +413,121 @@ def checkpoint_summary(con: duckdb.DuckDBPyConnection, basis: str) -> alt.HConca
                        panel("l0", "L0 (active features per token)"),
                        data=_inline(rows)).properties(
         title=alt.Title(f"{basis}: fit of the basis at each checkpoint"))
+
+
+# -- plots of one feature or run (the web app's pages), from the page queries of sql/pages ------
+
+
+def feature_trajectory(con: duckdb.DuckDBPyConnection, basis: str, feature_id: int,
+                       births_rule: dict | None = None) -> alt.VConcatChart:
+    """One feature over training: activation rate, energy (share of the reconstruction) and
+    drift (running sum of 1 - cosine with the previous direction), with its birth,
+    stabilisation and death under `births_rule` (births columns) marked as vertical rules."""
+    info = _basis(con, basis)
+    params = {"basis": basis, "feature": feature_id}
+    rows = page_query("feature_trajectory").run(con, params).records()
+    _require(rows, _missing(info, "trajectories", "feature-trajectory-sweep"))
+    birth = (page_query("feature_birth").run(con, {**params, **births_rule}).first()
+             if births_rule else None)
+    return alt.VConcatChart.from_dict(
+        feature_trajectory_spec(basis, feature_id, rows, birth, births_rule))
+
+
+def feature_trajectory_spec(basis: str, feature_id: int, rows: list[dict], birth: dict | None,
+                            births_rule: dict | None) -> dict:
+    """feature_trajectory's Vega-Lite spec from rows already read (sql/pages/
+    feature_trajectory.sql's, and feature_birth.sql's row or None). The chart's structure is
+    built by altair once per process and the rows go in as named datasets: building it anew
+    costs more than every query of a feature page together."""
+    events = [{"event": event, "step": birth[column], "x": birth[column] + 1}
+              for event, column in (("birth", "birth_step"),
+                                    ("stabilisation", "stabilization_step"),
+                                    ("death", "death_step"))
+              if birth and birth.get(column) is not None]
+    title = {"text": f"{basis}: feature {feature_id} over training",
+             "subtitle": (f"births: {_describe_parameters(births_rule)}" if births_rule
+                          else "no births stored (feature-birth-analyze)")}
+    return _filled(_feature_trajectory_template(), title,
+                   {"trajectory": rows, "events": events})
+
+
+@cache
+def _feature_trajectory_template() -> str:
+    events = alt.Chart(alt.NamedData("events")).mark_rule(strokeDash=[4, 3], strokeWidth=2
+                                                          ).encode(
+        x="x:Q", color=alt.Color("event:N", title="event",
+                                 scale=alt.Scale(domain=["birth", "stabilisation", "death"],
+                                                 range=["#54a24b", "#4c78a8", "#e45756"])),
+        tooltip=["event:N", "step:Q"])
+
+    def panel(column: str, title: str) -> alt.LayerChart:
+        line = alt.Chart(alt.NamedData("trajectory")).transform_calculate(
+            step_plus_1="datum.step + 1").mark_line(point=True, color="#333333").encode(
+            x=_log_step_axis("step_plus_1"), y=alt.Y(f"{column}:Q", title=title),
+            tooltip=["step:Q", alt.Tooltip(f"{column}:Q", format=".5f")])
+        return alt.layer(line, events).properties(width=WIDTH, height=HEIGHT // 2)
+
+    return json.dumps(_spec(alt.vconcat(panel("activation_rate", "activation rate"),
+                                        panel("energy", "energy (share of reconstruction)"),
+                                        panel("drift", "drift (sum of 1 - cosine)"))))
+
+
+def activation_histogram(con: duckdb.DuckDBPyConnection, basis: str, feature_id: int, step: int,
+                         bins: int = 20) -> alt.Chart:
+    """How strongly one feature fires at one checkpoint: its non-zero activations in `bins`
+    equal bins (feature_activations)."""
+    info = _basis(con, basis)
+    rows = page_query("feature_activations").run(
+        con, {"basis": basis, "feature": feature_id, "step": step, "bins": bins}).records()
+    _require(rows, f"feature {feature_id} of {basis} never fires at step {step}" if info["run"]
+             else _missing(info, "feature_activations", "feature-trajectory-sweep"))
+    return alt.Chart.from_dict(activation_histogram_spec(feature_id, step, rows))
+
+
+def activation_histogram_spec(feature_id: int, step: int, rows: list[dict]) -> dict:
+    """activation_histogram's Vega-Lite spec from sql/pages/feature_activations.sql's rows."""
+    return _filled(_activation_histogram_template(),
+                   f"feature {feature_id} at step {step}: non-zero activations", {"bins": rows})
+
+
+@cache
+def _activation_histogram_template() -> str:
+    return json.dumps(_spec(alt.Chart(alt.NamedData("bins")).mark_bar(
+        color="#4c78a8", stroke="white").encode(
+        x=alt.X("bin_start:Q", title="activation"), x2="bin_end:Q",
+        y=alt.Y("n_tokens:Q", title="tokens"),
+        tooltip=["bin_start:Q", "bin_end:Q", "n_tokens:Q"],
+    ).properties(width=WIDTH * 3 // 4, height=HEIGHT // 2)))
+
+
+def _filled(template: str, title, datasets: dict[str, list[dict]]) -> dict:
+    """A chart template (a spec whose data are named datasets, as JSON) with its title and the
+    rows of each dataset."""
+    spec = json.loads(template)
+    spec["title"] = title
+    spec["datasets"] = datasets
+    return spec
+
+
+def run_metrics(con: duckdb.DuckDBPyConnection, run: str) -> alt.HConcatChart:
+    """A run's loss and accuracy on each data split at every checkpoint (checkpoint_metrics)."""
+    rows = json_records(con, "SELECT step, split, loss, accuracy FROM checkpoint_metrics "
+                             "WHERE run = ? ORDER BY split, step", [run])
+    _require(rows, f"run {run} has no checkpoints with metrics (featurestore register or "
+                   "evaluate-checkpoints writes them)")
+
+    def panel(column: str, title: str) -> alt.Chart:
+        return alt.Chart().transform_calculate(step_plus_1="datum.step + 1").mark_line(
+            point=True).encode(
+            x=_log_step_axis("step_plus_1"),
+            y=alt.Y(f"{column}:Q", title=title, scale=alt.Scale(zero=False)),
+            color=alt.Color("split:N", title="split"),
+            tooltip=["split:N", "step:Q", alt.Tooltip(f"{column}:Q", format=".4f")],
+        ).properties(width=WIDTH * 3 // 4, height=HEIGHT)
+
+    return alt.hconcat(panel("loss", "loss"), panel("accuracy", "accuracy"),
+                       data=_inline(rows)).properties(
+        title=alt.Title(f"{run}: loss and accuracy per split over training"))
 
 
 # Plot name -> function. The name is the file stem of the exported files.
