@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test bench docs clean-warehouse
+.PHONY: install browser demo test bench docs clean-warehouse
 
 install: $(INSTALLED)
 
@@ -25,8 +25,16 @@ $(INSTALLED): pyproject.toml
 demo: install
 	$(BIN)/featurestore demo
 
-test: install
-	$(BIN)/python -m pytest
+test: install browser
+	FEATURESTORE_BROWSER_TESTS=required $(BIN)/python -m pytest
+
+# The browser tests of `featurestore serve` drive the distribution's Chromium through its
+# ChromeDriver (no browser download): installed with apt when missing (as root, or with sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
 
 bench: install
 	$(BIN)/python benchmarks/run.py

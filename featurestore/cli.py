@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import sys
 from datetime import date, datetime
 
@@ -1206,6 +1207,9 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
                        progress=not quiet,
                        log=lambda text: click.echo(text, err=True))
     click.echo(summary)
+    where = f" --warehouse {shlex.quote(_warehouse(ctx))}" if _warehouse(ctx) else ""
+    click.echo(f"\nBrowse the results: featurestore{where} serve   (then open "
+               "http://127.0.0.1:8765/)")
 
 
 # --- the read side --------------------------------------------------------------------------------

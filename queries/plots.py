@@ -495,7 +495,7 @@ def _activation_histogram_template() -> str:
     return json.dumps(_spec(alt.Chart(alt.NamedData("bins")).mark_bar(
         color="#4c78a8", stroke="white").encode(
         x=alt.X("bin_start:Q", title="activation"), x2="bin_end:Q",
-        y=alt.Y("n_tokens:Q", title="tokens"),
+        y=alt.Y("n_tokens:Q", title="tokens"), y2=alt.datum(0),
         tooltip=["bin_start:Q", "bin_end:Q", "n_tokens:Q"],
     ).properties(width=WIDTH * 3 // 4, height=HEIGHT // 2)))
 

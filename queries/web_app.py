@@ -94,9 +94,11 @@ class LiveWarehouse:
     where a query naming a basis, step or feature reads only what it needs.
     """
 
-    def __init__(self, warehouse: str | os.PathLike | None = None, catalog: str | None = None):
+    def __init__(self, warehouse: str | os.PathLike | None = None, catalog: str | None = None,
+                 cached_rows: int = CACHED_ROWS):
         self.warehouse = Warehouse(warehouse, catalog)
         self.catalog = catalog
+        self.cached_rows = cached_rows
         self._session: ReadOnlySQL | None = None
         self._snapshot: int | None = None
         self._lock = threading.Lock()
@@ -114,7 +116,7 @@ class LiveWarehouse:
                 try:
                     (self._snapshot,) = session.con.execute(
                         f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()
-                    cache_small_tables(session.con)
+                    cache_small_tables(session.con, self.cached_rows)
                 except BaseException:
                     session.close()
                     raise
@@ -127,8 +129,8 @@ class LiveWarehouse:
             self._session = None
 
 
-def cache_small_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Replace the view of each table of up to CACHED_ROWS rows (but the partitioned ones) by an
+def cache_small_tables(con: duckdb.DuckDBPyConnection, max_rows: int) -> list[str]:
+    """Replace the view of each table of up to `max_rows` rows (but the partitioned ones) by an
     in-memory copy of the rows it reads; return the tables copied."""
     cached = []
     con.execute("BEGIN TRANSACTION")  # one catalog read for every count and copy
@@ -137,7 +139,7 @@ def cache_small_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
             if table.partition_by:
                 continue
             (rows,) = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()
-            if rows > CACHED_ROWS:
+            if rows > max_rows:
                 continue
             con.execute(f"CREATE TABLE {table.name}_rows AS FROM {table.name}")
             cached.append(table.name)
@@ -607,9 +609,11 @@ async def on_crash(request: Request, error: Exception) -> Response:
 
 
 def create_app(warehouse: str | os.PathLike | None = None, catalog: str | None = None,
-               time_limit: float = SQL_TIME_LIMIT_S) -> Starlette:
-    """The web app over the warehouse (default: $FEATURESTORE_WAREHOUSE or ./warehouse)."""
-    live = LiveWarehouse(warehouse, catalog)
+               time_limit: float = SQL_TIME_LIMIT_S, cached_rows: int = CACHED_ROWS
+               ) -> Starlette:
+    """The web app over the warehouse (default: $FEATURESTORE_WAREHOUSE or ./warehouse).
+    `cached_rows`: tables up to this size are read into memory per snapshot (LiveWarehouse)."""
+    live = LiveWarehouse(warehouse, catalog, cached_rows)
     if not live.warehouse.exists():
         raise NotFoundError(f"no warehouse at {live.warehouse.root}: give --warehouse, or run "
                             "featurestore demo to build one")
