@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import threading
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,26 +64,29 @@ def warehouse(analysed_warehouse, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(warehouse) -> str:
-    """The app on uvicorn, as `featurestore serve` runs it, on a free port of 127.0.0.1."""
-    import uvicorn
-
-    from featurestore.queries.web_app import create_app, vega_bundle
-
+    """`featurestore serve` itself, in a process of its own, on a free port of 127.0.0.1."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    vega_bundle()
-    server = uvicorn.Server(uvicorn.Config(create_app(warehouse), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(WAIT_S)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "featurestore", "--warehouse", str(warehouse), "serve",
+         "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 2 * WAIT_S
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/", timeout=5) as response:
+                assert response.status == 200
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"featurestore serve did not start: {process.stdout.read()}")
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    output, _ = process.communicate(timeout=WAIT_S)
+    assert "Traceback" not in output, output
 
 
 def wait_for(driver, css: str):
