@@ -235,6 +235,7 @@ def test_crosscoder_pages(client, warehouse):
     ("/bases/tiny-l2?sort=drop", 400, "sort='drop'"),
     ("/bases/tiny-l2?page=0", 400, "page='0'"),
     ("/bases/tiny-l2?born=maybe", 400, "born='maybe'"),
+    ("/bases/tiny-l2?page=2", 400, "page=2: past the last page"),
     ("/bases/tiny-diff?split=x", 400, "split='x'"),
     ("/sql/download.xlsx?q=SELECT+1", 404, "csv or parquet"),
 ])
