@@ -419,7 +419,7 @@ def checkpoint_summary(con: duckdb.DuckDBPyConnection, basis: str) -> alt.HConca
 
 
 def feature_trajectory(con: duckdb.DuckDBPyConnection, basis: str, feature_id: int,
-                       births_rule: dict | None = None) -> alt.VConcatChart:
+                       births_rule: dict | None = None) -> alt.HConcatChart:
     """One feature over training: activation rate, energy (share of the reconstruction) and
     drift (running sum of 1 - cosine with the previous direction), with its birth,
     stabilisation and death under `births_rule` (births columns) marked as vertical rules."""
@@ -429,7 +429,7 @@ def feature_trajectory(con: duckdb.DuckDBPyConnection, basis: str, feature_id: i
     _require(rows, _missing(info, "trajectories", "feature-trajectory-sweep"))
     birth = (page_query("feature_birth").run(con, {**params, **births_rule}).first()
              if births_rule else None)
-    return alt.VConcatChart.from_dict(
+    return alt.HConcatChart.from_dict(
         feature_trajectory_spec(basis, feature_id, rows, birth, births_rule))
 
 
@@ -465,9 +465,9 @@ def _feature_trajectory_template() -> str:
             step_plus_1="datum.step + 1").mark_line(point=True, color="#333333").encode(
             x=_log_step_axis("step_plus_1"), y=alt.Y(f"{column}:Q", title=title),
             tooltip=["step:Q", alt.Tooltip(f"{column}:Q", format=".5f")])
-        return alt.layer(line, events).properties(width=WIDTH, height=HEIGHT // 2)
+        return alt.layer(line, events).properties(width=WIDTH * 5 // 8, height=HEIGHT * 2 // 3)
 
-    return json.dumps(_spec(alt.vconcat(panel("activation_rate", "activation rate"),
+    return json.dumps(_spec(alt.hconcat(panel("activation_rate", "activation rate"),
                                         panel("energy", "energy (share of reconstruction)"),
                                         panel("drift", "drift (sum of 1 - cosine)"))))
 

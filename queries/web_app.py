@@ -565,7 +565,7 @@ def format_cell(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "NaN"
-        return f"{value:.6g}"
+        return f"{value:.6g}" if value != 0 else "0"  # no "-0" from a rounded -0.0001
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
