@@ -81,6 +81,8 @@ def sql_literal(value) -> str:
         return f"{value!r}::DOUBLE"
     if isinstance(value, (date, datetime)):
         return f"'{value.isoformat()}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(sql_literal(v) for v in value) + "]"
     return "'" + str(value).replace("'", "''") + "'"
 
 

@@ -304,7 +304,7 @@ def test_a_commit_shows_after_a_reload(warehouse_copy):
 def test_cached_tables_read_as_the_lake_does(client, warehouse):
     """The app copies small tables into memory per snapshot: every page query must answer the
     same from the copy as from the lake."""
-    uncached = TestClient(create_app(warehouse, cached_rows=0))
+    uncached = TestClient(create_app(warehouse, cached_rows=0, direct_files=False))
     for url in ("/", "/bases/tiny-l2", "/bases/tiny-l2/features/5", "/bases/tiny-diff/model-diff",
                 "/bases/tiny-fn/features/2?step=8"):
         assert client.get(url).text == uncached.get(url).text, url
