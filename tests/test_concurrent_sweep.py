@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
-from featurestore.warehouse import Warehouse, table_specs
+from featurestore.cli import cli
+from featurestore.warehouse import Warehouse, connect, table_specs
 
 from .conftest import TINY_RUN, query
 
@@ -40,16 +42,30 @@ def fitted_warehouse(trained_warehouse, tmp_path_factory):
 NEIGHBOUR_COLUMNS = ("direction_cosine_previous", "direction_cosine_final")
 
 
-def rows(root, table: str) -> list[tuple]:
-    columns = [c.name for c in table_specs()[table].columns
-               if c.name != "created_at" and c.name not in NEIGHBOUR_COLUMNS]
-    return query(root, f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
+def swept_rows(root) -> dict[str, list[tuple]]:
+    """The rows of every SWEPT table, read on one connection."""
+    con = connect(root)
+    try:
+        return {table: con.execute(f"SELECT {', '.join(compared_columns(table))} FROM {table} "
+                                   "ORDER BY ALL").fetchall() for table in SWEPT}
+    finally:
+        con.close()
 
 
-def sweep_command(root, checkpoints: str) -> list[str]:
-    return [sys.executable, "-m", "featurestore.cli", "--warehouse", str(root), "--threads", "1",
-            "feature-trajectory-sweep", "--basis", "pool", "--checkpoints", checkpoints,
-            "--quiet"]
+def compared_columns(table: str) -> list[str]:
+    return [c.name for c in table_specs()[table].columns
+            if c.name != "created_at" and c.name not in NEIGHBOUR_COLUMNS]
+
+
+def sweep_arguments(root, checkpoints: str) -> list[str]:
+    return ["--warehouse", str(root), "--threads", "1", "feature-trajectory-sweep", "--basis",
+            "pool", "--checkpoints", checkpoints, "--quiet"]
+
+
+def sweep_here(root, checkpoints: str) -> None:
+    """The sweep in this process, through the same command line as the processes run."""
+    done = CliRunner().invoke(cli, sweep_arguments(root, checkpoints))
+    assert done.exit_code == 0, done.output + repr(done.exception)
 
 
 def test_four_processes_sweeping_at_once_match_a_serial_sweep(fitted_warehouse, tmp_path):
@@ -60,23 +76,26 @@ def test_four_processes_sweeping_at_once_match_a_serial_sweep(fitted_warehouse, 
     shutil.copytree(fitted_warehouse, serial)
     shutil.copytree(fitted_warehouse, parallel)
 
-    done = subprocess.run(sweep_command(serial, "all"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    sweep_here(serial, "all")
     parts = [",".join(map(str, steps[i::4])) for i in range(4)]
-    jobs = [subprocess.Popen(sweep_command(parallel, part), stderr=subprocess.PIPE, text=True)
+    jobs = [subprocess.Popen([sys.executable, "-m", "featurestore.cli",
+                              *sweep_arguments(parallel, part)], stderr=subprocess.PIPE,
+                             text=True)
             for part in parts]
     for job in jobs:
         assert job.wait(timeout=600) == 0, job.stderr.read()
 
+    expected = swept_rows(serial)
+    got = swept_rows(parallel)
     for table in SWEPT:
-        assert rows(parallel, table) == rows(serial, table), table
+        assert got[table] == expected[table], table
     # Each process's own last checkpoint is its "final": cosine 1 there, as at the serial
     # sweep's last checkpoint.
     finals = {int(part.split(",")[-1]) for part in parts}
     at_one = {step for (step,) in query(parallel, "SELECT DISTINCT step FROM trajectories "
                                                   "WHERE abs(direction_cosine_final - 1) < 1e-6")}
     assert finals <= at_one
-    assert rows(serial, "trajectories")  # the comparison is not vacuous
+    assert expected["trajectories"]  # the comparison is not vacuous
     assert {r[0] for r in query(parallel, "SELECT DISTINCT step FROM feature_activations")} == \
         set(steps)
     # One snapshot per process, each naming its own checkpoints on its command line.
@@ -90,8 +109,7 @@ def test_a_rerun_of_some_checkpoints_replaces_only_those(fitted_warehouse, tmp_p
     shutil.copytree(fitted_warehouse, root)
     steps = [s for (s,) in query(root, "SELECT DISTINCT step FROM activation_sets ORDER BY step")]
     for checkpoints in ("all", str(steps[-1])):
-        done = subprocess.run(sweep_command(root, checkpoints), capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        sweep_here(root, checkpoints)
     # The re-run's checkpoint is there once, the others untouched.
     per_step = dict(query(root, "SELECT step, count(*) FROM trajectories GROUP BY step"))
     assert set(per_step) == set(steps) and len(set(per_step.values())) == 1

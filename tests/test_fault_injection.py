@@ -30,6 +30,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -57,13 +58,13 @@ from featurestore.warehouse import VERSION_SUFFIX, Warehouse, connect, records, 
 
 from .conftest import RELAXED_BOUNDS, STAGES, TINY_D_MODEL, TINY_RUN
 
-# The prepared warehouse: run `tiny` trained for 6 steps (checkpoints 0..6), one stage collected
+# The prepared warehouse: run `tiny` trained for 3 steps (checkpoints 0..3), one stage collected
 # at three checkpoints, a shared basis fitted on them, swept at two, and its births analysed.
-TRAIN_STEPS = 6
+TRAIN_STEPS = 3
 STAGE = STAGES[0]
-COLLECTED = "0,3,LAST"
-FITTED = "0,3,6"
-SWEPT = "0,6"
+COLLECTED = "0,2,LAST"
+FITTED = "0,2,3"
+SWEPT = "0,3"
 COLLECT_TOKENS = 512
 BASIS = "tiny-b"
 FIT = dict(dict_size=32, k=4, steps=20, batch_size=128, **RELAXED_BOUNDS)
@@ -98,20 +99,29 @@ CHILD_TIMEOUT = 300
 VERSION = re.compile(VERSION_SUFFIX.pattern.rstrip("$"))
 THREADS = 1  # every job, here and in children: equal threads give equal floats
 
-# The launcher: a process that imports featurestore, torch and the jobs once, then forks one
-# child per job it is sent (a JSON line on stdin), so each job starts in milliseconds. It prints
-# "@fault pid N" for each child and "@fault exit STATUS" when the child has ended; the child
-# prints its markers ("@fault EVENT MONOTONIC-TIME") in between, on the same stdout.
+# Libraries the jobs import inside their functions (torch imports _dynamo on the first optimiser):
+# the launcher imports them too, or every child would spend seconds importing them afresh.
+LAZY_IMPORTS = ["torch._dynamo", "datasets", "nnsight", "scipy.sparse", "scipy.optimize"]
+
+# The launcher: a process that imports featurestore, torch, the jobs and LAZY_IMPORTS, parses the
+# table definitions and loads DuckDB's extensions once, then forks one child per job it is sent
+# (a JSON line on stdin), so each job starts in milliseconds. It prints "@fault pid N" for each
+# child and "@fault exit STATUS" when the child has ended; the child prints its markers ("@fault
+# EVENT MONOTONIC-TIME") in between, on the same stdout.
 LAUNCHER = textwrap.dedent("""
-    import importlib, json, os, shutil, signal, sys, time, traceback
+    import gc, importlib, json, os, shutil, signal, sys, time, traceback
 
     from featurestore.settings import set_torch_threads
 
     set_torch_threads(int(sys.argv[1]))
     import featurestore.warehouse as warehouse
+    from featurestore.lake import lake_connection
 
     for module in sys.argv[2:]:
-        importlib.import_module("featurestore.ingest." + module)
+        importlib.import_module(module)
+    warehouse.table_specs()
+    lake_connection("sqlite").close()  # checks the extensions' signatures (featurestore.lake)
+    gc.freeze()  # the children's garbage collections skip all that was loaded here
 
 
     def say(text):
@@ -281,7 +291,8 @@ class Launcher:
 
     def __init__(self, scratch: Path):
         self.scratch = scratch
-        modules = sorted({job[0] for job in [*JOBS.values(), SAE_JOB]})
+        jobs = sorted({job[0] for job in [*JOBS.values(), SAE_JOB]})
+        modules = [f"featurestore.ingest.{job}" for job in jobs] + LAZY_IMPORTS
         self.process = subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, str(THREADS), *modules],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
@@ -345,6 +356,8 @@ class Launcher:
 
 @pytest.fixture(scope="module")
 def launcher(tmp_path_factory):
+    """The tests ask for it before the warehouses they prepare, so that the launcher imports
+    while those are built."""
     launcher = Launcher(tmp_path_factory.mktemp("launcher"))
     yield launcher
     launcher.close()
@@ -375,10 +388,12 @@ class Examined:
 
 
 def examine(root: Path, exact: bool = False) -> Examined:
-    """Check that the warehouse at `root` is whole (check_whole), and read what it holds, on
-    one connection."""
+    """Check that the warehouse at `root` is whole (check_whole, and every table reads: contents
+    reads each whole), and read what it holds, on one connection."""
     con = connect(root)
     try:
+        # One transaction: DuckLake reads its catalog once for all the reads, not once per read.
+        con.execute("BEGIN TRANSACTION")
         check_whole(Warehouse(root), con)
         paths = {table: sorted(p for (p,) in con.execute(f"SELECT path FROM {table}").fetchall())
                  for table in ARTEFACT_TABLES}
@@ -403,9 +418,7 @@ def contents(con, exact: bool) -> dict[str, list[tuple]]:
 
 
 def check_whole(wh: Warehouse, con) -> None:
-    """Every table reads, and every artefact row points at a folder that holds what it says."""
-    for table in table_specs():
-        con.execute(f"SELECT count(*) FROM {table}").fetchall()
+    """Every artefact row points at a folder that holds what it says."""
     for table in ARTEFACT_TABLES:
         for (path,) in con.execute(f"SELECT path FROM {table}").fetchall():
             assert wh.path(path).is_dir(), f"{table}.path {path} does not exist"
@@ -480,6 +493,12 @@ def prepared(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def prepared_state(prepared) -> Examined:
+    """examine(prepared, exact=True), which is what every copy of it holds."""
+    return examine(prepared, exact=True)
+
+
+@pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     """The rows after an uninterrupted run of a job of JOBS on a copy of the prepared
     warehouse, in this process, once per job."""
@@ -545,9 +564,10 @@ REPLACING_KILLS = [
                          ids=[f"{j}-{k['at'].split(':')[-1]}-{k.get('when', 'before')}"
                               for j, k, _ in REPLACING_KILLS])
 def test_a_kill_inside_a_replacing_commit_leaves_the_old_or_the_new_state(
-        prepared, uninterrupted, launcher, tmp_path, job, kill, outcome, fault_tally):
+        launcher, prepared, prepared_state, uninterrupted, tmp_path, job, kill, outcome,
+        fault_tally):
     root = copy(prepared, tmp_path / "warehouse")
-    before = examine(root, exact=True)
+    before = prepared_state
     digests = {p: folder_digest(root / p) for ps in before.paths.values() for p in ps}
 
     table_files = set((root / "data").rglob("*.parquet"))
@@ -599,7 +619,7 @@ def first_job_rows(activation_folder, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("kill", FIRST_COMMIT_KILLS,
                          ids=["after-prepare_sqlite", "mid-CREATE-TABLE", "before-COMMIT"])
 def test_a_kill_during_the_first_commit_leaves_a_clear_message_and_a_rerun_works(
-        activation_folder, first_job_rows, launcher, tmp_path, kill, fault_tally):
+        launcher, activation_folder, first_job_rows, tmp_path, kill, fault_tally):
     root = tmp_path / "warehouse"
     child = launcher.run(SAE_JOB, sae_kwargs(activation_folder), root, kill=kill)
     assert child.killed_at_its_point(), child.stderr
@@ -666,7 +686,7 @@ def resumable_rows(activation_folder, tmp_path_factory) -> dict:
 @pytest.mark.parametrize(("when", "kept", "step"),
                          [("torn", "old", 10), ("before", "old", 10), ("after", "new", 20)])
 def test_a_kill_while_saving_the_training_state_keeps_one_whole_state(
-        activation_folder, resumable_rows, launcher, tmp_path, when, kept, step):
+        launcher, activation_folder, resumable_rows, tmp_path, when, kept, step):
     root = tmp_path / "warehouse"
     side = tmp_path / "side"
     kwargs = sae_kwargs(activation_folder, steps=STATE_STEPS)
@@ -735,51 +755,68 @@ TRIALS = {"train-model": 6, "collect": 6, "shared-feature-fit": 7,
 
 
 @pytest.mark.slow
-def test_random_kills_across_jobs_leave_a_whole_warehouse(prepared, launcher, kill_seed,
+def test_random_kills_across_jobs_leave_a_whole_warehouse(launcher, prepared, kill_seed,
                                                            tmp_path, fault_tally):
     rng = random.Random(kill_seed)
-    before = examine(prepared)
     tally: dict[str, dict[str, int]] = {}
+    recovered = []
     started = time.monotonic()
-    for job, trials in TRIALS.items():
-        # An uninterrupted child on a fresh copy: the rows the job writes, and when it commits.
-        reference = copy(prepared, tmp_path / f"{job}-reference")
-        timing = launcher.run(JOBS[job], JOBS[job][2], reference)
-        assert timing.returncode == 0, timing.stderr
-        after = examine(reference).rows
-        assert after != before.rows
-        commit = timing.events["commit-end"] - timing.events["commit-start"]
-        counts = tally.setdefault(job, {})
-        for trial in range(trials):
-            root = copy(prepared, tmp_path / f"{job}-{trial}")
-            # Half the kills anywhere in the job, half in (and just after) its commit.
-            kill_after = (("start", rng.uniform(0, timing.events["done"])) if rng.random() < 0.5
-                          else ("commit-start", rng.uniform(0, 1.5 * commit)))
-            child = launcher.run(JOBS[job], JOBS[job][2], root, kill_after=kill_after)
-            assert child.returncode in (0, -signal.SIGKILL), child.stderr
-            where = child.where()
-            state = examine(root)  # checks that it is whole
-            fault_tally.record("random kill", mixed_state=state.rows not in (before.rows, after))
-            assert state.rows in (before.rows, after), f"{job} killed {where}: a mix of rows"
-            new = state.rows == after
-            if where in ("before commit", "commit, before BEGIN"):
-                assert not new, f"{job} killed {where} committed"
-            if where in ("after COMMIT", "finished"):
-                assert new, f"{job} killed {where} did not commit"
-            assert state.snapshots == before.snapshots + new
-            if not new:
-                assert state.paths == before.paths
-            key = f"{where} -> {'new' if new else 'old'}"
-            counts[key] = counts.get(key, 0) + 1
-            if trial + 1 < trials:
-                shutil.rmtree(root)
-        # After every kill, an uninterrupted run on the last trial's warehouse.
-        run_job(JOBS[job], JOBS[job][2], root)
-        assert examine(root).rows == after
-        fault_tally.recovered()
-        shutil.rmtree(root)
-        shutil.rmtree(reference)
+    # A thread examines a warehouse while the launcher runs a child: each killed child's while
+    # the next one runs, and the warehouse before the jobs or the last job's recovered one while
+    # a job's reference child runs. So every child runs under the same load, and the kill times
+    # drawn from the reference's timing fall where they are meant to.
+    with ThreadPoolExecutor(1) as examiner:
+        before_state = examiner.submit(examine, prepared)
+        for job, trials in TRIALS.items():
+            # An uninterrupted child on a fresh copy: the rows the job writes, and when it
+            # commits.
+            reference = copy(prepared, tmp_path / f"{job}-reference")
+            timing = launcher.run(JOBS[job], JOBS[job][2], reference)
+            assert timing.returncode == 0, timing.stderr
+            before = before_state.result()
+            reference_state = examiner.submit(examine, reference)
+            commit = timing.events["commit-end"] - timing.events["commit-start"]
+            killed = []
+            for trial in range(trials):
+                root = copy(prepared, tmp_path / f"{job}-{trial}")
+                # Half the kills anywhere in the job, half in (and just after) its commit.
+                kill_after = (("start", rng.uniform(0, timing.events["done"]))
+                              if rng.random() < 0.5
+                              else ("commit-start", rng.uniform(0, 1.5 * commit)))
+                child = launcher.run(JOBS[job], JOBS[job][2], root, kill_after=kill_after)
+                killed.append((root, child, examiner.submit(examine, root)))  # checks it is whole
 
+            after = reference_state.result().rows
+            assert after != before.rows
+            counts = tally.setdefault(job, {})
+            for _, child, examined in killed:
+                assert child.returncode in (0, -signal.SIGKILL), child.stderr
+                where = child.where()
+                state = examined.result()
+                fault_tally.record("random kill",
+                                   mixed_state=state.rows not in (before.rows, after))
+                assert state.rows in (before.rows, after), f"{job} killed {where}: a mix of rows"
+                new = state.rows == after
+                if where in ("before commit", "commit, before BEGIN"):
+                    assert not new, f"{job} killed {where} committed"
+                if where in ("after COMMIT", "finished"):
+                    assert new, f"{job} killed {where} did not commit"
+                assert state.snapshots == before.snapshots + new
+                if not new:
+                    assert state.paths == before.paths
+                key = f"{where} -> {'new' if new else 'old'}"
+                counts[key] = counts.get(key, 0) + 1
+            for folder, *_ in killed[:-1]:
+                shutil.rmtree(folder)
+            shutil.rmtree(reference)
+            # After every kill, an uninterrupted run on the last trial's warehouse.
+            root = killed[-1][0]
+            run_job(JOBS[job], JOBS[job][2], root)
+            recovered.append((job, after, examiner.submit(examine, root)))
+
+    for job, after, examined in recovered:
+        assert examined.result().rows == after, f"{job} run again after a kill"
+        fault_tally.recovered()
     total = sum(sum(c.values()) for c in tally.values())
     in_commit = sum(n for c in tally.values() for k, n in c.items()
                     if k.startswith(("commit,", "in transaction")))
