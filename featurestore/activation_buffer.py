@@ -162,11 +162,12 @@ def token_stream(tokens_from: str, sources: list[ModelSource], n_rows: int | Non
             raise FeaturestoreError(
                 "--tokens-from demo: --text-column, --tokenizer, --seq-len and --splits apply "
                 "to a token file; the demo stream has its own sequences and splits")
-        not_demo = [s.label for s in sources if s.task_config is None]
+        # A run of another task (the grokking experiment's) names it in its task_config.
+        not_demo = [s.label for s in sources if s.task_config is None or "task" in s.task_config]
         if not_demo:
             raise FeaturestoreError(
-                f"--tokens-from demo: source {not_demo[0]} is not a demo run, so it does not read "
-                "the demo task's tokens; pass a tokenized dataset (--tokens-from PATH)")
+                f"--tokens-from demo: source {not_demo[0]} is not a demo-task run, so it does not "
+                "read the demo task's tokens; pass a tokenized dataset (--tokens-from PATH)")
         settings = [{k: v for k, v in s.task_config.items() if k != "mix"} for s in sources]
         differing = [s.label for s, other in zip(sources, settings) if other != settings[0]]
         if differing:

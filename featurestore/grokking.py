@@ -29,17 +29,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+
+MODULAR_ADDITION = "modular_addition"  # runs.task_config's "task" for these runs
 
 
 @dataclass(frozen=True)
 class ModularAddition:
-    """All p² problems "a b =" → (a + b) mod p, and which of them are trained on."""
+    """All p² problems "a b = c" with c = (a + b) mod p, and which of them are trained on.
+
+    A sequence holds the answer too, so that the answer is the next token after '=' like any
+    next-token target the store grades (patching, split metrics). The model is trained on the
+    prediction at '=' only; with causal attention nothing at positions 0-2 sees the answer, so
+    this is the paper's three-token model with the answer appended for grading.
+    """
 
     p: int
     train_fraction: float
     seed: int = 0
+
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
+    DEFAULT_SPLITS: ClassVar[tuple[str, ...]] = SPLITS
+    ANSWER_POSITION: ClassVar[int] = 2  # the '=' token, whose next token is the answer
+    n_ctx: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         if self.p < 3 or any(self.p % d == 0 for d in range(2, math.isqrt(self.p) + 1)):
@@ -55,10 +69,21 @@ class ModularAddition:
     def vocab_size(self) -> int:
         return self.p + 1
 
+    def token_names(self) -> list[str]:
+        return [str(i) for i in range(self.p)] + ["="]
+
+    def to_dict(self) -> dict:
+        return {"task": MODULAR_ADDITION, "p": self.p, "train_fraction": self.train_fraction,
+                "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModularAddition:
+        return cls(int(data["p"]), float(data["train_fraction"]), int(data.get("seed", 0)))
+
     def tokens(self) -> np.ndarray:
-        """[p², 3] int64: row a·p + b is (a, b, '=')."""
+        """[p², 4] int64: row a·p + b is (a, b, '=', (a + b) mod p)."""
         a, b = np.divmod(np.arange(self.p * self.p), self.p)
-        return np.stack([a, b, np.full_like(a, self.equals_token)], axis=1)
+        return np.stack([a, b, np.full_like(a, self.equals_token), (a + b) % self.p], axis=1)
 
     def answers(self) -> np.ndarray:
         """[p²]: (a + b) mod p for row a·p + b."""
@@ -71,6 +96,25 @@ class ModularAddition:
         mask = np.zeros(self.p * self.p, dtype=bool)
         mask[order[: round(self.train_fraction * self.p * self.p)]] = True
         return mask
+
+    def sample(self, split: str, n_sequences: int, seed: int):
+        """Problems of `split` (train: the trained pairs, test: the others) as a TaskBatch. Every
+        problem of the split, in row order, when n_sequences covers them all (so a collection
+        sees the whole (a, b) grid); otherwise a seeded random subset, in row order."""
+        import torch
+
+        from featurestore.tasks import TaskBatch
+
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(self.SPLITS)}")
+        rows = np.flatnonzero(self.train_mask() == (split == "train"))
+        if n_sequences < len(rows):
+            rng = np.random.default_rng([seed, self.SPLITS.index(split)])
+            rows = np.sort(rng.choice(rows, size=n_sequences, replace=False))
+        tokens = self.tokens()[rows]
+        scored = np.zeros(tokens.shape, dtype=bool)
+        scored[:, self.ANSWER_POSITION] = True
+        return TaskBatch(torch.from_numpy(tokens), torch.from_numpy(scored), [split] * len(rows))
 
 
 def fourier_basis(p: int) -> np.ndarray:
@@ -175,12 +219,13 @@ def checkpoint_plan(steps: int, dense_every: int) -> list[int]:
 def answer_logits(model, tokens):
     """The model's logits for the answer at the '=' position, over the p answer tokens."""
     p = model.config.vocab_size - 1
-    return model(tokens)[:, -1, :p]
+    return model(tokens)[:, ModularAddition.ANSWER_POSITION, :p]
 
 
-def train_grokking(config: GrokkingConfig, checkpoints: list[int], on_checkpoint) -> None:
-    """Train featurestore's Transformer (one layer, n_ctx 3) on the task, full batch; call
-    `on_checkpoint(step, model)` at each step of `checkpoints` (0 is the initialisation)."""
+def train_grokking(config: GrokkingConfig, checkpoints: list[int], on_checkpoint):
+    """Train featurestore's Transformer (one layer) on the task, full batch; call
+    `on_checkpoint(step, model)` at each step of `checkpoints` (0 is the initialisation).
+    Returns the trained model."""
     import torch
     import torch.nn.functional as F
 
@@ -191,8 +236,8 @@ def train_grokking(config: GrokkingConfig, checkpoints: list[int], on_checkpoint
     answers = torch.from_numpy(task.answers())
     train = torch.from_numpy(task.train_mask())
     torch.manual_seed(config.seed)
-    model = Transformer(ModelConfig(vocab_size=task.vocab_size, n_ctx=3, d_model=config.d_model,
-                                    n_layers=1, n_heads=config.n_heads))
+    model = Transformer(ModelConfig(vocab_size=task.vocab_size, n_ctx=task.n_ctx,
+                                    d_model=config.d_model, n_layers=1, n_heads=config.n_heads))
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.98))
     warmup = torch.optim.lr_scheduler.LambdaLR(
@@ -204,7 +249,7 @@ def train_grokking(config: GrokkingConfig, checkpoints: list[int], on_checkpoint
             on_checkpoint(step, model)
             model.train()
         if step == config.steps:
-            break
+            return model
         loss = F.cross_entropy(answer_logits(model, tokens[train]), answers[train])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,38 +258,100 @@ def train_grokking(config: GrokkingConfig, checkpoints: list[int], on_checkpoint
 
 
 @dataclass
+class Readout:
+    """What a checkpoint's progress measures are computed from."""
+
+    step: int
+    logits: np.ndarray  # [p², p] float64: the answer logits of every problem
+    embedding: np.ndarray  # [p, d_model] float64: the token embedding of 0..p-1
+
+
+def read_out(model, task: ModularAddition, step: int) -> Readout:
+    import torch
+
+    with torch.no_grad():
+        logits = answer_logits(model, torch.from_numpy(task.tokens())).double().numpy()
+        embedding = model.wte.weight[: task.p].double().numpy()
+    return Readout(step, logits, embedding)
+
+
+@dataclass
 class ProgressMeasures:
-    """One checkpoint's measures (see the module docstring)."""
+    """One checkpoint's measures (see the module docstring); progress_measures rows."""
 
     step: int
     train_loss: float
     test_loss: float
     train_accuracy: float
     test_accuracy: float
-    restricted_loss: float | None  # None until the key frequencies are known
-    excluded_loss: float | None
+    restricted_loss: float
+    excluded_loss: float
+    key_frequency_share: float  # of the embedding's non-constant squared norm
     frequency_shares: list[float]  # of the embedding: index 0 constant, k frequency k
 
 
-def progress_measures(model, config: GrokkingConfig, step: int,
-                      keys: list[int] | None = None) -> ProgressMeasures:
-    """The measures of a model at one checkpoint; restricted and excluded loss with `keys`."""
-    import torch
-
-    task = config.task()
-    with torch.no_grad():
-        logits = answer_logits(model, torch.from_numpy(task.tokens())).double().numpy()
-        embedding = model.wte.weight[: config.p].double().numpy()
+def progress_measures(readout: Readout, task: ModularAddition, keys: list[int]
+                      ) -> ProgressMeasures:
+    """The measures of one checkpoint, restricted and excluded loss on the key frequencies."""
+    logits = readout.logits
     answers, train = task.answers(), task.train_mask()
     correct = logits.argmax(axis=1) == answers
-    restricted = excluded = None
-    if keys:
-        kept, removed = restricted_and_excluded_logits(logits, keys)
-        restricted = cross_entropy(kept[train], answers[train])
-        excluded = cross_entropy(removed[train], answers[train])
+    kept, removed = restricted_and_excluded_logits(logits, keys)
+    shares = frequency_shares(readout.embedding)
     return ProgressMeasures(
-        step=step, train_loss=cross_entropy(logits[train], answers[train]),
+        step=readout.step, train_loss=cross_entropy(logits[train], answers[train]),
         test_loss=cross_entropy(logits[~train], answers[~train]),
         train_accuracy=float(correct[train].mean()), test_accuracy=float(correct[~train].mean()),
-        restricted_loss=restricted, excluded_loss=excluded,
-        frequency_shares=frequency_shares(embedding).tolist())
+        restricted_loss=cross_entropy(kept[train], answers[train]),
+        excluded_loss=cross_entropy(removed[train], answers[train]),
+        key_frequency_share=float(shares[keys].sum() / shares[1:].sum()),
+        frequency_shares=shares.tolist())
+
+
+def fourier_shares(values: np.ndarray) -> np.ndarray:
+    """frequency_shares of one function over Z_p (a vector of length p): [(p+1)/2], index 0 the
+    constant; all zeros for a zero vector."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.any():
+        return np.zeros((len(values) + 1) // 2)
+    return frequency_shares(values[:, None])
+
+
+# A feature follows a frequency when that frequency holds at least half of its answer profile's
+# non-constant squared norm: a majority, so no feature follows two.
+FOLLOWS_SHARE = 0.5
+
+
+@dataclass
+class AnswerFrequency:
+    """How one feature's activation at '=' depends on the answer (feature_frequencies row)."""
+
+    n_active: int
+    answer_profile: list[float]  # mean activation per answer c
+    answer_variance_share: float | None  # variance explained by the answer alone
+    dominant_frequency: int | None
+    dominant_share: float | None  # of the profile's non-constant squared norm
+
+    @property
+    def follows_frequency(self) -> bool:
+        return self.dominant_share is not None and self.dominant_share >= FOLLOWS_SHARE
+
+
+def answer_frequency(activations: np.ndarray, answers: np.ndarray, p: int) -> AnswerFrequency:
+    """A feature's activations over problems (one per problem, answers[i] its answer) read as a
+    function of the answer, and the frequency that function follows."""
+    activations = np.asarray(activations, dtype=np.float64)
+    counts = np.bincount(answers, minlength=p)
+    profile = np.bincount(answers, weights=activations, minlength=p) / np.maximum(counts, 1)
+    active = int((activations > 0).sum())
+    total = activations.var()
+    if active == 0 or total == 0:
+        return AnswerFrequency(active, profile.tolist(), None, None, None)
+    between = float((counts * (profile - activations.mean()) ** 2).sum() / len(activations))
+    shares = fourier_shares(profile)
+    waves = shares[1:]
+    if waves.sum() < 1e-12:  # constant over answers (up to rounding): follows no frequency
+        return AnswerFrequency(active, profile.tolist(), between / total, None, None)
+    k = int(np.argmax(waves)) + 1
+    return AnswerFrequency(active, profile.tolist(), between / total, k,
+                           float(waves[k - 1] / waves.sum()))

@@ -152,6 +152,7 @@ class SyntheticTask:
     # addition problems use only the held-out (a, b) pairs and its sequences come from a
     # separate random stream. The per-sub-task splits are held-out examples of one sub-task.
     SPLITS = ("train", "heldout", *SUBTASKS)
+    DEFAULT_SPLITS = SUBTASKS  # what collect reads unless told: each sub-task in equal shares
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -183,6 +184,13 @@ class SyntheticTask:
     @property
     def vocab_size(self) -> int:
         return self.vocab.size
+
+    @property
+    def n_ctx(self) -> int:
+        return self.config.n_ctx
+
+    def token_names(self) -> list[str]:
+        return self.vocab.token_names()
 
     def sample(self, split: str, n_sequences: int, seed: int) -> TaskBatch:
         """n_sequences from `split`; the same (split, n_sequences, seed) gives the same batch."""
@@ -338,3 +346,14 @@ class SyntheticTask:
             tokens[row, 1:] = self.vocab.span_start + np.array(symbols[: n_ctx - 1])
         scored[:, -1] = False  # the last position has no next token
         return tokens, scored
+
+
+def task_from_config(task_config: dict):
+    """The task a trained run's tokens come from (runs.task_config): this module's synthetic
+    task, or modular addition for the grokking experiment's runs. Both give SPLITS,
+    DEFAULT_SPLITS, n_ctx, vocab_size, token_names() and sample(split, n, seed)."""
+    from featurestore.grokking import MODULAR_ADDITION, ModularAddition
+
+    if task_config.get("task") == MODULAR_ADDITION:
+        return ModularAddition.from_dict(task_config)
+    return SyntheticTask(TaskConfig.from_dict(task_config))

@@ -127,10 +127,10 @@ def token_string_rows(run: Run, search: TokenizerSearch) -> list[dict] | None:
     """token_strings rows of a run: its demo vocabulary's names, or its tokenizer's decodes;
     None for a run whose tokenizer is not found."""
     if run.model_family == "demo":
-        from featurestore.tasks import TaskConfig, Vocabulary
+        from featurestore.tasks import task_from_config
 
-        vocabulary = Vocabulary.for_config(TaskConfig.from_dict(run.task_config))
-        texts, source = [" " + name for name in vocabulary.token_names()], DEMO_TOKENIZER
+        task = task_from_config(run.task_config)
+        texts, source = [" " + name for name in task.token_names()], DEMO_TOKENIZER
     else:
         found = search.find()
         if found is None:

@@ -298,8 +298,21 @@ def build_views(con: duckdb.DuckDBPyConnection, snapshot: int | None) -> None:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
     for _, text in sql_text("macros"):
         con.execute(text)
-    for _, text in sql_text("views"):
+    for _, text in views_in_order():
         con.execute(text)
+
+
+def views_in_order() -> list[tuple[str, str]]:
+    """sql/views in an order that creates each view after those it reads: a view that reads
+    another names it on a `-- depends_on: name` line."""
+    from graphlib import TopologicalSorter
+
+    views = dict(sql_text("views"))
+    needs = {name: _declared(text, "depends_on") for name, text in views.items()}
+    unknown = sorted({n for names in needs.values() for n in names} - set(views))
+    if unknown:
+        raise ValueError(f"sql/views: depends_on names no view {', '.join(unknown)}")
+    return [(name, views[name]) for name in TopologicalSorter(needs).static_order()]
 
 
 def _lake_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:

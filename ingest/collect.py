@@ -61,22 +61,24 @@ class CollectResult:
         return asdict(self)
 
 
-def token_set(task_config: dict, splits: list[str], n_tokens: int, seed: int) -> tuple:
-    """Demo-task token ids [n_sequences, n_ctx] and their TokenColumns, equal shares per split."""
+def token_set(task_config: dict, splits: list[str] | None, n_tokens: int, seed: int) -> tuple:
+    """A trained run's task tokens [n_sequences, n_ctx] and their TokenColumns: equal shares of
+    `splits` (default: the task's DEFAULT_SPLITS), or all of a split that holds fewer."""
     import torch
 
-    from featurestore.tasks import SyntheticTask, TaskConfig
+    from featurestore.tasks import task_from_config
 
-    task = SyntheticTask(TaskConfig.from_dict(task_config))
+    task = task_from_config(task_config)
+    splits = list(task.DEFAULT_SPLITS if splits is None else splits)
     unknown = [s for s in splits if s not in task.SPLITS]
     if unknown:
         raise FeaturestoreError(
             f"--splits: unknown split {', '.join(unknown)}; valid splits: {', '.join(task.SPLITS)}"
         )
-    n_ctx = task.config.n_ctx
-    per_split = max(1, math.ceil(n_tokens / n_ctx / len(splits)))
-    tokens = torch.cat([task.sample(split, per_split, seed).tokens for split in splits])
-    split_names = np.repeat(np.array(splits, dtype=object), per_split)
+    per_split = max(1, math.ceil(n_tokens / task.n_ctx / len(splits)))
+    batches = [task.sample(split, per_split, seed).tokens for split in splits]
+    split_names = np.repeat(np.array(splits, dtype=object), [len(b) for b in batches])
+    tokens = torch.cat(batches)
     return tokens, sequence_columns(tokens, split_names)
 
 
@@ -117,7 +119,7 @@ def collect(
 ) -> CollectResult:
     """Collect activation sets for `run` at `stages` on its checkpoints (all, or listed steps).
 
-    Tokens: the demo task's `splits` (default DEFAULT_SPLITS) for demo runs, or the file
+    Tokens: the run's task's `splits` (default: the task's own) for runs trained here, or the file
     `tokens_from` (text or token ids, featurestore.corpus; `splits` default: all of the file's).
     `tokens` defaults to DEFAULT_TOKENS, or the whole file when it holds fewer (with a note).
     """
@@ -164,12 +166,12 @@ def collect(
             token_ids, columns = token_file.tokens, token_file.columns()
             source = token_file.source
             notes += token_file.notes
-        elif run_info.model_family == "demo":
-            splits = list(DEFAULT_SPLITS if splits is None else splits)
+        elif run_info.task_config is not None:
             token_ids, columns = token_set(run_info.task_config, splits,
                                            tokens or DEFAULT_TOKENS, seed)
-            source = (f"demo task splits={','.join(splits)} sequences={token_ids.shape[0]} "
-                      f"seed={seed}")
+            used = ",".join(dict.fromkeys(columns.split.tolist()))
+            source = (f"{run_info.task_config.get('task', 'demo')} task splits={used} "
+                      f"sequences={token_ids.shape[0]} seed={seed}")
         else:
             raise FeaturestoreError(
                 f"run {run!r} is a registered model with no task: pass --tokens-from PATH (text "

@@ -149,9 +149,9 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
         if run.task_config is None:
             token_ids = None  # read per step from that checkpoint's activation set
         else:
-            from featurestore.ingest.collect import DEFAULT_SPLITS, token_set
+            from featurestore.ingest.collect import token_set
 
-            token_ids, _ = token_set(run.task_config, list(DEFAULT_SPLITS), tokens, TOKEN_SEED)
+            token_ids, _ = token_set(run.task_config, None, tokens, TOKEN_SEED)
 
         created_at = utc_now()
         bar = tqdm(total=len(chosen), unit="step", desc=f"feature-lineage {basis}",

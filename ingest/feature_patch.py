@@ -323,21 +323,21 @@ def _mean_activations(con, basis: str, target: int, chosen: list[int]) -> dict[i
 
 
 def _patch_tokens(run, acts, n_tokens: int, splits: str | None, seed: int) -> PatchTokens:
-    """Demo runs: fresh sequences of each task split. Other runs: the target checkpoint's
-    activation set's own token sequences (the tokens the basis was swept on)."""
+    """Runs trained here: fresh sequences of each split of their task. Other runs: the target
+    checkpoint's activation set's own token sequences (the tokens the basis was swept on)."""
     import torch
 
     wanted = None if splits is None else [s.strip() for s in splits.split(",") if s.strip()]
     if run.task_config is not None:
-        from featurestore.tasks import SUBTASKS, SyntheticTask, TaskConfig
+        from featurestore.tasks import task_from_config
 
-        task = SyntheticTask(TaskConfig.from_dict(run.task_config))
-        wanted = wanted or list(SUBTASKS)
+        task = task_from_config(run.task_config)
+        wanted = wanted or list(task.DEFAULT_SPLITS)
         unknown = [s for s in wanted if s not in task.SPLITS]
         if unknown:
             raise FeaturestoreError(f"--splits: unknown split {', '.join(unknown)}; valid "
                                     f"splits: {', '.join(task.SPLITS)}")
-        per_split = max(1, -(-n_tokens // (task.config.n_ctx * len(wanted))))
+        per_split = max(1, -(-n_tokens // (task.n_ctx * len(wanted))))
         batches = {s: task.sample(s, per_split, seed) for s in wanted}
         return PatchTokens({s: b.tokens for s, b in batches.items()},
                            {s: b.scored[:, :-1] for s, b in batches.items()}, has_task=True)

@@ -97,8 +97,9 @@ def finetune(run: str, from_checkpoint: str, steps: int = DEFAULT_FINETUNE_STEPS
         (checkpoint,) = get_checkpoints(wh, con, parent_run, [step])
     finally:
         con.close()
-    if parent.model_family != "demo":
-        raise FeaturestoreError(f"--from {parent_run!r}: only demo-model runs can be fine-tuned")
+    if parent.model_family != "demo" or "task" in (parent.task_config or {}):
+        raise FeaturestoreError(f"--from {parent_run!r}: only runs trained on the demo task "
+                                "(featurestore train-model) can be fine-tuned")
     model = load_checkpoint(checkpoint.path)
     check_finite_weights(model, checkpoint.path)
     task_config = TaskConfig.from_dict({**parent.task_config, "mix": dict(FINETUNE_MIX)})

@@ -275,15 +275,16 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
                 f"--basis {basis} is a train-crosscoder basis with {n_sources} source(s): the "
                 "report covers shared bases (shared-feature-fit) and two-source crosscoders "
                 "(model diffs)")
-        answers = [(section, *_query(con, section.sql, basis)) for section in sections]
+        answers = [(section, *run_section(con, section, {"basis": basis})) for section in sections]
     finally:
         con.close()
 
     directory = Path(out) if out else wh.root / "exports" / basis / "report"
     wanted = [name for section in sections for name in section.plots]
     plots = export_plots(basis, out=directory / "plots", warehouse=warehouse, plots=wanted)
-    markdown = _markdown(title, basis, answers, plots.written)
-    page = _html(title, basis, answers, plots.written)
+    params = {"basis": basis}
+    markdown = markdown_document(title, params, answers, plots.written)
+    page = html_document(title, params, answers, plots.written)
     paths = {name: write_atomic(directory / name, _text_writer(text))
              for name, text in (("report.md", markdown), ("report.html", page))}
     return ReportResult(basis, str(paths["report.html"]), str(paths["report.md"]),
@@ -295,9 +296,18 @@ def _text_writer(text: str):
     return lambda path: path.write_text(text)
 
 
-def _query(con, sql: str, basis: str) -> tuple[list[str], list[tuple]]:
-    cursor = con.execute(sql, {"basis": basis})
+def run_section(con, section: Section, params: dict[str, str]) -> tuple[list[str], list[tuple]]:
+    """A section's (header, rows), its $name parameters bound from `params`."""
+    cursor = con.execute(section.sql, {k: v for k, v in params.items() if f"${k}" in section.sql})
     return [d[0] for d in cursor.description], cursor.fetchall()
+
+
+def _filled(text: str, params: dict[str, str], quoted: bool) -> str:
+    """`text` with each $name (SQL, `quoted`) or {name} (prose) of `params` written out."""
+    for name, value in params.items():
+        text = (text.replace(f"${name}", repr(value)) if quoted
+                else text.replace(f"{{{name}}}", value))
+    return text
 
 
 def _cell(value) -> str:
@@ -308,15 +318,17 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def _markdown(title: str, basis: str, answers, plots: dict) -> str:
+def markdown_document(title: str, params: dict[str, str], answers, plots: dict) -> str:
+    """The report as Markdown: per section its question, SQL, answer table and plots (linked
+    as plots/<name>.png)."""
     lines = [f"# {title}", ""]
     for section, header, rows in answers:
         lines += [f"## {section.title}", "", f"*{section.question}*", "", "```sql",
-                  section.sql.replace("$basis", f"'{basis}'"), "```", ""]
+                  _filled(section.sql, params, quoted=True), "```", ""]
         if section.note:
-            lines += [section.note.replace("{basis}", basis), ""]
+            lines += [_filled(section.note, params, quoted=False), ""]
         if not rows:
-            lines += [f"No data yet: run `{section.missing.format(basis=basis)}`.", ""]
+            lines += [f"No data yet: run `{_filled(section.missing, params, quoted=False)}`.", ""]
         else:
             limit = section.row_limit
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -333,18 +345,20 @@ def _markdown(title: str, basis: str, answers, plots: dict) -> str:
     return "\n".join(lines)
 
 
-def _html(title: str, basis: str, answers, plots: dict) -> str:
+def html_document(title: str, params: dict[str, str], answers, plots: dict) -> str:
+    """The report as one HTML file, plots inline, so it opens anywhere with no network."""
     body = [f"<h1>{html.escape(title)}</h1>"]
     for section, header, rows in answers:
         body += [f"<h2>{html.escape(section.title)}</h2>",
                  f"<p><em>{html.escape(section.question)}</em></p>",
-                 f"<pre><code>{html.escape(section.sql.replace('$basis', repr(basis)))}"
+                 f"<pre><code>{html.escape(_filled(section.sql, params, quoted=True))}"
                  "</code></pre>"]
         if section.note:
-            body.append(f"<p>{html.escape(section.note.replace('{basis}', basis))}</p>")
+            body.append(f"<p>{html.escape(_filled(section.note, params, quoted=False))}</p>")
         if not rows:
             body.append(f"<p>No data yet: run <code>"
-                        f"{html.escape(section.missing.format(basis=basis))}</code>.</p>")
+                        f"{html.escape(_filled(section.missing, params, quoted=False))}"
+                        "</code>.</p>")
         else:
             limit = section.row_limit
             body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)

@@ -20,3 +20,28 @@ def register_udfs(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
         return str(warehouse.path(path))
 
     con.create_function("fs_path", fs_path, ["VARCHAR"], "VARCHAR")
+    con.create_function("fourier_shares", fourier_shares, ["DOUBLE[]"], "DOUBLE[]")
+    con.create_function("dominant_frequency", dominant_frequency, ["DOUBLE[]"], "INTEGER")
+
+
+def fourier_shares(values: list[float] | None) -> list[float] | None:
+    """fourier_shares(values): a function over Z_p (a list of p values, p odd, e.g. a feature's
+    answer_profile) split by frequency: element 1 the constant's share of the squared norm,
+    element k + 1 frequency k's (cos and sin together); sums to 1, or all 0 for a zero list.
+
+        SELECT feature_id, fourier_shares(answer_profile) FROM feature_frequencies
+    """
+    from featurestore.grokking import fourier_shares as shares
+
+    if values is None or len(values) % 2 == 0:
+        return None  # the real Fourier basis over Z_p pairs cos and sin: p must be odd
+    return shares(values).tolist()
+
+
+def dominant_frequency(values: list[float] | None) -> int | None:
+    """dominant_frequency(values): the non-constant frequency k holding the largest share of
+    fourier_shares(values); NULL for a constant or zero list."""
+    found = fourier_shares(values)
+    if found is None or sum(found[1:]) < 1e-12:
+        return None
+    return max(range(1, len(found)), key=lambda k: found[k])
