@@ -17,6 +17,7 @@ import click
 
 from featurestore import cli_types
 from featurestore.errors import FeaturestoreError
+from featurestore.grokking import BASIS_FIT_STEPS, DENSE_EVERY, GrokkingConfig
 from featurestore.lake import CATALOG_ENV
 from featurestore.ranges import MAX_INT64
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
@@ -1210,6 +1211,112 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
     where = f" --warehouse {shlex.quote(_warehouse(ctx))}" if _warehouse(ctx) else ""
     click.echo(f"\nBrowse the results: featurestore{where} serve   (then open "
                "http://127.0.0.1:8765/)")
+
+
+@cli.group("experiment")
+def experiment_group():
+    """Published results reproduced end to end with the store's own jobs."""
+
+
+@experiment_group.command("grokking")
+@click.option("--run", default="grok", show_default=True, help="Name of the run to train.")
+@click.option("--p", "p", type=cli_types.COUNT, default=GrokkingConfig.p, show_default=True,
+              help="The prime modulus: the task is a + b mod p over all p^2 pairs.")
+@click.option("--train-fraction", type=cli_types.FRACTION, default=GrokkingConfig.train_fraction,
+              show_default=True,
+              help="Share of the pairs trained on; the rest are the test pairs.")
+@click.option("--steps", type=cli_types.COUNT, default=GrokkingConfig.steps, show_default=True,
+              help="Full-batch AdamW steps.")
+@click.option("--d-model", type=cli_types.COUNT, default=GrokkingConfig.d_model,
+              show_default=True,
+              help="Width of the one-layer model (4 heads, MLP 4x wider).")
+@click.option("--weight-decay", type=cli_types.NON_NEGATIVE,
+              default=GrokkingConfig.weight_decay, show_default=True,
+              help="AdamW weight decay: what drives the late cleanup.")
+@click.option("--dense-every", type=cli_types.COUNT, default=DENSE_EVERY,
+              show_default=True,
+              help="Checkpoint every N steps after the log-spaced start.")
+@click.option("--fit-steps", type=cli_types.COUNT, default=BASIS_FIT_STEPS,
+              show_default=True,
+              help="Training steps of each shared basis.")
+@click.option("--seed", type=cli_types.SEED, default=GrokkingConfig.seed, show_default=True,
+              help="Seed of the train/test split and the weights.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Report directory [default: WAREHOUSE/exports/RUN/report].")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, dense_every,
+                     fit_steps, seed, out, as_json, quiet):
+    """The phases of grokking (Nanda et al., 2023) with the store's own jobs.
+
+    Trains a one-layer transformer on a + b mod p (full batch, AdamW, weight decay 1) with
+    log-spaced then dense checkpoints and their progress measures (progress_measures), collects
+    layer_0_post_mlp and final_norm on every problem, fits a shared basis per stage, sweeps,
+    finds births, compares the first and last checkpoint, reads each feature's frequency
+    (feature_frequencies), patches and traces the features that changed most, and writes a
+    report. Then, in SQL: were the key-frequency features born before test accuracy jumped?
+
+    \b
+    Examples:
+      featurestore experiment grokking
+      featurestore experiment grokking --p 23 --steps 400 --json
+      featurestore sql "SELECT * FROM grokking_phases"
+      featurestore sql "SELECT * FROM frequency_births WHERE key_frequency AND born_before_jump"
+    """
+    from featurestore.ingest.grokking_experiment import run_grokking_experiment
+
+    _threads(ctx)
+    result = run_grokking_experiment(
+        run, p=p, train_fraction=train_fraction, steps=steps, d_model=d_model,
+        weight_decay=weight_decay, seed=seed, dense_every=dense_every, fit_steps=fit_steps,
+        warehouse=_warehouse(ctx), out=out, progress=not quiet,
+        log=(lambda text: None) if quiet else (lambda text: click.echo(text, err=True)))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"run {run!r}: a + b mod {p}, {steps} steps, {result.checkpoints} checkpoints, "
+               f"key frequencies {result.key_frequencies}")
+    click.echo(f"memorised at step {result.memorised_step}, test accuracy jump at step "
+               f"{result.jump_step}, grokked at step {result.grokked_step} (final test accuracy "
+               f"{result.final_test_accuracy:.3f})")
+    click.echo(format_table(
+        ["basis", "features following a frequency", "key-frequency features", "born",
+         "born before the jump", "share"],
+        [[b.basis, str(b.features_following), str(b.key_frequency_features),
+          str(b.key_frequency_born), _cell(b.born_before_jump), _cell(b.share_born_before_jump)]
+         for b in result.bases]))
+    click.echo(f"report: {result.report}  ({result.seconds:.0f}s)")
+
+
+@cli.command("feature-frequencies")
+@click.option("--basis", required=True, help="Shared basis of a modular-addition run.")
+@click.option("--step", type=cli_types.STEP, help="Checkpoint whose activations are read "
+              "[default: the basis's last].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def feature_frequencies_command(ctx, basis, step, as_json):
+    """Which Fourier frequency each feature of a modular-addition basis follows.
+
+    Encodes every collected problem at the '=' position, averages each feature's activation per
+    answer (a + b) mod p, and stores the profile, its dominant frequency and whether that is one
+    of the run's key frequencies in `feature_frequencies` (re-running replaces the basis's rows).
+
+    \b
+    Examples:
+      featurestore feature-frequencies --basis grok-l0
+      featurestore sql "SELECT * FROM feature_frequencies WHERE key_frequency"
+    """
+    from featurestore.ingest.feature_frequencies import feature_frequencies
+
+    result = feature_frequencies(basis, -1 if step is None else step, warehouse=_warehouse(ctx))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    click.echo(f"basis {basis!r} at step {result.step}: {result.n_problems} problems, "
+               f"{result.n_following} of {result.n_features} features follow one frequency, "
+               f"{result.n_key_frequency} a key frequency ({result.key_frequencies}); stored in "
+               "feature_frequencies")
 
 
 # --- the read side --------------------------------------------------------------------------------

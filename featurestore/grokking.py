@@ -204,6 +204,16 @@ class GrokkingConfig:
         return ModularAddition(self.p, self.train_fraction, self.seed)
 
 
+# The experiment's defaults beyond the model's (shared by its jobs and the CLI): checkpoints every
+# DENSE_EVERY steps after the log-spaced start, and the shared bases' training steps; their
+# dictionaries are BASIS_WIDTH x d_model wide with d_model / BASIS_K_DIVISOR active per token
+# (512 and 16 at the default width).
+DENSE_EVERY = 50
+BASIS_FIT_STEPS = 1000
+BASIS_WIDTH = 4
+BASIS_K_DIVISOR = 8
+
+
 def checkpoint_plan(steps: int, dense_every: int) -> list[int]:
     """Log-spaced steps (0, 1, 2, 4, ...) for the fast start, then every `dense_every` steps to
     the last, so the late transition is seen densely wherever it falls."""

@@ -16,14 +16,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from featurestore.grokking import GrokkingConfig
+from featurestore.grokking import (
+    BASIS_FIT_STEPS,
+    BASIS_K_DIVISOR,
+    BASIS_WIDTH,
+    DENSE_EVERY,
+    GrokkingConfig,
+)
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
 from featurestore.ingest.feature_compare import compare_features
 from featurestore.ingest.feature_frequencies import feature_frequencies
 from featurestore.ingest.feature_lineage import feature_lineage
 from featurestore.ingest.feature_patch import feature_patch
-from featurestore.ingest.grokking_run import DEFAULT_DENSE_EVERY, train_grokking_run
+from featurestore.ingest.grokking_run import train_grokking_run
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.queries.graphs import births_rule_where
@@ -31,9 +37,6 @@ from featurestore.warehouse import connect
 
 DEFAULT_RUN = "grok"
 STAGES = ("layer_0_post_mlp", "final_norm")
-FIT_STEPS = 1000
-FIT_K = 16
-FIT_DICT_SIZE = 512
 PATCH_FEATURES, PATCH_TOKENS = 5, 1024
 
 
@@ -46,7 +49,7 @@ class BasisFindings:
     features_following: int  # follow one frequency at '=' (feature_frequencies)
     key_frequency_features: int  # ... whose dominant frequency is a key frequency
     key_frequency_born: int  # ... born (not present at init) under the rule
-    born_before_jump: int
+    born_before_jump: int | None  # None: test accuracy never jumped
     share_born_before_jump: float | None
     birth_steps: list[int]  # of the born key-frequency features, in order
 
@@ -83,7 +86,7 @@ def run_grokking_experiment(run: str = DEFAULT_RUN, p: int = DEFAULTS.p,
                             train_fraction: float = DEFAULTS.train_fraction,
                             steps: int = DEFAULTS.steps, d_model: int = DEFAULTS.d_model,
                             weight_decay: float = DEFAULTS.weight_decay, seed: int = DEFAULTS.seed,
-                            dense_every: int = DEFAULT_DENSE_EVERY, fit_steps: int = FIT_STEPS,
+                            dense_every: int = DENSE_EVERY, fit_steps: int = BASIS_FIT_STEPS,
                             warehouse: str | None = None, out: str | None = None,
                             progress: bool = True, log: Callable[[str], None] = print
                             ) -> GrokkingExperimentResult:
@@ -110,7 +113,8 @@ def run_grokking_experiment(run: str = DEFAULT_RUN, p: int = DEFAULTS.p,
     for stage in STAGES:
         name = basis_name(run, stage)
         log(f"[3/6] shared basis {name!r} at {stage}: fit, sweep, births, compare, frequencies")
-        fit = shared_feature_fit(run, stage, name, k=FIT_K, dict_size=FIT_DICT_SIZE,
+        fit = shared_feature_fit(run, stage, name, k=max(1, d_model // BASIS_K_DIVISOR),
+                                 dict_size=BASIS_WIDTH * d_model,
                                  steps=fit_steps, warehouse=warehouse, progress=progress)
         explained = fit.fit_quality["explained_variance"].values()
         log(f"      fit: explained variance {min(explained):.3f}-{max(explained):.3f}, "
@@ -167,12 +171,14 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
                 "SELECT birth_step FROM frequency_births WHERE basis = ? AND key_frequency "
                 f"AND birth_step IS NOT NULL AND {births_rule_where()} ORDER BY birth_step",
                 [name]).fetchall()]
-            before = sum(jump is not None and step < jump for step in births)
+            # Without a jump (test accuracy never reached half) there is nothing to be before.
+            before = None if jump is None else sum(step < jump for step in births)
             result.bases.append(BasisFindings(
                 basis=name, stage=stage, features_following=counts[0],
                 key_frequency_features=counts[1], key_frequency_born=len(births),
                 born_before_jump=before,
-                share_born_before_jump=before / len(births) if births else None,
+                share_born_before_jump=before / len(births) if births and before is not None
+                else None,
                 birth_steps=births))
         return result
     finally:

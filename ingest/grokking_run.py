@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError
-from featurestore.grokking import GrokkingConfig
+from featurestore.grokking import DENSE_EVERY, GrokkingConfig
 from featurestore.settings import check_name
 from featurestore.warehouse import (
     Warehouse,
@@ -28,8 +28,6 @@ from featurestore.warehouse import (
     package_version,
     utc_now,
 )
-
-DEFAULT_DENSE_EVERY = 50
 
 
 @dataclass
@@ -46,7 +44,7 @@ class GrokkingRunResult:
 
 
 def train_grokking_run(run: str, config: GrokkingConfig | None = None,
-                       dense_every: int = DEFAULT_DENSE_EVERY, warehouse: str | None = None,
+                       dense_every: int = DENSE_EVERY, warehouse: str | None = None,
                        progress: bool = True) -> GrokkingRunResult:
     """Train the one-layer model on a + b mod p (full batch, AdamW, weight decay; `config`
     default GrokkingConfig()) and register its checkpoints and their progress measures."""

@@ -20,8 +20,11 @@ def register_udfs(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
         return str(warehouse.path(path))
 
     con.create_function("fs_path", fs_path, ["VARCHAR"], "VARCHAR")
-    con.create_function("fourier_shares", fourier_shares, ["DOUBLE[]"], "DOUBLE[]")
-    con.create_function("dominant_frequency", dominant_frequency, ["DOUBLE[]"], "INTEGER")
+    # Both return NULL for some inputs (an even length, a constant): DuckDB must be told so.
+    con.create_function("fourier_shares", fourier_shares, ["DOUBLE[]"], "DOUBLE[]",
+                        null_handling="special")
+    con.create_function("dominant_frequency", dominant_frequency, ["DOUBLE[]"], "INTEGER",
+                        null_handling="special")
 
 
 def fourier_shares(values: list[float] | None) -> list[float] | None:
@@ -33,7 +36,7 @@ def fourier_shares(values: list[float] | None) -> list[float] | None:
     """
     from featurestore.grokking import fourier_shares as shares
 
-    if values is None or len(values) % 2 == 0:
+    if values is None or len(values) % 2 == 0 or any(v is None for v in values):
         return None  # the real Fourier basis over Z_p pairs cos and sin: p must be odd
     return shares(values).tolist()
 

@@ -7,6 +7,7 @@ import pytest
 
 from featurestore.grokking import (
     ModularAddition,
+    answer_frequency,
     cross_entropy,
     fourier_basis,
     frequency_shares,
@@ -20,16 +21,31 @@ P = 13
 def test_problems_are_every_pair_and_a_fixed_share_is_trained():
     task = ModularAddition(P, 0.3, seed=4)
     tokens, answers = task.tokens(), task.answers()
-    assert tokens.shape == (P * P, 3) and (tokens[:, 2] == P).all()
+    assert tokens.shape == (P * P, 4) and (tokens[:, 2] == P).all()
     a, b = tokens[:, 0], tokens[:, 1]
     assert (tokens[:, 0] * P + tokens[:, 1] == np.arange(P * P)).all()
-    assert (answers == (a + b) % P).all()
+    assert (answers == (a + b) % P).all() and (tokens[:, 3] == answers).all()
     mask = task.train_mask()
     assert mask.sum() == round(0.3 * P * P)
     assert (mask == ModularAddition(P, 0.3, seed=4).train_mask()).all()
     assert not (mask == ModularAddition(P, 0.3, seed=5).train_mask()).all()
     with pytest.raises(ValueError, match="prime"):
         ModularAddition(15, 0.3)
+
+
+def test_a_split_sample_is_the_whole_split_when_asked_for_as_many():
+    task = ModularAddition(P, 0.3, seed=4)
+    train, test = task.sample("train", P * P, seed=0), task.sample("test", P * P, seed=0)
+    rows = {tuple(r) for r in train.tokens.tolist()} | {tuple(r) for r in test.tokens.tolist()}
+    assert len(train.tokens) == task.train_mask().sum() and len(rows) == P * P
+    assert {tuple(r) for r in train.tokens.tolist()} == {
+        tuple(r) for r in task.tokens()[task.train_mask()].tolist()}
+    # Only the prediction at '=' (of the answer) is graded.
+    assert train.scored.sum(0).tolist() == [0, 0, len(train.tokens), 0]
+    few = task.sample("test", 10, seed=3)
+    assert len(few.tokens) == 10 and not task.train_mask()[few.tokens[:, 0] * P
+                                                            + few.tokens[:, 1]].any()
+    assert (few.tokens == task.sample("test", 10, seed=3).tokens).all()
 
 
 def test_frequency_shares_match_numpy_fft():
@@ -77,3 +93,62 @@ def test_cross_entropy_by_hand():
     logits = np.array([[0.0, np.log(3.0)], [2.0, 2.0]])
     assert cross_entropy(logits, np.array([1, 0])) == pytest.approx(
         (-np.log(3 / 4) - np.log(1 / 2)) / 2)
+
+
+def numpy_shares(values: np.ndarray) -> np.ndarray:
+    """Share of a length-p vector's squared norm per frequency, from numpy's complex FFT."""
+    p = len(values)
+    spectrum = np.abs(np.fft.fft(values)) ** 2
+    energy = np.concatenate([spectrum[:1], spectrum[1:(p + 1) // 2] + spectrum[:(p - 1) // 2:-1]])
+    return energy / energy.sum()
+
+
+def test_fourier_udfs_match_numpy_fft(tmp_path):
+    import duckdb
+
+    from featurestore.queries.udfs import register_udfs
+    from featurestore.warehouse import Warehouse
+
+    con = duckdb.connect()
+    register_udfs(con, Warehouse(tmp_path))
+    rng = np.random.default_rng(5)
+    c = np.arange(P)
+    wave = np.maximum(np.cos(2 * np.pi * 4 * c / P + 0.3), 0) + 0.05 * rng.normal(size=P)
+    for values in (rng.normal(size=P), wave):
+        got = con.execute("SELECT fourier_shares(?::DOUBLE[])", [values.tolist()]).fetchone()[0]
+        np.testing.assert_allclose(got, numpy_shares(values), atol=1e-12)
+    assert con.execute("SELECT dominant_frequency(?::DOUBLE[])", [wave.tolist()]).fetchone()[0] \
+        == 4 == int(np.argmax(numpy_shares(wave)[1:])) + 1
+    # A constant or zero profile follows no frequency; an even length is no Z_p for odd p.
+    assert con.execute("SELECT dominant_frequency([2.0, 2.0, 2.0]), "
+                       "fourier_shares([0.0, 0.0, 0.0]), fourier_shares([1.0, 2.0])"
+                       ).fetchone() == (None, [0.0, 0.0], None)
+
+
+def test_answer_frequency_of_planted_features():
+    task = ModularAddition(P, 0.5)
+    a, b, answers = task.tokens()[:, 0], task.tokens()[:, 1], task.answers()
+    # A rectified wave of frequency 3 in the answer: the Fourier algorithm's kind of feature.
+    wave = np.maximum(np.cos(2 * np.pi * 3 * answers / P + 1.0), 0)
+    found = answer_frequency(wave, answers, P)
+    profile = np.array([wave[answers == c].mean() for c in range(P)])
+    np.testing.assert_allclose(found.answer_profile, profile, atol=1e-12)
+    shares = numpy_shares(profile)
+    assert found.dominant_frequency == 3 and found.follows_frequency
+    assert found.dominant_share == pytest.approx(shares[3] / shares[1:].sum())
+    assert found.answer_variance_share == pytest.approx(1.0)
+    assert found.n_active == int((wave > 0).sum())
+    # A feature of the first operand only: its mean per answer is flat, so the answer explains
+    # none of its variance (up to the finite grid, exactly none: every answer meets every a).
+    operand = np.maximum(np.sin(2 * np.pi * 2 * a / P), 0)
+    flat = answer_frequency(operand, answers, P)
+    assert flat.answer_variance_share == pytest.approx(0.0, abs=1e-12)
+    assert flat.dominant_frequency is None and not flat.follows_frequency
+    # Two equal waves: neither holds a majority, so the feature follows no one frequency.
+    mixed = (np.cos(2 * np.pi * 2 * answers / P) + np.cos(2 * np.pi * 5 * answers / P)
+             + 0.0 * b)
+    both = answer_frequency(mixed, answers, P)
+    assert both.dominant_frequency in (2, 5) and both.dominant_share == pytest.approx(0.5)
+    silent = answer_frequency(np.zeros(P * P), answers, P)
+    assert (silent.n_active, silent.dominant_frequency, silent.answer_variance_share) == \
+        (0, None, None)
