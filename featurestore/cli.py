@@ -1281,11 +1281,11 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
                f"{result.jump_step}, grokked at step {result.grokked_step} (final test accuracy "
                f"{result.final_test_accuracy:.3f})")
     click.echo(format_table(
-        ["basis", "features following a frequency", "key-frequency features", "born",
-         "born before the jump", "share"],
-        [[b.basis, str(b.features_following), str(b.key_frequency_features),
-          str(b.key_frequency_born), _cell(b.born_before_jump), _cell(b.share_born_before_jump)]
-         for b in result.bases]))
+        ["basis", "features follow", "features", "born", "born before the jump", "share",
+         "median birth step"],
+        [[b.basis, follows, str(k.features), str(k.born), _cell(k.born_before_jump),
+          _cell(k.share_born_before_jump), _cell(k.median_birth_step)]
+         for b in result.bases for follows, k in b.kinds.items()]))
     click.echo(f"report: {result.report}  ({result.seconds:.0f}s)")
 
 

@@ -43,6 +43,9 @@ from featurestore.warehouse import Warehouse, utc_now
 DEFAULT_SPLITS = ("bigram", "modular", "induction", "reverse")
 DEFAULT_TOKENS = 32_768
 BATCH_SEQUENCES = 128
+# Tokens per traced batch (BATCH_SEQUENCES demo sequences): short sequences go more to a batch,
+# since each trace costs about the same whatever its size.
+BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -267,8 +270,9 @@ def write_stages(writer, run: str, step: int, reader, token_ids, columns: TokenC
 def stage_batches(reader, token_ids, stages: list[str]):
     """(rows, {stage: float32 array [rows, width]}) for every batch of sequences, in order."""
     n_seq, n_ctx = token_ids.shape
-    for start in range(0, n_seq, BATCH_SEQUENCES):
-        batch = token_ids[start:start + BATCH_SEQUENCES]
+    per_batch = max(1, BATCH_TOKENS // n_ctx)
+    for start in range(0, n_seq, per_batch):
+        batch = token_ids[start:start + per_batch]
         rows = slice(start * n_ctx, (start + batch.shape[0]) * n_ctx)
         yield rows, {stage: value.reshape(-1, value.shape[-1]).float().numpy()
                      for stage, value in reader.read(batch, stages).items()}

@@ -41,17 +41,23 @@ PATCH_FEATURES, PATCH_TOKENS = 5, 1024
 
 
 @dataclass
+class FeatureKind:
+    """Features of one kind (frequency_births.follows) and their births, default births rule."""
+
+    features: int
+    born: int  # not present at init, born under the rule
+    born_before_jump: int | None  # None: test accuracy never jumped
+    share_born_before_jump: float | None
+    median_birth_step: float | None
+
+
+@dataclass
 class BasisFindings:
-    """One basis's answer to the grokking question, under the default births rule."""
+    """One basis's answer to the grokking question."""
 
     basis: str
     stage: str
-    features_following: int  # follow one frequency at '=' (feature_frequencies)
-    key_frequency_features: int  # ... whose dominant frequency is a key frequency
-    key_frequency_born: int  # ... born (not present at init) under the rule
-    born_before_jump: int | None  # None: test accuracy never jumped
-    share_born_before_jump: float | None
-    birth_steps: list[int]  # of the born key-frequency features, in order
+    kinds: dict[str, FeatureKind]  # by frequency_births.follows: 'key frequency', 'answer', ...
 
 
 @dataclass
@@ -164,22 +170,18 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
             final_test_accuracy=test_acc)
         for stage in STAGES:
             name = basis_name(run, stage)
-            counts = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE key_frequency) FROM feature_frequencies "
-                "WHERE basis = ? AND follows_frequency", [name]).fetchone()
-            births = [step for (step,) in con.execute(
-                "SELECT birth_step FROM frequency_births WHERE basis = ? AND key_frequency "
-                f"AND birth_step IS NOT NULL AND {births_rule_where()} ORDER BY birth_step",
-                [name]).fetchall()]
-            # Without a jump (test accuracy never reached half) there is nothing to be before.
-            before = None if jump is None else sum(step < jump for step in births)
-            result.bases.append(BasisFindings(
-                basis=name, stage=stage, features_following=counts[0],
-                key_frequency_features=counts[1], key_frequency_born=len(births),
-                born_before_jump=before,
-                share_born_before_jump=before / len(births) if births and before is not None
-                else None,
-                birth_steps=births))
+            kinds = {}
+            for follows, features, born, before, median in con.execute(
+                    "SELECT follows, count(*), count(birth_step), "
+                    "count(*) FILTER (WHERE born_before_jump), median(birth_step) "
+                    f"FROM frequency_births WHERE basis = ? AND {births_rule_where()} "
+                    "GROUP BY follows ORDER BY follows", [name]).fetchall():
+                # Without a jump (test accuracy never reached half) nothing is before it.
+                before = None if jump is None else before
+                kinds[follows] = FeatureKind(
+                    features, born, before,
+                    before / born if born and before is not None else None, median)
+            result.bases.append(BasisFindings(name, stage, kinds))
         return result
     finally:
         con.close()

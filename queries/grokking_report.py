@@ -13,10 +13,12 @@ Sections, each a question, its SQL and the answer (queries/report.py renders the
                            how many features of each basis follow each frequency
                            (feature_frequencies)
     Births against the jump
-                           when the features following key frequencies were born, against the
-                           jump (frequency_births), with births per checkpoint window
-    Key-frequency features over training
-                           their trajectories, the jump marked
+                           when the features following key frequencies (and those looking up
+                           the answer) were born, against the jump (frequency_births), with
+                           births per checkpoint window
+    The features over training
+                           the trajectories of those that follow a frequency or look the
+                           answer up, the phases marked
     Causal checks          patch effects and the heads and neurons that write them
 
 Plots are saved like every other plot (queries/plots.save_plot): JSON, PNG, SVG and HTML.
@@ -43,7 +45,10 @@ from featurestore.queries.report import (
 )
 from featurestore.warehouse import Warehouse
 
-TOP_KEY_FEATURES = 12
+TOP_FEATURES = 12
+# frequency_births.follows, and their colours in the births plot.
+FOLLOWS = ["key frequency", "another frequency", "answer", "other", "not at ="]
+FOLLOWS_COLOURS = ["#d62728", "#ff7f0e", "#1f77b4", "#7f7f7f", "#cccccc"]
 RERUN = "featurestore experiment grokking --run {run}"
 
 
@@ -78,31 +83,30 @@ def _sections() -> tuple[Section, ...]:
             "WHERE b.run = $run AND f.follows_frequency\n"
             "GROUP BY ALL ORDER BY f.basis, features DESC", RERUN, row_limit=30),
         Section(
-            "Births against the jump", "Were the features that follow the key frequencies born "
-            "before test accuracy jumped?",
-            "SELECT basis, key_frequency, count(*) AS features,\n"
-            "       count(birth_step) AS born,\n"
+            "Births against the jump", "Were the features that follow the key frequencies, and "
+            "those that look the answer up, born before test accuracy jumped?",
+            "SELECT basis, follows, count(*) AS features, count(birth_step) AS born,\n"
             "       count(*) FILTER (WHERE born_before_jump) AS born_before_jump,\n"
             "       round(count(*) FILTER (WHERE born_before_jump) / count(birth_step), 3)\n"
             "           AS share_before_jump,\n"
+            "       count(*) FILTER (WHERE present_at_init) AS present_at_init,\n"
             "       median(birth_step) AS median_birth_step, any_value(jump_step) AS jump_step\n"
             f"FROM frequency_births WHERE run = $run AND {rule}\n"
-            "GROUP BY basis, key_frequency ORDER BY basis, key_frequency DESC", RERUN,
+            "GROUP BY basis, follows ORDER BY basis, follows", RERUN,
             plots=("births_against_jump",),
-            note="Births under the default rule (feature-birth-analyze's defaults). Features "
-                 "present at initialisation have no birth step."),
+            note="Births under the default rule (feature-birth-analyze's defaults); a feature "
+                 "present at initialisation has no birth step. follows: a key frequency, another "
+                 "frequency, the answer (the answer alone explains >= 90% of the feature's "
+                 "variance at '=') or other (see the frequency_births view)."),
         Section(
-            "Key-frequency features over training", "How did the most energetic features "
-            "following a key frequency form?",
-            "SELECT f.basis, f.feature_id, f.dominant_frequency,\n"
-            "       round(f.dominant_share, 3) AS dominant_share, b.birth_step,\n"
+            "The features over training", "How did the most energetic features that follow a "
+            "frequency or look the answer up form?",
+            "SELECT f.basis, f.feature_id, f.follows, f.dominant_frequency,\n"
+            "       round(f.dominant_share, 3) AS dominant_share, f.birth_step,\n"
             "       round(max(t.energy), 4) AS peak_energy\n"
-            "FROM feature_frequencies f JOIN bases s ON s.name = f.basis\n"
-            "JOIN trajectories t USING (basis, feature_id)\n"
-            f"LEFT JOIN births b ON b.basis = f.basis AND b.feature_id = f.feature_id AND "
-            f"{births_rule_where(alias='b')}\n"
-            "WHERE s.run = $run AND f.key_frequency\n"
-            "GROUP BY ALL ORDER BY peak_energy DESC", RERUN, plots=("key_frequency_trajectories",)),
+            "FROM frequency_births f JOIN trajectories t USING (basis, feature_id)\n"
+            f"WHERE f.run = $run AND f.follows NOT IN ('other', 'not at =') AND {rule}\n"
+            "GROUP BY ALL ORDER BY peak_energy DESC", RERUN, plots=("feature_trajectories",)),
         Section(
             "Causal checks", "Do the features that changed most matter to the answer, and what "
             "writes them?",
@@ -145,7 +149,7 @@ def write_grokking_report(run: str, out: str | os.PathLike | None = None,
         answers = [(section, *run_section(con, section, params)) for section in _sections()]
         charts = {"phases": phases_chart(con, run),
                   "births_against_jump": births_chart(con, run),
-                  "key_frequency_trajectories": key_frequency_trajectories(con, run)}
+                  "feature_trajectories": feature_trajectories(con, run)}
     finally:
         con.close()
     plots = {name: save_plot(chart, directory / "plots", name) for name, chart in charts.items()}
@@ -210,19 +214,12 @@ def phases_chart(con, run: str) -> alt.HConcatChart:
 def births_chart(con, run: str) -> alt.HConcatChart:
     """Features born per checkpoint window, per basis, coloured by what they follow."""
     rows = json_records(con, f"""
-        SELECT b.basis, b.birth_step + 1 AS step_plus_1,
-               CASE WHEN f.key_frequency THEN 'key frequency'
-                    WHEN f.follows_frequency THEN 'another frequency'
-                    ELSE 'no one frequency' END AS follows,
-               count(*) AS features
-        FROM births b JOIN bases s ON s.name = b.basis
-        LEFT JOIN feature_frequencies f USING (basis, feature_id)
-        WHERE s.run = ? AND b.birth_step IS NOT NULL AND {births_rule_where(alias='b')}
+        SELECT basis, birth_step + 1 AS step_plus_1, follows, count(*) AS features
+        FROM frequency_births
+        WHERE run = ? AND birth_step IS NOT NULL AND {births_rule_where()}
         GROUP BY ALL ORDER BY ALL""", [run])
     colour = alt.Color("follows:N", title="feature follows",
-                       scale=alt.Scale(domain=["key frequency", "another frequency",
-                                               "no one frequency"],
-                                       range=["#d62728", "#1f77b4", "#bbbbbb"]))
+                       scale=alt.Scale(domain=FOLLOWS, range=FOLLOWS_COLOURS))
     rules = _phase_rules(con, run)
     panels = []
     for basis in sorted({r["basis"] for r in rows}):
@@ -236,20 +233,21 @@ def births_chart(con, run: str) -> alt.HConcatChart:
         title=f"{run}: births per checkpoint against the phases")
 
 
-def key_frequency_trajectories(con, run: str) -> alt.LayerChart:
-    """Energy over training of the most energetic key-frequency features of each basis."""
-    rows = json_records(con, """
+def feature_trajectories(con, run: str) -> alt.LayerChart:
+    """Energy over training of the most energetic features that follow a frequency or look the
+    answer up, the phases marked."""
+    rows = json_records(con, f"""
         WITH chosen AS (
-            SELECT f.basis, f.feature_id, f.dominant_frequency FROM feature_frequencies f
-            JOIN bases s ON s.name = f.basis JOIN trajectories t USING (basis, feature_id)
-            WHERE s.run = ? AND f.key_frequency
+            SELECT f.basis, f.feature_id, any_value(f.follows) AS follows
+            FROM frequency_births f JOIN trajectories t USING (basis, feature_id)
+            WHERE f.run = ? AND f.follows NOT IN ('other', 'not at =') AND {births_rule_where()}
             GROUP BY ALL ORDER BY max(t.energy) DESC LIMIT ?)
-        SELECT c.basis || ' #' || c.feature_id || ' (k=' || c.dominant_frequency || ')'
-                   AS feature, t.step + 1 AS step_plus_1, t.energy
+        SELECT c.basis || ' #' || c.feature_id || ' (' || c.follows || ')' AS feature,
+               t.step + 1 AS step_plus_1, t.energy
         FROM chosen c JOIN trajectories t USING (basis, feature_id)
-        ORDER BY feature, t.step""", [run, TOP_KEY_FEATURES])
+        ORDER BY feature, t.step""", [run, TOP_FEATURES])
     lines = alt.Chart(_inline(rows)).mark_line().encode(
         x=_step_axis(), y=alt.Y("energy:Q", title="energy (share of reconstructed variance)"),
         color=alt.Color("feature:N", scale=alt.Scale(scheme="tableau20")))
     return alt.layer(lines, _phase_rules(con, run)).properties(
-        title=f"{run}: the key-frequency features over training", width=WIDTH, height=HEIGHT)
+        title=f"{run}: its most energetic features over training", width=WIDTH, height=HEIGHT)

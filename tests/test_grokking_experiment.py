@@ -104,11 +104,23 @@ def test_the_store_answers_the_question_and_writes_the_report(experiment):
     root, found = experiment
     assert [b["basis"] for b in found["bases"]] == ["grok-l0", "grok-fn"]
     for basis in found["bases"]:
-        births = query(root, "SELECT birth_step FROM frequency_births WHERE basis = ? AND "
-                             "key_frequency AND birth_step IS NOT NULL AND metric = 'energy' "
-                             "AND presence = 'relative' ORDER BY birth_step", [basis["basis"]])
-        assert basis["birth_steps"] == [b for (b,) in births]
-        assert basis["key_frequency_features"] == query(
+        # The findings are the view's rows under the default rule, counted here apart.
+        rows = query(root, "SELECT follows, birth_step, born_before_jump FROM frequency_births "
+                           "WHERE basis = ? AND metric = 'energy' AND presence = 'relative'",
+                     [basis["basis"]])
+        kinds = basis["kinds"]
+        assert sum(k["features"] for k in kinds.values()) == len(rows) == query(
+            root, "SELECT count(*) FROM feature_frequencies WHERE basis = ?",
+            [basis["basis"]])[0][0]
+        for follows, kind in kinds.items():
+            births = [b for f, b, _ in rows if f == follows and b is not None]
+            assert kind["born"] == len(births)
+            if found["jump_step"] is None:
+                assert kind["born_before_jump"] is None
+            else:
+                assert kind["born_before_jump"] == sum(b < found["jump_step"] for b in births)
+        # 'key frequency' is what feature_frequencies calls key_frequency.
+        assert kinds.get("key frequency", {"features": 0})["features"] == query(
             root, "SELECT count(*) FROM feature_frequencies WHERE basis = ? AND key_frequency",
             [basis["basis"]])[0][0]
     # The token strings are the task's: numbers and '='.
@@ -122,7 +134,7 @@ def test_the_store_answers_the_question_and_writes_the_report(experiment):
     page = report.read_text()
     for title in ("Phases", "Progress measures", "Births against the jump"):
         assert f"<h2>{title}</h2>" in page
-    for plot in ("phases", "births_against_jump", "key_frequency_trajectories"):
+    for plot in ("phases", "births_against_jump", "feature_trajectories"):
         for fmt in ("json", "png", "svg", "html"):
             assert (report.parent / "plots" / f"{plot}.{fmt}").stat().st_size > 0
     spec = json.loads((report.parent / "plots" / "phases.json").read_text())["spec"]

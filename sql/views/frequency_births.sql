@@ -2,10 +2,13 @@
 -- frequency_births: every feature of a modular-addition basis (feature_frequencies), its birth
 -- under each stored births rule, and where that birth falls against its run's test-accuracy jump
 -- (grokking_phases). The grokking question in one query:
---   SELECT key_frequency, count(*) AS features, count(*) FILTER (born_before_jump) AS before
+--   SELECT follows, count(*) AS features, count(*) FILTER (born_before_jump) AS before
 --   FROM frequency_births
 --   WHERE basis = 'grok-l0' AND metric = 'energy' AND presence = 'relative'
---   GROUP BY key_frequency;
+--   GROUP BY follows;
+-- `follows` sorts the features: a key frequency, another frequency, the answer (the answer
+-- alone explains at least 90% of its activation's variance at '=', without one frequency: a
+-- feature that looks the answer up), or none of these (other; silent at '=': 'not at =').
 CREATE OR REPLACE VIEW frequency_births AS
 SELECT
     f.basis,
@@ -15,6 +18,11 @@ SELECT
     f.dominant_share,
     f.follows_frequency,
     f.key_frequency,
+    CASE WHEN f.key_frequency THEN 'key frequency'
+         WHEN f.follows_frequency THEN 'another frequency'
+         WHEN f.answer_variance_share >= 0.9 THEN 'answer'
+         WHEN f.n_active = 0 THEN 'not at ='
+         ELSE 'other' END AS follows,
     f.answer_variance_share,
     b.metric,
     b.presence,
