@@ -1286,6 +1286,11 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
         [[b.basis, follows, str(k.features), str(k.born), _cell(k.born_before_jump),
           _cell(k.share_born_before_jump), _cell(k.median_birth_step)]
          for b in result.bases for follows, k in b.kinds.items()]))
+    for b in result.bases:
+        if b.answer_features_key_share is not None:
+            click.echo(f"{b.basis}: the answer features' decoders put "
+                       f"{b.answer_features_key_share:.0%} of their variation over the answer in "
+                       "the key frequencies")
     click.echo(f"report: {result.report}  ({result.seconds:.0f}s)")
 
 
@@ -1315,8 +1320,12 @@ def feature_frequencies_command(ctx, basis, step, as_json):
         return
     click.echo(f"basis {basis!r} at step {result.step}: {result.n_problems} problems, "
                f"{result.n_following} of {result.n_features} features follow one frequency, "
-               f"{result.n_key_frequency} a key frequency ({result.key_frequencies}); stored in "
-               "feature_frequencies")
+               f"{result.n_key_frequency} a key frequency ({result.key_frequencies}); "
+               f"{result.n_answer_features} look the answer up"
+               + ("" if result.answer_features_key_share is None else
+                  f", their decoders {result.answer_features_key_share:.0%} in the key "
+                  "frequencies")
+               + "; stored in feature_frequencies and answer_feature_frequencies")
 
 
 # --- the read side --------------------------------------------------------------------------------

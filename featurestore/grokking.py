@@ -329,6 +329,10 @@ def fourier_shares(values: np.ndarray) -> np.ndarray:
     return frequency_shares(values[:, None])
 
 
+# A feature looks the answer up when the answer alone explains this share of its activation's
+# variance at '=' (and it follows no one frequency): frequency_births.follows = 'answer'.
+ANSWER_FEATURE_SHARE = 0.9
+
 # A feature follows a frequency when that frequency holds at least half of its answer profile's
 # non-constant squared norm: a majority, so no feature follows two.
 FOLLOWS_SHARE = 0.5
@@ -367,3 +371,17 @@ def answer_frequency(activations: np.ndarray, answers: np.ndarray, p: int) -> An
     k = int(np.argmax(waves)) + 1
     return AnswerFrequency(active, profile.tolist(), between / total, k,
                            float(waves[k - 1] / waves.sum()))
+
+
+def answer_feature_shares(decoders: np.ndarray, answers: list[int], p: int) -> np.ndarray:
+    """How a set of answer features lies in the residual stream, as a function of the answer:
+    their unit decoder directions [n, d] averaged per answer (answers[i] the answer feature i
+    looks up; an answer with no feature reads as zero), split by frequency over the answer
+    (frequency_shares: index 0 the constant). Features built on the Fourier algorithm sit on the
+    circles of its key frequencies, so those frequencies hold most of the share."""
+    units = decoders / np.linalg.norm(decoders, axis=1, keepdims=True)
+    means = np.zeros((p, decoders.shape[1]))
+    counts = np.bincount(answers, minlength=p)
+    np.add.at(means, answers, units)
+    means[counts > 0] /= counts[counts > 0, None]
+    return frequency_shares(means)

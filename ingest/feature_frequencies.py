@@ -8,6 +8,11 @@ and the profile's Fourier decomposition gives its dominant frequency. A feature 
 algorithm follows one frequency: its profile is (a rectified) cos(w_k c + phase). Whether that
 frequency is one of the run's key frequencies (progress_measures) is stored beside it, so "when
 were the key-frequency features born" is a join with births.
+
+A feature can also look the answer up: fire on the problems of one answer, whatever the pair.
+Such a feature follows no one frequency (its profile is a spike), but the answer features
+together do: their decoder directions, averaged per answer, trace the circles of the Fourier
+algorithm, and answer_feature_frequencies says how much of that lies in the key frequencies.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
-from featurestore.grokking import ModularAddition, answer_frequency
+from featurestore.grokking import (
+    ANSWER_FEATURE_SHARE,
+    ModularAddition,
+    answer_feature_shares,
+    answer_frequency,
+)
 from featurestore.warehouse import Warehouse
 
 ENCODE_BATCH = 4096
@@ -32,6 +42,8 @@ class FeatureFrequenciesResult:
     n_features: int
     n_following: int  # features following one frequency (grokking.FOLLOWS_SHARE)
     n_key_frequency: int  # of those, features following a key frequency
+    n_answer_features: int  # features looking the answer up (answer_feature_frequencies)
+    answer_features_key_share: float | None  # their decoders' share in the key frequencies
     key_frequencies: list[int]
     seconds: float
 
@@ -87,10 +99,29 @@ def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None
                          "key_frequency": (found.follows_frequency
                                            and found.dominant_frequency in keys)})
         writer.put("feature_frequencies", rows, replace_where={"basis": basis})
+        # The answer features, each at the answer it fires most on.
+        answer_features = [r for r in rows if not r["follows_frequency"]
+                           and (r["answer_variance_share"] or 0) >= ANSWER_FEATURE_SHARE]
+        looked_up = [int(np.argmax(r["answer_profile"])) for r in answer_features]
+        answer_row = None
+        if answer_features:
+            shares = answer_feature_shares(
+                shared.decoder_directions(c)[[r["feature_id"] for r in answer_features]],
+                looked_up, task.p)
+            answer_row = {
+                "basis": basis, "step": chosen, "n_answer_features": len(answer_features),
+                "answers_covered": len(set(looked_up)), "frequency_shares": shares.tolist(),
+                "key_frequency_share": float(shares[list(keys)].sum() / shares[1:].sum()),
+                "key_frequencies": list(keys)}
+        writer.put("answer_feature_frequencies", [answer_row] if answer_row else [],
+                   replace_where={"basis": basis})
     return FeatureFrequenciesResult(
         basis=basis, step=chosen, n_problems=len(at_answer), n_features=len(rows),
         n_following=sum(r["follows_frequency"] for r in rows),
         n_key_frequency=sum(r["key_frequency"] for r in rows),
+        n_answer_features=len(answer_features),
+        answer_features_key_share=(None if answer_row is None
+                                   else answer_row["key_frequency_share"]),
         key_frequencies=list(keys), seconds=time.perf_counter() - started)
 
 

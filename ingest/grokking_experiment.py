@@ -58,6 +58,7 @@ class BasisFindings:
     basis: str
     stage: str
     kinds: dict[str, FeatureKind]  # by frequency_births.follows: 'key frequency', 'answer', ...
+    answer_features_key_share: float | None  # answer_feature_frequencies.key_frequency_share
 
 
 @dataclass
@@ -131,7 +132,10 @@ def run_grokking_experiment(run: str = DEFAULT_RUN, p: int = DEFAULTS.p,
         compare_features(name, first, last, warehouse=warehouse)
         found = feature_frequencies(name, warehouse=warehouse)
         log(f"      {found.n_following} features follow one frequency, "
-            f"{found.n_key_frequency} of them a key frequency")
+            f"{found.n_key_frequency} of them a key frequency; {found.n_answer_features} look "
+            "the answer up" + ("" if found.answer_features_key_share is None else
+                               f", their decoders {found.answer_features_key_share:.0%} in the "
+                               "key frequencies"))
     patched_basis = basis_name(run, STAGES[0])
     log(f"[4/6] patching the {PATCH_FEATURES} features of {patched_basis!r} that changed most "
         f"from step {first} to {last}")
@@ -181,7 +185,10 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
                 kinds[follows] = FeatureKind(
                     features, born, before,
                     before / born if born and before is not None else None, median)
-            result.bases.append(BasisFindings(name, stage, kinds))
+            shares = con.execute("SELECT key_frequency_share FROM answer_feature_frequencies "
+                                 "WHERE basis = ?", [name]).fetchall()
+            result.bases.append(BasisFindings(name, stage, kinds,
+                                              shares[0][0] if shares else None))
         return result
     finally:
         con.close()

@@ -12,6 +12,9 @@ Sections, each a question, its SQL and the answer (queries/report.py renders the
     Features and frequencies
                            how many features of each basis follow each frequency
                            (feature_frequencies)
+    Answer features and the key frequencies
+                           whether the features that look the answer up lie on the key
+                           frequencies' circles (answer_feature_frequencies)
     Births against the jump
                            when the features following key frequencies (and those looking up
                            the answer) were born, against the jump (frequency_births), with
@@ -82,6 +85,18 @@ def _sections() -> tuple[Section, ...]:
             "FROM feature_frequencies f JOIN bases b ON b.name = f.basis\n"
             "WHERE b.run = $run AND f.follows_frequency\n"
             "GROUP BY ALL ORDER BY f.basis, features DESC", RERUN, row_limit=30),
+        Section(
+            "Answer features and the key frequencies", "Do the features that look the answer "
+            "up sit on the key frequencies' circles?",
+            "SELECT a.basis, a.n_answer_features, a.answers_covered, a.key_frequencies,\n"
+            "       round(a.key_frequency_share, 3) AS key_frequency_share,\n"
+            "       round(len(a.key_frequencies) / ((g.p - 1) / 2), 3) AS uniform_share\n"
+            "FROM answer_feature_frequencies a JOIN bases b ON b.name = a.basis\n"
+            "JOIN grokking_phases g ON g.run = b.run\n"
+            "WHERE b.run = $run ORDER BY a.basis", RERUN,
+            note="Their unit decoder directions averaged per answer, split by frequency over "
+                 "the answer: the share in the key frequencies, beside the share the key "
+                 "frequencies would hold if every frequency held the same."),
         Section(
             "Births against the jump", "Were the features that follow the key frequencies, and "
             "those that look the answer up, born before test accuracy jumped?",

@@ -7,6 +7,7 @@ import pytest
 
 from featurestore.grokking import (
     ModularAddition,
+    answer_feature_shares,
     answer_frequency,
     cross_entropy,
     fourier_basis,
@@ -152,3 +153,30 @@ def test_answer_frequency_of_planted_features():
     silent = answer_frequency(np.zeros(P * P), answers, P)
     assert (silent.n_active, silent.dominant_frequency, silent.answer_variance_share) == \
         (0, None, None)
+
+
+def test_answer_features_on_two_circles_put_their_share_in_those_frequencies():
+    # Answer features whose decoders lie on the circles of frequencies 2 and 5 (as the Fourier
+    # algorithm writes the answer), two features for some answers, none for answer 0.
+    rng = np.random.default_rng(6)
+    u = np.linalg.qr(rng.normal(size=(16, 4)))[0].T  # 4 orthonormal directions
+    answers = [c for c in range(1, P)] + [3, 7]
+    c = np.array(answers)
+    decoders = (np.outer(np.cos(2 * np.pi * 2 * c / P), u[0])
+                + np.outer(np.sin(2 * np.pi * 2 * c / P), u[1])
+                + 0.5 * np.outer(np.cos(2 * np.pi * 5 * c / P), u[2])
+                + 0.5 * np.outer(np.sin(2 * np.pi * 5 * c / P), u[3]))
+    decoders *= rng.uniform(0.5, 2.0, size=(len(c), 1))  # norms do not matter: unit directions
+    shares = answer_feature_shares(decoders, answers, P)
+    units = decoders / np.linalg.norm(decoders, axis=1, keepdims=True)
+    means = np.stack([units[c == a].mean(0) if (c == a).any() else np.zeros(16)
+                      for a in range(P)])
+    np.testing.assert_allclose(shares, numpy_shares_columns(means), atol=1e-12)
+    waves = shares[1:] / shares[1:].sum()
+    assert waves[[1, 4]].sum() > 0.9  # frequencies 2 and 5 (answer 0's gap leaks a little)
+
+
+def numpy_shares_columns(matrix: np.ndarray) -> np.ndarray:
+    spectrum = (np.abs(np.fft.fft(matrix, axis=0)) ** 2).sum(axis=1)
+    energy = np.concatenate([spectrum[:1], spectrum[1:(P + 1) // 2] + spectrum[:(P - 1) // 2:-1]])
+    return energy / energy.sum()

@@ -155,3 +155,39 @@ def test_feature_frequencies_rerun_is_idempotent_and_bad_input_is_named(experime
     done = run_cli(fresh, "experiment", "grokking", "--p", "15", "--steps", "5", "--quiet")
     assert done.exit_code == 1 and "--p" in done.output and "prime" in done.output
     assert not (fresh / "data").exists()
+
+
+def test_answer_feature_frequencies_match_numpy(experiment):
+    from featurestore.shared_basis import load_shared_basis
+    from featurestore.warehouse import Warehouse, connect
+
+    root, _ = experiment
+    con = connect(root)
+    try:
+        for basis in ("grok-l0", "grok-fn"):
+            shared, _ = load_shared_basis(Warehouse(root), con, basis)
+            decoders = shared.decoder_directions(0)
+            features = con.execute(
+                "SELECT feature_id, answer_profile FROM feature_frequencies WHERE basis = ? "
+                "AND NOT follows_frequency AND answer_variance_share >= 0.9",
+                [basis]).fetchall()
+            stored = con.execute("SELECT n_answer_features, answers_covered, frequency_shares "
+                                 "FROM answer_feature_frequencies WHERE basis = ?",
+                                 [basis]).fetchall()
+            if not features:
+                assert stored == []
+                continue
+            (n, covered, shares), = stored
+            answers = [int(np.argmax(profile)) for _, profile in features]
+            assert (n, covered) == (len(features), len(set(answers)))
+            means = np.zeros((P, decoders.shape[1]))
+            for (feature, _), answer in zip(features, answers):
+                unit = decoders[feature] / np.linalg.norm(decoders[feature])
+                means[answer] += unit / answers.count(answer)
+            # numpy's complex FFT over the answer, dimension by dimension.
+            spectrum = (np.abs(np.fft.fft(means, axis=0)) ** 2).sum(axis=1)
+            energy = np.concatenate([spectrum[:1], spectrum[1:(P + 1) // 2]
+                                     + spectrum[:(P - 1) // 2:-1]])
+            np.testing.assert_allclose(shares, energy / energy.sum(), atol=1e-9)
+    finally:
+        con.close()

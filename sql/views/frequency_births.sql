@@ -8,7 +8,7 @@
 --   GROUP BY follows;
 -- `follows` sorts the features: a key frequency, another frequency, the answer (the answer
 -- alone explains at least 90% of its activation's variance at '=', without one frequency: a
--- feature that looks the answer up), or none of these (other; silent at '=': 'not at =').
+-- feature that looks the answer up: grokking.ANSWER_FEATURE_SHARE), or none of these (other; silent at '=': 'not at =').
 CREATE OR REPLACE VIEW frequency_births AS
 SELECT
     f.basis,
