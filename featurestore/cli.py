@@ -1284,7 +1284,8 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
         ["basis", "features follow", "features", "born", "born before the jump", "share",
          "median birth step"],
         [[b.basis, follows, str(k.features), str(k.born), _cell(k.born_before_jump),
-          _cell(k.share_born_before_jump), _cell(k.median_birth_step)]
+          "" if k.share_born_before_jump is None else f"{k.share_born_before_jump:.0%}",
+          _cell(k.median_birth_step)]
          for b in result.bases for follows, k in b.kinds.items()]))
     for b in result.bases:
         if b.answer_features_key_share is not None:
