@@ -266,6 +266,19 @@ def drop_basis(writer: Writer, basis: str) -> None:
         writer.put(table, [], replace_where=where)
 
 
+def drop_run_outputs(wh: Warehouse, writer: Writer, run: str) -> None:
+    """In the writer's commit, for a run being trained again under its name: its activation sets
+    and every basis fitted on them (with their rows), which describe weights that are gone."""
+    writer.put("activation_sets", [], replace_where={"run": run})
+    con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
+    try:
+        stale = bases_computed_from(con, run)
+    finally:
+        con.close()
+    for basis in stale:
+        drop_basis(writer, basis)
+
+
 def spec(table: str) -> TableSpec:
     specs = table_specs()
     if table not in specs:

@@ -23,8 +23,7 @@ from featurestore.grokking import DENSE_EVERY, GrokkingConfig
 from featurestore.settings import check_name
 from featurestore.warehouse import (
     Warehouse,
-    bases_computed_from,
-    drop_basis,
+    drop_run_outputs,
     package_version,
     utc_now,
 )
@@ -125,15 +124,7 @@ def train_grokking_run(run: str, config: GrokkingConfig | None = None,
             "tokenizer": None, "featurestore_version": package_version(),
             "created_at": created_at,
         }])
-        # As train-model: sets and bases of an earlier run of this name describe gone weights.
-        writer.put("activation_sets", [], replace_where={"run": run})
-        con = wh.connect()
-        try:
-            stale = bases_computed_from(con, run)
-        finally:
-            con.close()
-        for basis in stale:
-            drop_basis(writer, basis)
+        drop_run_outputs(wh, writer, run)
     last = measures[-1]
     return GrokkingRunResult(
         run=run, steps=config.steps, checkpoint_steps=[m.step for m in measures],

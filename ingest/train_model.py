@@ -19,8 +19,7 @@ from featurestore.resources import FLOAT_BYTES, require_memory
 from featurestore.settings import check_name
 from featurestore.warehouse import (
     Warehouse,
-    bases_computed_from,
-    drop_basis,
+    drop_run_outputs,
     package_version,
     utc_now,
 )
@@ -168,16 +167,7 @@ def _train_and_register(wh: Warehouse, run: str, kind: str, model, task_config, 
             "featurestore_version": package_version(), "created_at": utc_now(),
         }])
         writer.put("checkpoints", checkpoint_rows, replace_where={"run": run})
-        # Activation sets of an earlier run under this name describe weights that are gone, and
-        # so do the bases fitted on them and every row computed from those.
-        writer.put("activation_sets", [], replace_where={"run": run})
-        con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
-        try:
-            stale = bases_computed_from(con, run)
-        finally:
-            con.close()
-        for basis in stale:
-            drop_basis(writer, basis)
+        drop_run_outputs(wh, writer, run)
     last = checkpoint_rows[-1]
     return TrainResult(
         run=run, kind=kind, steps=train_config.steps,
