@@ -49,6 +49,7 @@ import numpy as np
 from harness import BenchmarkResult, Measurement, RunOptions
 
 from featurestore.ingest.birth_analysis import analyze_births
+from featurestore.ingest.register import register_planted_run
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.planted import (
@@ -56,7 +57,6 @@ from featurestore.planted import (
     PlantedRun,
     generate,
     match_features,
-    register_run,
     score_births,
 )
 from featurestore.warehouse import connect
@@ -107,7 +107,7 @@ def run(options: RunOptions) -> BenchmarkResult:
     with tempfile.TemporaryDirectory(prefix="bench-births-") as tmp:
         root = Path(tmp) / "warehouse"
         started = time.perf_counter()
-        register_run(root, Path(tmp) / "activations", planted, STAGE, name=RUN)
+        register_planted_run(root, Path(tmp) / "activations", planted, STAGE, name=RUN)
         timings["register"].append(time.perf_counter() - started)
         print(f"  planted: {planted.n_features} features in d_model {CONFIG.d_model}, "
               f"{len(planted.present_from_init)} present from init, {len(planted.born)} born, "

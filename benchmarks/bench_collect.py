@@ -23,10 +23,11 @@ import torch
 from harness import BenchmarkResult, Figure, RunOptions, measure
 
 from featurestore.checkpoints import load_checkpoint
-from featurestore.ingest.collect import BATCH_SEQUENCES, DEFAULT_SPLITS, collect, token_set
+from featurestore.ingest.collect import collect
 from featurestore.ingest.train_model import train_model
 from featurestore.model import Transformer
 from featurestore.registry import get_checkpoints, get_run
+from featurestore.run_inputs import BATCH_TOKENS, token_set
 from featurestore.stages import StageReader, demo_reader
 from featurestore.warehouse import Warehouse
 
@@ -70,11 +71,11 @@ def run(options: RunOptions) -> BenchmarkResult:
     return BenchmarkResult(
         name="collect",
         description=(f"demo run, {len(checkpoint_dirs)} checkpoints x {n_tokens:,} tokens, stages "
-                     f"{', '.join(STAGES)}, {BATCH_SEQUENCES} sequences per batch"),
+                     f"{', '.join(STAGES)}, {BATCH_TOKENS} tokens per batch"),
         measurements=measurements,
         config={"train_steps": steps, "checkpoints": len(checkpoint_dirs),
                 "tokens_per_checkpoint": n_tokens, "sequence_length": tokens.shape[1],
-                "stages": STAGES, "batch_sequences": BATCH_SEQUENCES},
+                "stages": STAGES, "batch_tokens": BATCH_TOKENS},
         notes=["tokens/s counts checkpoints x tokens, as collect's own tokens_per_second does."],
     )
 
@@ -89,13 +90,14 @@ def checkpoints_and_tokens(warehouse: str, n_tokens: int) -> tuple[list[Path], t
         checkpoints = get_checkpoints(wh, con, RUN)
     finally:
         con.close()
-    tokens, _columns = token_set(task_config, list(DEFAULT_SPLITS), n_tokens, seed=0)
+    tokens, _columns = token_set(task_config, None, n_tokens, seed=0)
     return [checkpoint.path for checkpoint in checkpoints], tokens
 
 
 def batches(tokens: torch.Tensor):
-    return (tokens[start:start + BATCH_SEQUENCES]
-            for start in range(0, tokens.shape[0], BATCH_SEQUENCES))
+    """The batches collect traces: BATCH_TOKENS a batch."""
+    per_batch = max(1, BATCH_TOKENS // tokens.shape[1])
+    return (tokens[start:start + per_batch] for start in range(0, tokens.shape[0], per_batch))
 
 
 def plain_forward(models: list[Transformer], tokens: torch.Tensor) -> int:

@@ -36,16 +36,15 @@ from featurestore.aligned import AlignedActivations, Source
 from featurestore.corpus import DEFAULT_OPTIONS, CorpusOptions, model_context, read_token_file
 from featurestore.crosscoder_training import MIN_STEPS, check_enough_steps
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
-from featurestore.ingest.collect import (
-    BATCH_SEQUENCES,
-    DEFAULT_SPLITS,
-    open_reader,
-)
 from featurestore.registry import Run, get_checkpoints, get_run, parse_steps
 from featurestore.resources import FLOAT_BYTES, require_memory
+from featurestore.run_inputs import BATCH_TOKENS, open_reader
 from featurestore.stages import StageReader, hf_reader
 from featurestore.tasks import SyntheticTask, TaskConfig
 from featurestore.token_text import TokenizerSearch
+
+# Sequences per batch the buffer runs through each model: BATCH_TOKENS of demo-task sequences.
+BATCH_SEQUENCES = BATCH_TOKENS // TaskConfig().n_ctx
 
 DEMO_TOKENS = "demo"  # --tokens-from value naming the demo task's generator
 REPLAY_SEED_SALT = 1  # keeps the replay orders (--epochs) apart from the pool's round orders
@@ -80,7 +79,7 @@ class DemoTokens(TokenStream):
     def __init__(self, task_config: dict, seed: int, n_rows: int | None,
                  sequences: int = BATCH_SEQUENCES):
         self.task = SyntheticTask(TaskConfig.from_dict(task_config))
-        self.splits = DEFAULT_SPLITS
+        self.splits = SyntheticTask.DEFAULT_SPLITS
         self.sequences = sequences
         if self.sequences % len(self.splits):
             raise ValueError(f"sequences per batch must be a multiple of {len(self.splits)}")

@@ -21,6 +21,7 @@ from featurestore.grokking import BASIS_FIT_STEPS, DENSE_EVERY, GrokkingConfig
 from featurestore.lake import CATALOG_ENV
 from featurestore.ranges import MAX_INT64
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
+from featurestore.text_table import format_table
 
 
 class _Group(click.Group):
@@ -126,6 +127,12 @@ def _warehouse(ctx: click.Context) -> str | None:
     return ctx.obj["warehouse"]
 
 
+# The two flags most commands share: machine-readable output, and silence on stderr.
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON (for scripts).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
 def _arch_options(command):
     """The settings that belong to some architectures, the same in every command that trains a
     dictionary (each is ignored by the architectures it does not name)."""
@@ -226,8 +233,8 @@ def cli(ctx: click.Context, warehouse: str | None, catalog: str | None,
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
               help="Seed for weights and data.")
 @click.option("--d-model", type=click.IntRange(8, MAX_INT64), help="Residual width [default: 64].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def train_model_command(ctx, run, steps, seed, d_model, as_json, quiet):
     """Train the built-in demo transformer and register its checkpoints.
@@ -256,8 +263,8 @@ def train_model_command(ctx, run, steps, seed, d_model, as_json, quiet):
               help="Checkpoint to start from; STEP defaults to the run's last (LAST).")
 @click.option("--steps", type=cli_types.COUNT, default=500, show_default=True)
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def finetune_command(ctx, run, from_checkpoint, steps, seed, as_json, quiet):
     """Continue a checkpoint on a shifted task mix: the base / fine-tuned pair to compare.
@@ -337,8 +344,8 @@ def _echo_notes(notes: list[str]) -> None:
 @_token_file_options
 @click.option("--include-first-position", is_flag=True,
               help="Use position 0 when estimating the norm scale (left out by default).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_from,
                     text_column, tokenizer, seq_len, include_first_position, as_json, quiet):
@@ -395,7 +402,7 @@ def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_
 @click.option("--stage", help="Stage name the activations were read at.")
 @click.option("--include-first-position", is_flag=True,
               help="Use position 0 when estimating the norm scale (left out by default).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def register_command(ctx, path, token_ids, name, run, step, stage, include_first_position,
                      as_json):
@@ -464,7 +471,7 @@ def register_command(ctx, path, token_ids, name, run, step, stage, include_first
 @click.option("--eval-tokens", type=cli_types.COUNT,
               help="Evaluate on this many tokens, in equal shares of the file's splits "
                    "[default: as many as equal shares allow].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def register_model_command(ctx, run, path, factory, config, weights, adapter, stage_overrides,
                            step, steps_text, tokenizer, eval_tokens_from, eval_tokens, as_json):
@@ -516,7 +523,7 @@ def register_model_command(ctx, run, path, factory, config, weights, adapter, st
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
               help="Tokenizer folder for a text file [default: the run's registered one, or "
                    "the model folder's].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tokenizer, as_json):
     """Next-token loss and accuracy of a registered model's checkpoints on a token file.
@@ -593,8 +600,8 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
 @click.option("--wandb", is_flag=True, help="Also log to wandb (offline unless WANDB_MODE is set).")
 @_fit_bound_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, tokenizer, seq_len,
                              splits, epochs, pool_batches, arch, k, aux_k, aux_coeff, dict_size,
@@ -695,8 +702,8 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
               help="Pooled: multiplies the step-0 (random init) checkpoint's weight; 0 leaves "
                    "it out of the fit, but it is still encoded and swept.")
 @_fit_bound_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k, dict_size,
                                steps, batch_size, lr, l1_coeff, l0_coeff, jumprelu_bandwidth,
@@ -766,7 +773,7 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
 @click.option("--source", "sources", multiple=True, metavar="LABEL=SET",
               help="Instead of --run: one activation set per source, in the dictionary's order "
                    "(as train-crosscoder takes them; two sources give a model diff).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def import_dictionary_command(ctx, format_, path, name, run, stage, checkpoints, sources,
                               as_json):
@@ -813,7 +820,7 @@ def import_dictionary_command(ctx, format_, path, name, run, stage, checkpoints,
 @click.option("--step", type=int,
               help="Pooled bases whose checkpoints have different norm scales: the checkpoint "
                    "the SAE is for.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def export_dictionary_command(ctx, basis, format_, out, step, as_json):
     """Write a basis so SAELens or sparsify loads it with its own loader.
@@ -844,8 +851,8 @@ def export_dictionary_command(ctx, basis, format_, out, step, as_json):
               help="Checkpoints of the basis to encode.")
 @click.option("--workers", type=cli_types.PARALLEL, default=1, show_default=True,
               help="Processes encoding checkpoints in parallel.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, quiet):
     """Encode every checkpoint in a shared basis and write the trajectory tables.
@@ -875,8 +882,8 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
 
 @cli.command("crosscoder-sweep")
 @click.option("--basis", required=True, help="A train-crosscoder basis (a model diff).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def crosscoder_sweep_command(ctx, basis, as_json, quiet):
     """Make the latents of a train-crosscoder basis readable: per-source statistics, contexts.
@@ -935,7 +942,7 @@ def crosscoder_sweep_command(ctx, basis, as_json, quiet):
               help="Shuffled checkpoint orders in the null control.")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
               help="Seed of the permutations.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persistence,
                                   stable_eps, stable_cos, permutations, seed, as_json):
@@ -1007,7 +1014,7 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
                                               "energy_change"]),
               default="rate_change", show_default=True,
               help="Change to rank by (largest absolute change first).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
     """Compare every feature of a shared basis between two checkpoints.
@@ -1066,8 +1073,8 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
                                "or every split of the activation set].")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True,
               help="Seed of the demo-task sequences.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def feature_patch_command(ctx, basis, source, target, features, rank_by, mode, scale, tokens,
                           splits, seed, as_json, quiet):
@@ -1128,8 +1135,8 @@ def feature_patch_command(ctx, basis, source, target, features, rank_by, mode, s
               help="Causal filter: |loss delta| a feature's own patch must reach.")
 @click.option("--top-features", type=cli_types.COUNT, default=16, show_default=True,
               help="Causal filter without patch rows: this many features of highest energy.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option
 @click.pass_context
 def feature_lineage_command(ctx, basis, steps, features, top_k, min_weight, upstream, tokens,
                             patch_threshold, top_features, as_json, quiet):
@@ -1186,7 +1193,7 @@ def _largest_split_change(changes: dict[str, float]) -> str:
               help="Tokens collected per checkpoint.")
 @click.option("--artifacts", "artifacts_out", type=click.Path(file_okay=False),
               default="artifacts", show_default=True, help="Root of the artifact layout.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @click.pass_context
 def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
     """Run the main job end to end on the built-in default.
@@ -1200,7 +1207,7 @@ def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):
     Example:
       featurestore demo
     """
-    from featurestore.ingest.demo import run_demo
+    from featurestore.demo import run_demo
 
     _threads(ctx)
     summary = run_demo(steps=steps, finetune_steps=finetune_steps, tokens=tokens,
@@ -1244,7 +1251,7 @@ def experiment_group():
 @click.option("--out", type=click.Path(file_okay=False),
               help="Report directory [default: WAREHOUSE/exports/RUN/report].")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @click.pass_context
 def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, dense_every,
                      fit_steps, seed, out, as_json, quiet):
@@ -1264,7 +1271,7 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
       featurestore sql "SELECT * FROM grokking_phases"
       featurestore sql "SELECT * FROM frequency_births WHERE key_frequency AND born_before_jump"
     """
-    from featurestore.ingest.grokking_experiment import run_grokking_experiment
+    from featurestore.grokking_experiment import run_grokking_experiment
 
     _threads(ctx)
     result = run_grokking_experiment(
@@ -1299,7 +1306,7 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
 @click.option("--basis", required=True, help="Shared basis of a modular-addition run.")
 @click.option("--step", type=cli_types.STEP, help="Checkpoint whose activations are read "
               "[default: the basis's last].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def feature_frequencies_command(ctx, basis, step, as_json):
     """Which Fourier frequency each feature of a modular-addition basis follows.
@@ -1461,19 +1468,8 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_table(header: list[str], rows: list[list[str]], max_width: int = 60) -> str:
-    """A plain aligned text table, cells cut at max_width."""
-    cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in row]
-             for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(lines)
-
-
 @cli.command("tables")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option
 @click.pass_context
 def tables_command(ctx, as_json):
     """List tables and views with their row counts and descriptions.
@@ -1499,7 +1495,7 @@ def tables_command(ctx, as_json):
 
 @cli.command("describe")
 @click.argument("table")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option
 @click.pass_context
 def describe_command(ctx, table, as_json):
     """Show a table's or view's columns, types and descriptions.
@@ -1556,7 +1552,7 @@ def feature_command(ctx, feature, basis, step, examples, as_json):
 
 @cli.command("stages")
 @click.option("--run", required=True, help="A run with a model.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option
 @click.pass_context
 def stages_command(ctx, run, as_json):
     """List the stage names a run's model has, in forward-pass order.
@@ -1585,7 +1581,7 @@ def export_group():
               help="One graph over every step with lineage or patches, or one step's.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory [default: WAREHOUSE/exports/BASIS/graphs].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def export_graphs_command(ctx, basis, step, out, as_json):
     """Export a basis's feature graph as node-link JSON, GraphML and attribution-graph JSON.
@@ -1616,7 +1612,7 @@ def export_graphs_command(ctx, basis, step, out, as_json):
 @click.option("--basis", required=True, help="Basis to plot (shared, or a crosscoder).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory [default: WAREHOUSE/exports/BASIS/plots].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def export_plots_command(ctx, basis, out, as_json):
     """Export every plot a basis has data for: spec + data JSON, PNG, SVG and HTML.
@@ -1647,7 +1643,7 @@ def export_plots_command(ctx, basis, out, as_json):
 @click.option("--basis", required=True, help="Shared basis to export.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts", show_default=True,
               help="Root of the layout.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def export_artifacts_command(ctx, basis, out, as_json):
     """Write a shared basis as the analysis plan's file layout.
@@ -1681,7 +1677,7 @@ def export_artifacts_command(ctx, basis, out, as_json):
                    "feature that fires at the step].")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory; the files go to OUT/BASIS_stepSTEP/.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def export_dashboards_command(ctx, basis, step, features, out, as_json):
     """Export feature dashboards in the format Neuronpedia imports (SAEDashboard's batches).
@@ -1721,7 +1717,7 @@ def export_dashboards_command(ctx, basis, step, features, out, as_json):
 @click.option("--basis", required=True, help="Shared basis to report on.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory [default: WAREHOUSE/exports/BASIS/report].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def report_command(ctx, basis, out, as_json):
     """Write the milestone report of one stage's basis as HTML and Markdown.
@@ -1749,7 +1745,7 @@ def report_command(ctx, basis, out, as_json):
 
 
 @cli.command("init")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def init_command(ctx, as_json):
     """Create an empty warehouse: the catalog, every table (empty) and the schema version.
@@ -1778,7 +1774,7 @@ def init_command(ctx, as_json):
 @cli.command("snapshots")
 @click.option("--limit", type=cli_types.COUNT, default=20, show_default=True,
               help="Show the newest N snapshots.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option
 @click.pass_context
 def snapshots_command(ctx, limit, as_json):
     """List the warehouse's snapshots, newest first: one per job that wrote.
@@ -1812,7 +1808,7 @@ def snapshots_command(ctx, limit, as_json):
               help="Expire snapshots older than this (e.g. 7d, 12h, 0) and delete files and "
                    "artefact folders only they read.")
 @click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def compact_command(ctx, older_than, dry_run, as_json):
     """Merge small table files, expire old snapshots and delete what nothing reads any more.
@@ -1848,7 +1844,7 @@ def compact_command(ctx, older_than, dry_run, as_json):
 @click.option("--repair", is_flag=True,
               help="Take damaged table files out of the catalog in one new snapshot, so the "
                    "jobs that wrote them can run again (their rows were unreadable already).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def check_command(ctx, quick, repair, as_json):
     """Verify every file the warehouse serves, and say what to re-run for each damaged one.
@@ -1897,7 +1893,7 @@ def catalog_group():
 
 
 @catalog_group.command("migrate")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def catalog_migrate_command(ctx, as_json):
     """Convert a warehouse of schema 2 (featurestore.duckdb) to DuckLake, in place.
@@ -1948,7 +1944,7 @@ def catalog_backup_command(ctx, out):
                    "commit refreshes, catalog.sqlite.backup].")
 @click.option("--force", is_flag=True,
               help="Replace a catalog that is not damaged (the snapshots after the copy go).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_context
 def catalog_restore_command(ctx, source, force, as_json):
     """Bring back a damaged or lost SQLite catalog from a copy.

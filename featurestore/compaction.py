@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError
 from featurestore.integrity import forget_checksums, record_checksums
 from featurestore.lake import LAKE
+from featurestore.results import Result
 from featurestore.scratch import older, sweep
 from featurestore.warehouse import VERSION_SUFFIX, Warehouse, utc_now
 
@@ -37,7 +38,7 @@ ARTEFACT_ROOTS = ("runs", "activations", "bases")
 
 
 @dataclass
-class CompactResult:
+class CompactResult(Result):
     older_than_seconds: float
     dry_run: bool
     snapshots_expired: int
@@ -46,9 +47,6 @@ class CompactResult:
     orphan_files_deleted: int
     artefact_folders_deleted: list[str]
     scratch_folders_deleted: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_age(text: str) -> timedelta:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import LAKE
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, commit_info, records
 
 METADATA = f"__ducklake_metadata_{LAKE}"  # where DuckLake attaches the catalog's own tables
@@ -189,7 +190,7 @@ def safetensors_problem(path: Path) -> str | None:
 # -- the report ---------------------------------------------------------------------------------
 
 @dataclass
-class Problem:
+class Problem(Result):
     """One damaged or missing thing and the command that writes it again."""
 
     kind: str  # 'table file', 'artefact' or 'directions'
@@ -198,9 +199,6 @@ class Problem:
     reason: str
     rows: int | None  # table rows that depend on it
     rerun: str | None  # the command that wrote it, where the snapshot recorded one
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def line(self) -> str:
         rows = f", {self.rows} rows" if self.rows is not None else ""

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow.parquet as pq
 
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import LAKE
+from featurestore.results import Result
 from featurestore.warehouse import (
     LEGACY_CATALOG,
     PARTITION_KEY_METADATA,
@@ -34,14 +35,11 @@ BACKUP_FOLDER = "schema2-backup"
 
 
 @dataclass
-class MigrateResult:
+class MigrateResult(Result):
     path: str
     migrated: bool  # False: nothing to do (no schema-2 catalog, or already converted)
     tables: dict[str, int]  # table -> rows copied
     backup: str | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def migrate_warehouse(warehouse: Warehouse | str | None = None,

@@ -43,10 +43,11 @@ moving target. The steps are log-spaced (0, 10, 20, 40, ... 5000), as real runs 
 Everything is a pure function of the `PlantedConfig` (the seed included): `generate(config)` gives
 the `PlantedRun` (the truth), `run.activations(c)` the [tokens, d_model] float32 matrix of
 checkpoint index c (the same tokens at every checkpoint), `run.write_checkpoint(c, path)` a
-Parquet file `featurestore register-activations` accepts, and `register_run` writes and
-registers every checkpoint. `match_features` pairs each planted direction with the learned
-feature whose decoder direction is closest, as a researcher would pair them: by direction, never
-by index; `score_births` sets one rule's `births` rows against the truth. Numpy and pyarrow only.
+Parquet file `featurestore register-activations` accepts, and
+`featurestore.ingest.register.register_planted_run` writes and registers every checkpoint.
+`match_features` pairs each planted direction with the learned feature whose decoder direction
+is closest, as a researcher would pair them: by direction, never by index; `score_births` sets
+one rule's `births` rows against the truth. Numpy and pyarrow only.
 """
 
 from __future__ import annotations
@@ -297,24 +298,6 @@ def generate(config: PlantedConfig | None = None) -> PlantedRun:
         birth_index=tuple(birth), death_index=tuple(death),
         sequence_id=sequence_id, position=position, token_id=token_id.astype(np.int64),
     )
-
-
-def register_run(warehouse_root: str | Path, tmp_dir: str | Path, run: PlantedRun, stage: str,
-                 name: str = "planted") -> list:
-    """Write every checkpoint of `run` to tmp_dir/step_<step>.parquet and register it as run
-    `name` at its step and `stage` (`featurestore register-activations --run --step --stage`).
-    The files must outlive the warehouse's use of them: they are registered where they lie.
-    Returns the RegisterResults, in checkpoint order."""
-    from featurestore.ingest.register import register_activations
-
-    tmp_dir = Path(tmp_dir)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for c, step in enumerate(run.steps):
-        path = run.write_checkpoint(c, tmp_dir / f"step_{step}.parquet")
-        results.append(register_activations(str(path), run=name, step=step, stage=stage,
-                                            warehouse=str(warehouse_root)))
-    return results
 
 
 def match_features(truth_directions: np.ndarray, learned_directions: np.ndarray) -> list[Match]:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import prepare_sqlite, sqlite_catalog_damage
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, utc_now
 
 
 @dataclass
-class RestoreResult:
+class RestoreResult(Result):
     catalog: str
     restored_from: str
     damaged_copy: str | None  # where the catalog it replaced was kept, if there was one
@@ -28,9 +29,6 @@ class RestoreResult:
     snapshot_time: str
     job: str | None
     unknown_table_files: int  # files of jobs committed after the copy: run those jobs again
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def restore_catalog(warehouse: str | os.PathLike | None = None, *, catalog: str | None = None,

@@ -138,6 +138,11 @@ class ReconstructionSums:
         return self.relative_error / self.n
 
 
+def seed_folder(seed: int) -> str:
+    """Where a basis keeps the weights of one of its other seeds, under its own folder."""
+    return f"seed_{seed}"
+
+
 def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
     """The registered shared basis `name` and its checkpoints' activation sets (in step order)."""
     from featurestore.registry import get_activation_set_row, open_activation_set
@@ -157,8 +162,6 @@ def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
             "a run's checkpoints; trajectories need a shared-feature-fit basis. Its latents' "
             f"per-source statistics and contexts come from `featurestore crosscoder-sweep "
             f"--basis {name}`")
-    from featurestore.ingest.shared_feature_fit import seed_folder
-
     model = CrossCoder.load(warehouse.path(path))
     seed_models = {seed: CrossCoder.load(warehouse.path(path) / seed_folder(seed))
                    for seed in (seeds or [])[1:]}

@@ -23,43 +23,36 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 
 from featurestore import ranges
+from featurestore.birth_rules import (
+    DEFAULT_ACTIVATION_RATE,
+    DEFAULT_ENERGY_SHARE,
+    DEFAULT_METRIC,
+    DEFAULT_PEAK_SHARE,
+    DEFAULT_PERSISTENCE,
+    DEFAULT_PRESENCE,
+    DEFAULT_RELATIVE_THRESHOLD,
+    DEFAULT_STABLE_COS,
+    DEFAULT_STABLE_EPS,
+    METRICS,
+    PRESENCE,
+)
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.shared_feature_fit import MATCH_COSINE
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
-METRICS = ("activation_rate", "mean_activation", "energy", "decoder_norm")
-PRESENCE = ("absolute", "relative")
-DEFAULT_ACTIVATION_RATE = 0.01
-# energy: this fraction of an even share (1 / number of features) of the reconstruction.
-DEFAULT_ENERGY_SHARE = 0.1
-# mean_activation, decoder_norm: this fraction of the metric's 99th percentile over the basis.
-DEFAULT_RELATIVE_THRESHOLD = 0.1
-# The default rule: present where the feature's share of the reconstruction's energy is at least
-# DEFAULT_PEAK_SHARE of its own peak over the checkpoints. On planted data with superposed
-# features, varying rates and late births (featurestore.planted, benchmarks/bench_births.py), an
-# absolute activation rate counted the weak firing a latent shows before its direction exists as
-# presence, and flagged most late-born features present at init; energy relative to the peak
-# does not.
-DEFAULT_METRIC = "energy"
-# K: with 3, the shuffled null found about a tenth as many births as the real order (5.5% of a
-# 2x dictionary on the planted run); with 4, a sixteenth (3.4%), with the same births found.
-DEFAULT_PERSISTENCE = 4
-DEFAULT_PRESENCE = "relative"
-DEFAULT_PEAK_SHARE = 0.4
-DEFAULT_STABLE_EPS = 0.1
-DEFAULT_STABLE_COS = 0.9
 # Born features listed in the result (earliest births first).
 SHOWN_FEATURES = 10
 
 
 @dataclass
-class BirthAnalysisResult:
+class BirthAnalysisResult(Result):
     basis: str
     metric: str
     presence: str  # absolute | relative (threshold = a share of each feature's peak)
@@ -87,9 +80,6 @@ class BirthAnalysisResult:
     first_born: list[dict]  # the earliest born features with their steps and drift
     last_born: list[dict]  # the latest born features (censored births are among them)
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | None = None,

@@ -11,14 +11,13 @@ ids (featurestore.corpus). A run's token_strings are written by its first collec
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore import ranges
+from featurestore import ranges, run_inputs
 from featurestore.activations import (
     ActivationSetWriter,
     TokenColumns,
@@ -26,30 +25,25 @@ from featurestore.activations import (
     norm_sample,
     norm_scale,
 )
-from featurestore.corpus import CorpusOptions, model_context, read_token_file, sequence_columns
+from featurestore.corpus import CorpusOptions, model_context, read_token_file
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import (
-    Checkpoint,
-    Run,
     activation_set_name,
     get_checkpoints,
     get_run,
     parse_steps,
 )
 from featurestore.resources import FLOAT_BYTES, TOKEN_BYTES, require_disk, require_memory
+from featurestore.results import Result
+from featurestore.run_inputs import open_reader, token_set
 from featurestore.token_text import TokenizerSearch, has_token_strings, token_string_rows
 from featurestore.warehouse import Warehouse, utc_now
 
-DEFAULT_SPLITS = ("bigram", "modular", "induction", "reverse")
 DEFAULT_TOKENS = 32_768
-BATCH_SEQUENCES = 128
-# Tokens per traced batch (BATCH_SEQUENCES demo sequences): short sequences go more to a batch,
-# since each trace costs about the same whatever its size.
-BATCH_TOKENS = 2048
 
 
 @dataclass
-class CollectResult:
+class CollectResult(Result):
     run: str
     stages: list[str]
     steps: list[int]
@@ -59,50 +53,6 @@ class CollectResult:
     sets: list[dict] = field(default_factory=list)
     token_strings: int = 0  # token_strings rows written (0: the run had them, or no tokenizer)
     notes: list[str] = field(default_factory=list)  # e.g. a token file smaller than the default
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def token_set(task_config: dict, splits: list[str] | None, n_tokens: int, seed: int) -> tuple:
-    """A trained run's task tokens [n_sequences, n_ctx] and their TokenColumns: equal shares of
-    `splits` (default: the task's DEFAULT_SPLITS), or all of a split that holds fewer."""
-    import torch
-
-    from featurestore.tasks import task_from_config
-
-    task = task_from_config(task_config)
-    splits = list(task.DEFAULT_SPLITS if splits is None else splits)
-    unknown = [s for s in splits if s not in task.SPLITS]
-    if unknown:
-        raise FeaturestoreError(
-            f"--splits: unknown split {', '.join(unknown)}; valid splits: {', '.join(task.SPLITS)}"
-        )
-    per_split = max(1, math.ceil(n_tokens / task.n_ctx / len(splits)))
-    batches = [task.sample(split, per_split, seed).tokens for split in splits]
-    split_names = np.repeat(np.array(splits, dtype=object), [len(b) for b in batches])
-    tokens = torch.cat(batches)
-    return tokens, sequence_columns(tokens, split_names)
-
-
-def open_reader(run: Run, checkpoint: Checkpoint):
-    """A StageReader on one checkpoint of a run that has a model."""
-    from featurestore.stages import demo_reader, hf_reader
-
-    if run.kind == "hf":
-        return hf_reader(checkpoint.path)
-    if run.kind == "custom":
-        from featurestore.custom_model import CustomModel
-
-        return CustomModel.from_json(run.model_config).reader(checkpoint.path)
-    if run.model_family == "demo":
-        from featurestore.checkpoints import load_checkpoint
-
-        return demo_reader(load_checkpoint(checkpoint.path))
-    raise FeaturestoreError(
-        f"run {run.run!r} is an {run.kind} run with no model: its activations were registered, "
-        "so there is nothing to run. Collect from a trained run or a registered model."
-    )
 
 
 def collect(
@@ -270,7 +220,7 @@ def write_stages(writer, run: str, step: int, reader, token_ids, columns: TokenC
 def stage_batches(reader, token_ids, stages: list[str]):
     """(rows, {stage: float32 array [rows, width]}) for every batch of sequences, in order."""
     n_seq, n_ctx = token_ids.shape
-    per_batch = max(1, BATCH_TOKENS // n_ctx)
+    per_batch = max(1, run_inputs.BATCH_TOKENS // n_ctx)
     for start in range(0, n_seq, per_batch):
         batch = token_ids[start:start + per_batch]
         rows = slice(start * n_ctx, (start + batch.shape[0]) * n_ctx)

@@ -23,17 +23,18 @@ Exclusive latents (model_diff.class) are the ones that write into one source onl
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.trajectory_sweep import SWEEP_BATCH, example_rows, top_examples
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 
 @dataclass
-class CrosscoderSweepResult:
+class CrosscoderSweepResult(Result):
     basis: str
     sources: list[str]
     n_tokens: int
@@ -42,9 +43,6 @@ class CrosscoderSweepResult:
     example_rows: int
     decoded: bool  # whether contexts were decoded (token strings of the first source's run)
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def crosscoder_sweep(basis: str, warehouse: str | None = None,

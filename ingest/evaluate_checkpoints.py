@@ -12,12 +12,13 @@ each split of the file gets a row of its own.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurestore.errors import FeaturestoreError
+from featurestore.results import Result
 from featurestore.token_text import TokenizerSearch
 from featurestore.warehouse import Warehouse, records
 
@@ -110,13 +111,10 @@ def metric_columns(metrics: CheckpointMetrics, tokens: EvalTokens) -> dict:
 
 
 @dataclass
-class EvaluateResult:
+class EvaluateResult(Result):
     run: str
     eval_tokens: str
     checkpoints: list[dict] = field(default_factory=list)  # step, heldout_loss, heldout_accuracy
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def evaluate_checkpoints(run: str, tokens_from: str, tokens: int | None = None,
@@ -124,8 +122,8 @@ def evaluate_checkpoints(run: str, tokens_from: str, tokens: int | None = None,
                          warehouse: str | None = None) -> EvaluateResult:
     """Evaluate the listed checkpoints of a registered model run and store their metrics."""
     from featurestore.corpus import model_context
-    from featurestore.ingest.collect import open_reader
     from featurestore.registry import get_checkpoints, get_run, parse_steps
+    from featurestore.run_inputs import open_reader
 
     if tokens is not None and tokens < 1:
         raise FeaturestoreError(f"--tokens must be positive, got {tokens}")

@@ -9,13 +9,14 @@ rows an earlier run stored for the same pair.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, spec, utc_now
 
 # --rank-by value -> the diffs column holding that rank.
@@ -30,7 +31,7 @@ _PAIR_COLUMNS = ("basis", "source_step", "target_step", "created_at")
 
 
 @dataclass
-class FeatureCompareResult:
+class FeatureCompareResult(Result):
     basis: str
     source_step: int
     target_step: int
@@ -38,9 +39,6 @@ class FeatureCompareResult:
     n_cosine_undefined: int  # features silent (direction norm 0) or without a direction at a step
     rank_by: str
     top: list[dict]  # the highest-ranked rows by rank_by, diffs columns less _PAIR_COLUMNS
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def compare_features(basis: str, source: int, target: int, warehouse: str | None = None,

@@ -29,13 +29,14 @@ from featurestore.grokking import (
     answer_feature_shares,
     answer_frequency,
 )
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 ENCODE_BATCH = 4096
 
 
 @dataclass
-class FeatureFrequenciesResult:
+class FeatureFrequenciesResult(Result):
     basis: str
     step: int
     n_problems: int  # problems read at the answer position
@@ -46,9 +47,6 @@ class FeatureFrequenciesResult:
     answer_features_key_share: float | None  # their decoders' share in the key frequencies
     key_frequencies: list[int]
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,6 +54,7 @@ from featurestore import ranges
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError, UnknownStageError
 from featurestore.resources import TOKEN_BYTES, require_memory
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
@@ -78,7 +79,7 @@ class StepLineage:
 
 
 @dataclass
-class LineageResult:
+class LineageResult(Result):
     basis: str
     run: str
     stage: str
@@ -90,9 +91,6 @@ class LineageResult:
     # The rank-1 edge of every (step, feature, method, source type): each feature's strongest
     # source by each line of evidence.
     top: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -114,8 +112,8 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
     earlier rows of the same basis and step."""
     from tqdm import tqdm
 
-    from featurestore.ingest.collect import open_reader
     from featurestore.registry import get_checkpoints, get_run, parse_steps
+    from featurestore.run_inputs import open_reader
 
     started = time.perf_counter()
     _check_options(top_k, min_weight, tokens, patch_threshold, top_features)
@@ -149,7 +147,7 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
         if run.task_config is None:
             token_ids = None  # read per step from that checkpoint's activation set
         else:
-            from featurestore.ingest.collect import token_set
+            from featurestore.run_inputs import token_set
 
             token_ids, _ = token_set(run.task_config, None, tokens, TOKEN_SEED)
 

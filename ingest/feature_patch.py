@@ -21,13 +21,14 @@ against it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from featurestore import ranges
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.resources import TOKEN_BYTES, require_memory
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
@@ -40,7 +41,7 @@ BATCH_SEQUENCES = 64
 
 
 @dataclass
-class PatchResult:
+class PatchResult(Result):
     basis: str
     stage: str
     source_step: int
@@ -56,9 +57,6 @@ class PatchResult:
     recon_rel_error: dict[str, float] = field(default_factory=dict)  # per split
     spliced_loss_delta: dict[str, float] = field(default_factory=dict)  # per split
     top: list[dict] = field(default_factory=list)  # the largest |loss delta| rows
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -77,8 +75,8 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     """Patch features of `basis` in the `target` checkpoint's model; store `patches` rows."""
     import torch
 
-    from featurestore.ingest.collect import open_reader
     from featurestore.registry import get_checkpoints, get_run
+    from featurestore.run_inputs import open_reader
     from featurestore.shared_basis import load_shared_basis
 
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError
 from featurestore.grokking import DENSE_EVERY, GrokkingConfig
+from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import (
     Warehouse,
@@ -30,16 +31,13 @@ from featurestore.warehouse import (
 
 
 @dataclass
-class GrokkingRunResult:
+class GrokkingRunResult(Result):
     run: str
     steps: int
     checkpoint_steps: list[int]
     key_frequencies: list[int]
     final: dict[str, float]  # the last checkpoint's progress measures
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def train_grokking_run(run: str, config: GrokkingConfig | None = None,

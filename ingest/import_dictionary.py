@@ -25,11 +25,12 @@ trained, never rejected: a dictionary that explains little of a stage is reporte
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurestore import format_dictionary_learning, format_saelens, format_sparsify
 from featurestore.errors import FeaturestoreError
+from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
@@ -41,7 +42,7 @@ LOW_EXPLAINED_VARIANCE = 0.5
 
 
 @dataclass
-class ImportResult:
+class ImportResult(Result):
     name: str
     format: str
     kind: str  # pooled | crosscoder
@@ -52,9 +53,6 @@ class ImportResult:
     sources: list[str]  # activation sets, in source order
     explained_variance: dict[str, float]  # by source label, or by step for a run's checkpoints
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def import_dictionary(format: str, path: str, name: str, run: str | None = None,

@@ -12,7 +12,8 @@ created as an `external` run (no model), with a checkpoint row per step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +28,9 @@ from featurestore.activations import (
     norm_scale,
 )
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
+from featurestore.planted import PlantedRun
 from featurestore.registry import activation_set_name, get_checkpoints
+from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, package_version, utc_now
 
@@ -39,7 +42,7 @@ NAMED_SETS = "_named"
 
 
 @dataclass
-class RegisterResult:
+class RegisterResult(Result):
     name: str
     path: str  # where the set is read from: the input itself, or its converted copy
     format: str
@@ -49,9 +52,6 @@ class RegisterResult:
     created_run: bool
     input_path: str  # the file or folder given
     converted_from: str | None  # the input's form when it was converted; None: used in place
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def register_activations(path: str, name: str | None = None, run: str | None = None,
@@ -160,3 +160,20 @@ def _ensure_checkpoint(wh: Warehouse, writer, run: str, step: int, d_model: int)
             "heldout_accuracy": None, "split_metrics": None, "created_at": utc_now(),
         }])
     return known_run is None
+
+
+def register_planted_run(warehouse_root: str | Path, tmp_dir: str | Path, run: PlantedRun,
+                         stage: str, name: str = "planted") -> list[RegisterResult]:
+    """Write every checkpoint of a planted run (featurestore.planted) to
+    tmp_dir/step_<step>.parquet and register it as run `name` at its step and `stage`
+    (`featurestore register-activations --run --step --stage`).
+    The files must outlive the warehouse's use of them: they are registered where they lie.
+    Returns the RegisterResults, in checkpoint order."""
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for c, step in enumerate(run.steps):
+        path = run.write_checkpoint(c, tmp_dir / f"step_{step}.parquet")
+        results.append(register_activations(str(path), run=name, step=step, stage=stage,
+                                            warehouse=str(warehouse_root)))
+    return results

@@ -25,7 +25,7 @@ import glob
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from featurestore.corpus import model_context
 from featurestore.errors import CorruptCheckpointError, FeaturestoreError
 from featurestore.file_formats import require_safetensors
 from featurestore.ingest.evaluate_checkpoints import EvalTokens, metric_columns, next_token_metrics
+from featurestore.results import Result
 from featurestore.scratch import newest_mtime
 from featurestore.settings import check_name
 from featurestore.token_text import TokenizerSearch
@@ -55,7 +56,7 @@ _METRICS = ("heldout_loss", "heldout_accuracy", "split_metrics", "eval_tokens")
 
 
 @dataclass
-class RegisterModelResult:
+class RegisterModelResult(Result):
     run: str
     kind: str  # hf or custom
     model_family: str
@@ -64,9 +65,6 @@ class RegisterModelResult:
     created_run: bool
     tokenizer: str | None
     checkpoints: list[dict] = field(default_factory=list)  # step, path, heldout_loss/_accuracy
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
+from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
@@ -43,7 +44,7 @@ FIRST_NOT_LAST_WARNING = 0.25
 
 
 @dataclass
-class SharedFitResult:
+class SharedFitResult(Result):
     name: str
     run: str
     stage: str
@@ -56,9 +57,6 @@ class SharedFitResult:
     seconds: float
     seeds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def shared_feature_fit(
@@ -98,6 +96,7 @@ def shared_feature_fit(
         train_crosscoder,
     )
     from featurestore.ingest.train_crosscoder import ArchOptions, basis_k, default_aux_k
+    from featurestore.shared_basis import seed_folder
 
     check_name(name, "basis name")
     if kind not in ("pooled", "crosscoder"):
@@ -356,11 +355,6 @@ def fit_report(basis, sources) -> tuple[dict, dict]:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     return report, {"frequency": count / seen, "mean": mean, "max": peak}
-
-
-def seed_folder(seed: int) -> str:
-    """Where a basis keeps the weights of one of its other seeds, under its own folder."""
-    return f"seed_{seed}"
 
 
 def seed_stability(models) -> float:

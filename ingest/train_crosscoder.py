@@ -31,6 +31,7 @@ import numpy as np
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
+from featurestore.results import Result
 from featurestore.scratch import TRAINING_FOLDER, Claim
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
@@ -41,7 +42,7 @@ DEFAULT_POOL_BATCHES = 32  # the activation buffer's pool, in training batches
 
 
 @dataclass
-class CrossCoderJobResult:
+class CrossCoderJobResult(Result):
     name: str
     arch: str
     sources: list[str]
@@ -51,9 +52,6 @@ class CrossCoderJobResult:
     final_metrics: dict
     seconds: float
     notes: list[str] = field(default_factory=list)  # about the token file (--tokens-from)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_source(text: str) -> tuple[str, str]:

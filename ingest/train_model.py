@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import get_checkpoints, get_run
 from featurestore.resources import FLOAT_BYTES, require_memory
+from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import (
     Warehouse,
@@ -30,16 +31,13 @@ DEFAULT_FINETUNE_STEPS = 500
 
 
 @dataclass
-class TrainResult:
+class TrainResult(Result):
     run: str
     kind: str
     steps: int
     checkpoint_steps: list[int]
     final_metrics: dict[str, dict[str, float]]  # split -> {loss, accuracy}
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def train_model(run: str, steps: int | None = None, seed: int = 0, d_model: int | None = None,

@@ -22,7 +22,7 @@ one commit, so the result is the same as a serial sweep.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 if TYPE_CHECKING:  # imported for annotations only: workers import torch when they start
@@ -43,7 +44,7 @@ RIDGE = 1e-6  # keeps the refit solvable when features never fire together
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Result):
     basis: str
     steps: list[int]
     tokens_per_checkpoint: int
@@ -52,9 +53,6 @@ class SweepResult:
     tokens_per_second: float
     rows_per_second_written: float
     write_seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -38,12 +38,13 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records
+from featurestore.results import Result
 from featurestore.scratch import Claim, remove_tree, sweep
 from featurestore.warehouse import Warehouse
 
@@ -54,15 +55,12 @@ LOCKLESS_AGE = timedelta(hours=1)
 
 
 @dataclass
-class ArtifactExport:
+class ArtifactExport(Result):
     basis: str
     directory: str  # the stage directory
     files: list[str]  # relative to `directory`, sorted
     seconds: float
     skipped_plots: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def export_artifacts(basis: str, out: str | os.PathLike | None = None,

@@ -58,7 +58,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +66,7 @@ import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records, write_atomic
+from featurestore.results import Result
 from featurestore.token_text import TokenStrings
 from featurestore.warehouse import Warehouse
 
@@ -81,7 +82,7 @@ _STAGE_LAYER = re.compile(r"^layer_(\d+)_")
 
 
 @dataclass
-class DashboardExport:
+class DashboardExport(Result):
     basis: str
     step: int
     step_rule: str  # how the step was chosen
@@ -92,9 +93,6 @@ class DashboardExport:
     logits: str  # how the logit effects were computed, or why they are empty
     seconds: float
     files: list[str] = field(default_factory=list)  # relative to `directory`
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def export_dashboards(basis: str, out: str | Path, step: int | str | None = None,
@@ -256,8 +254,8 @@ class _Logits:
 
     @classmethod
     def open(cls, wh: Warehouse, con, info: dict, step: int) -> _Logits:
-        from featurestore.ingest.collect import open_reader
         from featurestore.registry import get_checkpoints, get_run
+        from featurestore.run_inputs import open_reader
         from featurestore.shared_basis import load_shared_basis
 
         run = get_run(con, info["run"])

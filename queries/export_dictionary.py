@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from featurestore import format_saelens, format_sparsify
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.artifacts import swap_in
+from featurestore.results import Result
 from featurestore.scratch import Claim
 from featurestore.warehouse import Warehouse
 
@@ -30,7 +31,7 @@ FORMATS = ("saelens", "sparsify")
 
 
 @dataclass
-class DictionaryExport:
+class DictionaryExport(Result):
     basis: str
     format: str
     directory: str
@@ -40,9 +41,6 @@ class DictionaryExport:
     step: int | None  # pooled bases: the checkpoint whose norm scale was folded in (None: all
     # of the basis's checkpoints share one)
     files: list[str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = None,

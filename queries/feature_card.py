@@ -12,7 +12,7 @@ A card gathers what the warehouse knows about one feature, each part from one ta
                      (trajectories), with a sparkline of energy over the steps
         birth        its births row under the rule the graphs and plots use: feature-birth-
                      analyze's default parameters when stored, else the closest stored set
-                     (queries.graphs.births_rule_sets); censored births are said so
+                     (birth_rules.births_rule_sets); censored births are said so
         examples     its top contexts at one checkpoint (feature_examples; default the last)
     train-crosscoder bases (model diffs)
         model diff   its class, relative decoder norm and decoder cosine (model_diff)
@@ -26,10 +26,11 @@ strings, else the token ids marked the same way (the example_context SQL macro).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -37,7 +38,7 @@ EXAMPLES = 8
 
 
 @dataclass
-class FeatureCard:
+class FeatureCard(Result):
     basis: str
     feature_id: int
     kind: str  # pooled | crosscoder
@@ -59,9 +60,6 @@ class FeatureCard:
     # rank, value, split, token, context (display text), and the stored columns
     examples: list[dict] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what is not stored yet, and the command
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def render(self) -> str:
         """The card as terminal text."""
@@ -148,7 +146,7 @@ def _basis(con, basis: str) -> dict:
 
 
 def _shared_parts(con, card: FeatureCard, step: int | None, examples: int) -> None:
-    from featurestore.queries.graphs import BIRTH_RULE_COLUMNS, births_rule_sets
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
 
     basis, feature = card.basis, card.feature_id
     card.trajectory = json_records(con, """

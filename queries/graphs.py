@@ -70,11 +70,10 @@ not depend on the step selection.
 
 Births rule: `births` holds one row set per parameter set (metric, presence, threshold,
 persistence, stable_eps, stable_cos). The graph uses the set of feature-birth-analyze's defaults
-(`default_births_rule()`, read from featurestore.ingest.birth_analysis: activation_rate, its
-default presence and the threshold that goes with it, persistence 3, stable_eps 0.1, stable_cos
-0.9) when it is there; otherwise the first set ordered by: the default metric first, the default
-presence first, the default persistence first, then threshold, persistence, stable_eps,
-stable_cos, metric, presence (`births_rule_sets`, which the plots use too). The chosen set is
+(`featurestore.birth_rules.default_births_rule()`) when it is there; otherwise the first set
+ordered by: the default metric first, the default presence first, the default persistence
+first, then threshold, persistence, stable_eps, stable_cos, metric, presence
+(`featurestore.birth_rules.births_rule_sets`, which the plots use too). The chosen set is
 recorded in the graph attribute `births_rule` (with `chosen_by`, the number of sets there were,
 and its births and censored_births).
 
@@ -139,14 +138,16 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import networkx as nx
 
+from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets, default_births_rule
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import write_atomic
+from featurestore.results import Result
 from featurestore.warehouse import records
 
 GRAPH_SCHEMA_VERSION = 1
@@ -190,7 +191,7 @@ FORMATS = ("node_link", "graphml", "attribution_graph")
 
 
 @dataclass
-class GraphExport:
+class GraphExport(Result):
     """What export_graphs wrote."""
 
     basis: str
@@ -204,9 +205,6 @@ class GraphExport:
     seconds: float
     births_rule: dict | None = None
     pruning: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # -- node ids ----------------------------------------------------------------------------------
@@ -314,75 +312,6 @@ def _listed(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
-# The columns that key one birth-rule parameter set in `births` and `birth_summary`.
-BIRTH_RULE_COLUMNS = ("metric", "presence", "threshold", "persistence", "stable_eps",
-                      "stable_cos")
-
-
-def default_births_rule() -> dict:
-    """feature-birth-analyze's default parameter set: analyze_births's defaults, with the
-    threshold it resolves for them (None where that depends on the basis's data: mean_activation,
-    energy or decoder_norm under absolute presence)."""
-    import inspect
-
-    from featurestore.ingest import birth_analysis
-
-    defaults = {name: p.default for name, p in
-                inspect.signature(birth_analysis.analyze_births).parameters.items()}
-    metric, presence, threshold = defaults["metric"], defaults["presence"], defaults["threshold"]
-    if threshold is None:
-        if presence == "relative":
-            threshold = birth_analysis.DEFAULT_PEAK_SHARE
-        elif metric == "activation_rate":
-            threshold = birth_analysis.DEFAULT_ACTIVATION_RATE
-    return {"metric": metric, "presence": presence, "threshold": threshold,
-            "persistence": defaults["persistence"], "stable_eps": defaults["stable_eps"],
-            "stable_cos": defaults["stable_cos"]}
-
-
-def births_rule_sets(con: duckdb.DuckDBPyConnection, basis: str,
-                     table: str = "births") -> list[dict]:
-    """Every birth-rule parameter set stored for `basis` in `table` (births or birth_summary),
-    preferred first (see the module docstring), each with `default` (whether it is
-    feature-birth-analyze's default set) and `n_rows` (its rows in `table`)."""
-    if table not in ("births", "birth_summary"):
-        raise ValueError(f"births_rule_sets: table {table!r} is not births or birth_summary")
-    columns = ", ".join(BIRTH_RULE_COLUMNS)
-    sets = records(con, f"SELECT {columns}, count(*) AS n_rows FROM {table} WHERE basis = ? "
-                        "GROUP BY ALL", [basis])
-    default = default_births_rule()
-    for candidate in sets:
-        candidate["default"] = all(
-            default[k] is None or _same(candidate[k], default[k]) for k in BIRTH_RULE_COLUMNS)
-    sets.sort(key=lambda r: (not r["default"], r["metric"] != default["metric"],
-                             r["presence"] != default["presence"],
-                             r["persistence"] != default["persistence"], r["threshold"],
-                             r["persistence"], r["stable_eps"], r["stable_cos"], r["metric"],
-                             r["presence"]))
-    return sets
-
-
-def births_rule_where(rule: dict | None = None, alias: str = "") -> str:
-    """A SQL condition (literals inlined) selecting the rows of one birth-rule parameter set in
-    births or birth_summary: `rule` (default: `default_births_rule()`); a None value is not
-    filtered on. `alias` qualifies the columns (e.g. "b")."""
-    rule = default_births_rule() if rule is None else rule
-    prefix = f"{alias}." if alias else ""
-    terms = []
-    for column in BIRTH_RULE_COLUMNS:
-        value = rule.get(column)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            literal = "'" + value.replace("'", "''") + "'"
-        elif isinstance(value, float):
-            literal = f"{value!r}::DOUBLE"
-        else:
-            literal = str(int(value))
-        terms.append(f"{prefix}{column} = {literal}")
-    return " AND ".join(terms) or "true"
-
-
 def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
     """The births parameter set the graph uses (see the module docstring), or None."""
     sets = births_rule_sets(con, basis, "births")
@@ -402,12 +331,6 @@ def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
             "n_features": int(chosen["n_rows"]), "births": int(births),
             "censored_births": int(censored), "chosen_by": chosen_by,
             "parameter_sets": len(sets)}
-
-
-def _same(a, b) -> bool:
-    if isinstance(b, float):
-        return a is not None and math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
 
 
 def _float(value) -> float | None:

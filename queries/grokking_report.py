@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import altair as alt
 
+from featurestore.birth_rules import births_rule_where
 from featurestore.errors import NotFoundError
 from featurestore.queries.exports import json_records, write_atomic
-from featurestore.queries.graphs import births_rule_where
 from featurestore.queries.plots import HEIGHT, WIDTH, _inline, save_plot
 from featurestore.queries.report import (
     Section,
@@ -46,6 +46,7 @@ from featurestore.queries.report import (
     markdown_document,
     run_section,
 )
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 TOP_FEATURES = 12
@@ -134,15 +135,12 @@ def _sections() -> tuple[Section, ...]:
 
 
 @dataclass
-class GrokkingReportResult:
+class GrokkingReportResult(Result):
     run: str
     html: str
     markdown: str
     plots: list[str]
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def write_grokking_report(run: str, out: str | os.PathLike | None = None,

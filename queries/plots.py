@@ -677,8 +677,8 @@ def _require(rows, reason: str) -> None:
 def _birth_parameters(con: duckdb.DuckDBPyConnection, table: str, basis: str) -> dict | None:
     """One birth-rule parameter set stored for the basis (births and birth_summary can hold
     several): the one the graphs use too, feature-birth-analyze's defaults when stored, else the
-    closest (`featurestore.queries.graphs.births_rule_sets`). Its keys are BIRTH_RULE_COLUMNS."""
-    from featurestore.queries.graphs import BIRTH_RULE_COLUMNS, births_rule_sets
+    closest (`featurestore.birth_rules.births_rule_sets`). Its keys are BIRTH_RULE_COLUMNS."""
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
 
     sets = births_rule_sets(con, basis, table)
     return {k: sets[0][k] for k in BIRTH_RULE_COLUMNS} if sets else None

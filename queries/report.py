@@ -39,11 +39,12 @@ import base64
 import html
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import write_atomic
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
 ROW_LIMIT = 15  # rows shown per table; the SQL above it gives them all
@@ -235,16 +236,13 @@ MODEL_DIFF_SECTIONS = (
 
 
 @dataclass
-class ReportResult:
+class ReportResult(Result):
     basis: str
     html: str
     markdown: str
     sections: dict[str, int]  # section title -> rows found (0: data missing)
     seconds: float
     skipped_plots: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def write_report(basis: str, out: str | os.PathLike | None = None,

@@ -242,7 +242,7 @@ def chart(id: str, build) -> Chart:
 def births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
     """The births rule the graphs and plots show for this basis (feature-birth-analyze's
     defaults when stored, else the closest stored set)."""
-    from featurestore.queries.graphs import BIRTH_RULE_COLUMNS, births_rule_sets
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
 
     sets = births_rule_sets(con, basis, "births")
     return {column: sets[0][column] for column in BIRTH_RULE_COLUMNS} if sets else None

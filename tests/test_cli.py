@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -30,11 +34,60 @@ def all_commands():
     return names
 
 
+def examples(help_text: str) -> list[list[str]]:
+    """The example command lines of a help text (the block after "Example(s):"), as argv lists
+    without the leading `featurestore`: continued lines joined, and what the shell itself does
+    (comments, redirections, pipes, $(...)) left out."""
+    block = help_text.split("Example", 1)[1].split("\n\n", 1)[0]
+    commands: list[str] = []
+    for line in block.splitlines()[1:]:  # a line not starting a command continues the last
+        line = line.strip().removesuffix("\\")
+        if line.startswith("featurestore ") or not commands:
+            commands.append(line)
+        else:
+            commands[-1] += " " + line
+    return [shlex.split(re.split(r"\s(?:#|>|\|)\s|\$\(", c)[0])[1:] for c in commands
+            if c.startswith("featurestore ")]
+
+
+def parse_only(argv: list[str]) -> None:
+    """Parse argv as the CLI would, option names and types included, without running it. A
+    path the example names but this machine lacks is no parse error."""
+    context = cli.make_context("featurestore", list(argv))
+    command = cli
+    try:
+        with context:
+            while isinstance(command, click.Group):
+                rest = context.protected_args + context.args
+                name, command, rest = command.resolve_command(context, rest)
+                context = command.make_context(name, rest, parent=context)
+    except click.BadParameter as error:
+        if "does not exist" not in str(error):
+            raise
+
+
 @pytest.mark.parametrize("command", all_commands(), ids=" ".join)
-def test_every_command_has_help_with_an_example(command):
+def test_every_command_has_help_with_examples_that_parse(command):
     result = run([*command, "--help"])
     assert result.exit_code == 0
-    assert "Example" in result.output and "featurestore" in result.output
+    found = examples(result.output)
+    # At least one example runs this very command (after any global options); all parse.
+    assert any(command[-1] in argv for argv in found), result.output
+    for argv in found:
+        parse_only(argv)
+
+
+def test_the_readme_lists_every_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for cell in re.findall(r"^\| `featurestore ([^`]+)`(?: / `featurestore ([^`]+)`)?", table,
+                           re.M):
+        for text in filter(None, cell):
+            words = [w for w in text.split() if re.fullmatch(r"[a-z][a-z-]*", w)]
+            listed.add(" ".join(words[:2]) if words[0] in cli.commands and isinstance(
+                cli.commands[words[0]], click.Group) else words[0])
+    assert listed == {" ".join(c) for c in all_commands()}
 
 
 def test_help_does_not_import_torch():

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from featurestore import run_inputs
 from featurestore.checkpoints import load_checkpoint
 from featurestore.errors import InvalidActivationsError
-from featurestore.ingest import collect as collect_module
-from featurestore.ingest.collect import collect, token_set
+from featurestore.ingest.collect import collect
 from featurestore.registry import get_activation_set_row, open_activation_set
+from featurestore.run_inputs import token_set
+from featurestore.tasks import TaskConfig
 from featurestore.warehouse import Warehouse, connect
 
 from .conftest import TINY_D_MODEL, TINY_RUN, TINY_STEPS, snapshot
@@ -34,7 +36,8 @@ def _model_and_tokens(root):
 
 
 def test_many_small_batches_give_the_models_own_activations(warehouse_copy, monkeypatch):
-    monkeypatch.setattr(collect_module, "BATCH_SEQUENCES", 3)  # several batches, a ragged last one
+    # Three sequences a batch: several batches, a ragged last one.
+    monkeypatch.setattr(run_inputs, "BATCH_TOKENS", 3 * TaskConfig().n_ctx)
     collect(TINY_RUN, ["layer_1_post_mlp", "layer_1_mlp_hidden"], checkpoints="LAST",
             tokens=TOKENS, warehouse=warehouse_copy, progress=False)
     model, tokens, columns = _model_and_tokens(warehouse_copy)
@@ -58,7 +61,7 @@ def test_many_small_batches_give_the_models_own_activations(warehouse_copy, monk
 
 
 def test_a_non_finite_value_in_a_late_batch_commits_nothing(warehouse_copy, monkeypatch):
-    monkeypatch.setattr(collect_module, "BATCH_SEQUENCES", 3)
+    monkeypatch.setattr(run_inputs, "BATCH_TOKENS", 3 * TaskConfig().n_ctx)
     _, tokens, columns = _model_and_tokens(warehouse_copy)
     # The last split's sequences start with their own marker token; make its embedding NaN, so
     # only rows of the last batches go bad.

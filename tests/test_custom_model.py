@@ -283,8 +283,8 @@ def test_a_factory_file_and_stage_overrides(files, tmp_path):
     config = json.loads(config)
     assert config["factory"] == f"{tmp_path / 'model.py'}:build"
     assert config["adapter"]["final_norm"] == "readout:input"
-    from featurestore.ingest.collect import open_reader
     from featurestore.registry import get_checkpoints, get_run
+    from featurestore.run_inputs import open_reader
 
     con = connect(wh)
     reader = open_reader(get_run(con, "file"), get_checkpoints(Warehouse(wh), con, "file")[0])

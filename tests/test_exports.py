@@ -18,11 +18,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from featurestore.birth_rules import births_rule_where, default_births_rule
 from featurestore.cli import cli
 from featurestore.errors import NotFoundError
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.queries.artifacts import export_artifacts
-from featurestore.queries.graphs import births_rule_where, default_births_rule
 from featurestore.queries.report import SECTIONS, write_report
 from featurestore.warehouse import Warehouse, connect
 
@@ -227,7 +227,7 @@ def test_the_report_shows_censored_births_and_seed_agreement(planted_root, tmp_p
 
 
 def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
-    from featurestore.ingest.demo import SUMMARY_QUERIES
+    from featurestore.demo import SUMMARY_QUERIES
 
     (title,) = [t for t in SUMMARY_QUERIES if t.startswith("births per basis")]
     con = connect(planted_root)
@@ -244,7 +244,7 @@ def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
     (row,) = rows
     assert (row["basis"], row["births"], row["censored"], row["present_at_init"]) == (
         PLANTED, 4, 2, 2)
-    from featurestore.queries.graphs import default_births_rule
+    from featurestore.birth_rules import default_births_rule
 
     assert row["rule"].startswith(f"{default_births_rule()['metric']} >= ")
     assert row["rule"].endswith("K = 4")

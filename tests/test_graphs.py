@@ -15,6 +15,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
+from featurestore.birth_rules import default_births_rule
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.queries.graphs import (
@@ -22,7 +23,6 @@ from featurestore.queries.graphs import (
     EDGE_TYPES,
     NODE_TYPES,
     build_graph,
-    default_births_rule,
     export_graphs,
     read_graphml,
 )

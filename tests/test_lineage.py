@@ -20,10 +20,11 @@ import torch
 from featurestore.checkpoints import load_checkpoint, save_checkpoint
 from featurestore.crosscoder import CrossCoder, CrossCoderConfig
 from featurestore.errors import FeaturestoreError, NotFoundError
-from featurestore.ingest.collect import DEFAULT_SPLITS, collect, token_set
+from featurestore.ingest.collect import collect
 from featurestore.ingest.feature_lineage import feature_lineage
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.model import ModelConfig, Transformer
+from featurestore.run_inputs import token_set
 from featurestore.tasks import TaskConfig
 from featurestore.warehouse import Warehouse, connect, package_version, utc_now
 from tests.conftest import snapshot
@@ -209,7 +210,7 @@ def reference_attributions(root: Path, basis: str, stage: str, directions: np.nd
         con.close()
     scale = next(s["norm_scale"] for s in sources if s["step"] == step)
     model = load_checkpoint(wh.path(path))
-    tokens, _ = token_set(TaskConfig().to_dict(), list(DEFAULT_SPLITS), TOKENS, 0)
+    tokens, _ = token_set(TaskConfig().to_dict(), None, TOKENS, 0)
     captured = {}
 
     def keep(name, port):

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from featurestore.ingest.register import register_planted_run
 from featurestore.planted import (
     PlantedConfig,
     generate,
     match_features,
-    register_run,
     score_births,
 )
 from featurestore.warehouse import connect
@@ -160,7 +160,8 @@ def test_firing_rates_follow_the_planted_schedule():
 def test_register_run_registers_every_checkpoint(tmp_path):
     run = generate(PlantedConfig(d_model=8, n_features=16, steps=(0, 10, 20, 40), sequences=8,
                                  positions=4, mid_deaths=1, seed=3))
-    results = register_run(tmp_path / "warehouse", tmp_path / "files", run, "resid", name="tiny")
+    results = register_planted_run(tmp_path / "warehouse", tmp_path / "files", run, "resid",
+                                   name="tiny")
     assert [r.n_tokens for r in results] == [32] * 4 and {r.d_model for r in results} == {8}
     con = connect(tmp_path / "warehouse")
     try:

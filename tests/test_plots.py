@@ -21,8 +21,8 @@ import jsonschema
 import pandas as pd
 import pytest
 
+from featurestore.birth_rules import default_births_rule
 from featurestore.errors import NotFoundError
-from featurestore.queries.graphs import default_births_rule
 from featurestore.queries.plots import (
     CENSORED_BIRTHS,
     CONFIRMED_BIRTHS,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from featurestore.birth_rules import births_rule_where
 from featurestore.grokking import (
     BASIS_FIT_STEPS,
     BASIS_K_DIVISOR,
@@ -32,7 +33,7 @@ from featurestore.ingest.feature_patch import feature_patch
 from featurestore.ingest.grokking_run import train_grokking_run
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
-from featurestore.queries.graphs import births_rule_where
+from featurestore.results import Result
 from featurestore.warehouse import connect
 
 DEFAULT_RUN = "grok"
@@ -62,7 +63,7 @@ class BasisFindings:
 
 
 @dataclass
-class GrokkingExperimentResult:
+class GrokkingExperimentResult(Result):
     run: str
     p: int
     train_fraction: float
@@ -77,9 +78,6 @@ class GrokkingExperimentResult:
     bases: list[BasisFindings] = field(default_factory=list)
     report: str = ""
     seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def basis_name(run: str, stage: str) -> str:

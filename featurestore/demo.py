@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from featurestore.birth_rules import births_rule_where
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
 from featurestore.ingest.crosscoder_sweep import crosscoder_sweep
@@ -26,8 +27,8 @@ from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.queries.artifacts import DEFAULT_OUT, export_artifacts
-from featurestore.queries.graphs import births_rule_where
 from featurestore.queries.report import write_report
+from featurestore.text_table import format_table
 from featurestore.warehouse import connect
 
 BASE_RUN = "demo"
@@ -61,8 +62,9 @@ SUMMARY_QUERIES = {
     "shared bases: fit quality per checkpoint (first, middle, last)": (
         "SELECT basis, step, round(explained_variance, 3) AS explained_variance, "
         "round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction FROM checkpoint_summary "
-        "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) IN (1, 8) "
-        "OR step = max(step) OVER (PARTITION BY basis) ORDER BY basis, step"),
+        "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) "
+        "IN (1, (count(*) OVER (PARTITION BY basis) + 1) // 2, "
+        "count(*) OVER (PARTITION BY basis)) ORDER BY basis, step"),
     # The demo's own rule (analyze_births with feature-birth-analyze's defaults), not every rule
     # stored: births of several rules would be summed.
     "births per basis under the demo's rule (feature-birth-analyze's defaults) against the "
@@ -172,8 +174,6 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
 
 
 def summary(warehouse: str | None = None) -> str:
-    from featurestore.cli import format_table
-
     con = connect(warehouse)
     try:
         parts = []
