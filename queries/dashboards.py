@@ -37,7 +37,7 @@ the basis, sae_id_suffix "step-<S>". A feature holds, from the rows at step S:
                           centres, bar_heights the counts; one bar when all are equal
     pos_* / neg_*         the TOP_LOGITS tokens whose logits one unit of the feature raises most
                           / lowers most, through the unembedding of checkpoint S
-                          (featurestore.ingest.feature_lineage.output_logits: exact for a
+                          (featurestore.unembedding.output_logits: exact for a
                           final_norm basis; for an earlier residual-stream stage the direct path
                           through the final norm, without its per-token scale);
                           logits_hist_data_* the same histogram over the whole vocabulary.
@@ -275,7 +275,7 @@ class _Logits:
 
     def of(self, features: list[int]) -> np.ndarray | None:
         """[len(features), vocab] or None."""
-        from featurestore.ingest.feature_lineage import output_logits
+        from featurestore.unembedding import output_logits
 
         if self.reader is None:
             return None

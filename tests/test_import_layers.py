@@ -24,11 +24,9 @@ FORBIDDEN = {
     "read side": ("featurestore.ingest", *sorted(TOP)),
 }
 PACKAGES = {"featurestore", "featurestore.ingest", "featurestore.queries"}
-# The imports left that go the wrong way, to move: the dashboards' logit effects use lineage's
-# reading of the final norm and unembedding, which belongs in the core; connect() registers the
-# read side's SQL functions on every connection.
-KNOWN = {("featurestore.queries.dashboards", "featurestore.ingest.feature_lineage"),
-         ("featurestore.warehouse", "featurestore.queries.udfs")}
+# The import left that goes the wrong way, to move: connect() registers the read side's SQL
+# functions on every connection.
+KNOWN = {("featurestore.warehouse", "featurestore.queries.udfs")}
 
 
 def modules() -> dict[str, tuple[str, Path]]:
