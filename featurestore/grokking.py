@@ -330,7 +330,7 @@ def fourier_shares(values: np.ndarray) -> np.ndarray:
 
 
 # A feature looks the answer up when the answer alone explains this share of its activation's
-# variance at '=' (and it follows no one frequency): frequency_births.follows = 'answer'.
+# variance at '=' (and it follows no one frequency): feature_frequencies.answer_feature.
 ANSWER_FEATURE_SHARE = 0.9
 
 # A feature follows a frequency when that frequency holds at least half of its answer profile's
@@ -351,6 +351,12 @@ class AnswerFrequency:
     @property
     def follows_frequency(self) -> bool:
         return self.dominant_share is not None and self.dominant_share >= FOLLOWS_SHARE
+
+    @property
+    def answer_feature(self) -> bool:
+        """Looks the answer up: the answer explains most of it, yet no one frequency does."""
+        return (not self.follows_frequency and self.answer_variance_share is not None
+                and self.answer_variance_share >= ANSWER_FEATURE_SHARE)
 
 
 def answer_frequency(activations: np.ndarray, answers: np.ndarray, p: int) -> AnswerFrequency:

@@ -24,7 +24,6 @@ import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.grokking import (
-    ANSWER_FEATURE_SHARE,
     ModularAddition,
     answer_feature_shares,
     answer_frequency,
@@ -94,12 +93,12 @@ def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None
             found = answer_frequency(values[:, feature], answers, task.p)
             rows.append({"basis": basis, "feature_id": feature, "step": chosen, **asdict(found),
                          "follows_frequency": found.follows_frequency,
+                         "answer_feature": found.answer_feature,
                          "key_frequency": (found.follows_frequency
                                            and found.dominant_frequency in keys)})
         writer.put("feature_frequencies", rows, replace_where={"basis": basis})
         # The answer features, each at the answer it fires most on.
-        answer_features = [r for r in rows if not r["follows_frequency"]
-                           and (r["answer_variance_share"] or 0) >= ANSWER_FEATURE_SHARE]
+        answer_features = [r for r in rows if r["answer_feature"]]
         looked_up = [int(np.argmax(r["answer_profile"])) for r in answer_features]
         answer_row = None
         if answer_features:

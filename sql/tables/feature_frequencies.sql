@@ -10,6 +10,7 @@ CREATE TABLE feature_frequencies (
     dominant_frequency INTEGER,
     dominant_share DOUBLE,
     follows_frequency BOOLEAN NOT NULL,
+    answer_feature BOOLEAN NOT NULL,
     key_frequency BOOLEAN NOT NULL,
     PRIMARY KEY (basis, feature_id)
 );
@@ -23,4 +24,5 @@ COMMENT ON COLUMN feature_frequencies.answer_variance_share IS 'Share of the act
 COMMENT ON COLUMN feature_frequencies.dominant_frequency IS 'The non-constant frequency k holding the largest share of answer_profile''s squared norm (fourier_shares); NULL for a feature that never fires.';
 COMMENT ON COLUMN feature_frequencies.dominant_share IS 'That frequency''s share of answer_profile''s non-constant squared norm (1: a pure wave of frequency k).';
 COMMENT ON COLUMN feature_frequencies.follows_frequency IS 'Whether the feature follows one frequency: its dominant frequency holds at least half of answer_profile''s non-constant squared norm (dominant_share >= 0.5).';
+COMMENT ON COLUMN feature_frequencies.answer_feature IS 'Whether the feature looks the answer up: it follows no one frequency, yet the answer alone explains at least 90% of its variance (answer_variance_share >= 0.9).';
 COMMENT ON COLUMN feature_frequencies.key_frequency IS 'Whether the feature follows one of the run''s key frequencies (progress_measures.key_frequencies): follows_frequency and dominant_frequency a key frequency.';

@@ -6,9 +6,9 @@
 --   FROM frequency_births
 --   WHERE basis = 'grok-l0' AND metric = 'energy' AND presence = 'relative'
 --   GROUP BY follows;
--- `follows` sorts the features: a key frequency, another frequency, the answer (the answer
--- alone explains at least 90% of its activation's variance at '=', without one frequency: a
--- feature that looks the answer up: grokking.ANSWER_FEATURE_SHARE), or none of these (other; silent at '=': 'not at =').
+-- `follows` sorts the features: a key frequency, another frequency, the answer (a feature that
+-- looks the answer up: feature_frequencies.answer_feature), or none of these (other; silent at
+-- '=': 'not at =').
 CREATE OR REPLACE VIEW frequency_births AS
 SELECT
     f.basis,
@@ -20,7 +20,7 @@ SELECT
     f.key_frequency,
     CASE WHEN f.key_frequency THEN 'key frequency'
          WHEN f.follows_frequency THEN 'another frequency'
-         WHEN f.answer_variance_share >= 0.9 THEN 'answer'
+         WHEN f.answer_feature THEN 'answer'
          WHEN f.n_active = 0 THEN 'not at ='
          ELSE 'other' END AS follows,
     f.answer_variance_share,
