@@ -18,7 +18,7 @@ process can read (read_text('/etc/hostname')), install extensions. Three layers 
 
 Layer 3 alone would still let a query COPY over a data file (data/ must stay readable) and
 layers 1 and 2 alone would not stop a file read by a function DuckDB adds later: each covers
-what the others cannot. Python code (the UDFs of featurestore.queries.udfs) is not bound by
+what the others cannot. Python code (the UDFs of featurestore.sql_functions) is not bound by
 DuckDB's settings.
 """
 

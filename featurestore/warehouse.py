@@ -74,6 +74,7 @@ from featurestore.lake import (
 )
 from featurestore.scratch import TRAINING_FOLDER, Claim, newest_mtime, remove_tree, sweep
 from featurestore.settings import check_name, resolve_warehouse
+from featurestore.sql_functions import register_sql_functions
 
 SCHEMA_VERSION = 3
 BACKUP_SUFFIX = ".backup"
@@ -597,9 +598,7 @@ class Warehouse:
         # Parquet footers are parsed once per connection, not once per query: safe because a
         # data file never changes (a commit writes new files).
         con.execute("SET parquet_metadata_cache = true")
-        from featurestore.queries.udfs import register_udfs
-
-        register_udfs(con, self)
+        register_sql_functions(con, self)
         return con
 
     def data_files(self, table: str) -> list[Path]:
@@ -1282,7 +1281,7 @@ def connect(warehouse: str | os.PathLike | None = None, as_of: int | str | datet
     """A DuckDB connection on the warehouse (default: $FEATURESTORE_WAREHOUSE or ./warehouse).
 
     Every table is a view over its DuckLake table, with the views and macros of sql/ and the
-    Python UDFs of featurestore.queries.udfs. The connection is in memory and read-only: it
+    Python UDFs of featurestore.sql_functions. The connection is in memory and read-only: it
     holds no lock, and it sees the warehouse as it was when it was opened, or at `as_of` (a
     snapshot id from `featurestore snapshots`, or a time).
     """

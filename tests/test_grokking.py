@@ -107,11 +107,11 @@ def numpy_shares(values: np.ndarray) -> np.ndarray:
 def test_fourier_udfs_match_numpy_fft(tmp_path):
     import duckdb
 
-    from featurestore.queries.udfs import register_udfs
+    from featurestore.sql_functions import register_sql_functions
     from featurestore.warehouse import Warehouse
 
     con = duckdb.connect()
-    register_udfs(con, Warehouse(tmp_path))
+    register_sql_functions(con, Warehouse(tmp_path))
     rng = np.random.default_rng(5)
     c = np.arange(P)
     wave = np.maximum(np.cos(2 * np.pi * 4 * c / P + 0.3), 0) + 0.05 * rng.normal(size=P)

@@ -1,7 +1,8 @@
 """Python functions callable from SQL on every `featurestore.connect()` connection.
 
 SQL macros (sql/macros/) cover what plain SQL can say; these are for what needs Python or the
-warehouse's location, which a macro stored in the catalog cannot know.
+warehouse's location, which a macro stored in the catalog cannot know. They belong to the core
+with the sql/ files because views use them (frequency_births calls dominant_frequency).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from featurestore.warehouse import Warehouse
 
 
-def register_udfs(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
+def register_sql_functions(con: duckdb.DuckDBPyConnection, warehouse: Warehouse) -> None:
     def fs_path(path: str) -> str:
         """Absolute location of a path stored in a table (they are relative to the root)."""
         return str(warehouse.path(path))
