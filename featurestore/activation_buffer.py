@@ -38,13 +38,13 @@ from featurestore.crosscoder_training import MIN_STEPS, check_enough_steps
 from featurestore.errors import FeaturestoreError, InvalidActivationsError
 from featurestore.registry import Run, get_checkpoints, get_run, parse_steps
 from featurestore.resources import FLOAT_BYTES, require_memory
-from featurestore.run_inputs import BATCH_TOKENS, open_reader
+from featurestore.run_inputs import batch_sequences, open_reader
 from featurestore.stages import StageReader, hf_reader
 from featurestore.tasks import SyntheticTask, TaskConfig
 from featurestore.token_text import TokenizerSearch
 
-# Sequences per batch the buffer runs through each model: BATCH_TOKENS of demo-task sequences.
-BATCH_SEQUENCES = BATCH_TOKENS // TaskConfig().n_ctx
+# Sequences per batch the buffer runs through each model, by default those of the demo task.
+BATCH_SEQUENCES = batch_sequences(TaskConfig().n_ctx)
 
 DEMO_TOKENS = "demo"  # --tokens-from value naming the demo task's generator
 REPLAY_SEED_SALT = 1  # keeps the replay orders (--epochs) apart from the pool's round orders

@@ -1,4 +1,4 @@
-"""Looking up what the warehouse has registered: runs, checkpoints and activation sets.
+"""Looking up what the warehouse has registered: runs, checkpoints, activation sets and bases.
 
 Every lookup that comes up empty raises NotFoundError naming what exists, so a typo in a run name
 or step is answered with the valid choices, never with a silent substitute.
@@ -57,6 +57,45 @@ def get_run(con: duckdb.DuckDBPyConnection, run: str) -> Run:
         task_config=json.loads(row["task_config"]) if row["task_config"] else None,
         tokenizer=row["tokenizer"],
     )
+
+
+# The two families of basis a command may need: one fitted on a run's checkpoints (shared-feature-
+# fit, or a dictionary imported for a run's stage), or one trained by train-crosscoder on its
+# sources (models or activation sets, with no run of its own).
+SHARED = "shared"
+CROSSCODER = "crosscoder"
+_FAMILY_WHERE = {None: "", SHARED: "WHERE run IS NOT NULL", CROSSCODER: "WHERE run IS NULL"}
+_FAMILY_LIST = {
+    None: ("bases", "none (fit one with shared-feature-fit or train one with train-crosscoder)"),
+    SHARED: ("shared bases", "none (fit one with shared-feature-fit)"),
+    CROSSCODER: ("train-crosscoder bases", "none (train one with train-crosscoder)"),
+}
+
+
+def get_basis(con: duckdb.DuckDBPyConnection, name: str, family: str | None = None,
+              needed_for: str = "", flag: str = "--basis") -> dict:
+    """The `bases` row named `name`, every column (`sources` a list of dicts).
+
+    With `family` (SHARED or CROSSCODER) a basis of the other family is refused, the error ending
+    with `needed_for` (what needs this family, and where to go instead). An unknown name is a
+    NotFoundError listing the bases of the family wanted.
+    """
+    rows = records(con, "SELECT * FROM bases WHERE name = ?", [name])
+    if not rows:
+        label, none = _FAMILY_LIST[family]
+        names = [n for (n,) in con.execute(
+            f"SELECT name FROM bases {_FAMILY_WHERE[family]} ORDER BY name").fetchall()]
+        raise NotFoundError(f"{flag} {name!r}: no such basis; {label}: {', '.join(names) or none}")
+    row = rows[0]
+    if family == SHARED and row["run"] is None:
+        raise FeaturestoreError(
+            f"{flag} {name} was trained by train-crosscoder on {row['n_sources']} sources, not "
+            f"fitted on one run's checkpoints: {needed_for}")
+    if family == CROSSCODER and row["run"] is not None:
+        raise FeaturestoreError(
+            f"{flag} {name} is a shared basis fitted on the checkpoints of run {row['run']}: "
+            f"{needed_for}")
+    return row
 
 
 def parse_steps(text: str | None, flag: str = "--checkpoints") -> list[int] | None:

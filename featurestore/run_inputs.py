@@ -18,6 +18,11 @@ from featurestore.registry import Checkpoint, Run
 BATCH_TOKENS = 2048
 
 
+def batch_sequences(n_ctx: int) -> int:
+    """Sequences of `n_ctx` tokens per traced batch: BATCH_TOKENS of them, at least one."""
+    return max(1, BATCH_TOKENS // n_ctx)
+
+
 def token_set(task_config: dict, splits: list[str] | None, n_tokens: int, seed: int) -> tuple:
     """A trained run's task tokens [n_sequences, n_ctx] and their TokenColumns: equal shares of
     `splits` (default: the task's DEFAULT_SPLITS), or all of a split that holds fewer."""

@@ -143,25 +143,17 @@ def seed_folder(seed: int) -> str:
     return f"seed_{seed}"
 
 
-def load_shared_basis(warehouse, con, name: str) -> tuple[SharedBasis, list]:
+def load_shared_basis(warehouse, con, name: str, flag: str = "--basis"
+                      ) -> tuple[SharedBasis, list]:
     """The registered shared basis `name` and its checkpoints' activation sets (in step order)."""
-    from featurestore.registry import get_activation_set_row, open_activation_set
+    from featurestore.registry import SHARED, get_activation_set_row, get_basis, open_activation_set
 
-    cursor = con.execute("SELECT kind, run, stage, path, sources, seeds FROM bases WHERE name = ?",
-                         [name])
-    row = cursor.fetchall()
-    if not row:
-        shared = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis: no basis named {name!r}; shared bases: "
-                            f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
-    kind, run, stage, path, sources, seeds = row[0]
-    if run is None:
-        raise FeaturestoreError(
-            f"--basis {name} was trained by train-crosscoder on a pair of sources, not fitted on "
-            "a run's checkpoints; trajectories need a shared-feature-fit basis. Its latents' "
-            f"per-source statistics and contexts come from `featurestore crosscoder-sweep "
-            f"--basis {name}`")
+    row = get_basis(con, name, SHARED, flag=flag, needed_for=(
+        "this command reads a basis at each checkpoint of a run (shared-feature-fit). A "
+        "crosscoder's latents per source and their contexts come from `featurestore "
+        f"crosscoder-sweep --basis {name}`"))
+    kind, run, stage, path, sources, seeds = (row[c] for c in ("kind", "run", "stage", "path",
+                                                               "sources", "seeds"))
     model = CrossCoder.load(warehouse.path(path))
     seed_models = {seed: CrossCoder.load(warehouse.path(path) / seed_folder(seed))
                    for seed in (seeds or [])[1:]}

@@ -44,6 +44,7 @@ from featurestore.birth_rules import (
 )
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.shared_feature_fit import MATCH_COSINE
+from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
@@ -329,12 +330,7 @@ def _check_parameters(metric: str, presence: str, threshold: float | None, persi
 def _check_trajectories(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
                         persistence: int) -> tuple[int, int]:
     """(features, checkpoints) of the basis's trajectories, after checking the rule can run."""
-    bases = [name for (name,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-    if basis not in bases:
-        raise NotFoundError(
-            f"--basis {basis!r}: no such basis; bases are: {', '.join(bases) or '(none yet)'}. "
-            "Fit a shared basis with `featurestore shared-feature-fit` first."
-        )
+    get_basis(con, basis)  # any basis with trajectories: checked next
     n_rows, n_features, n_checkpoints, missing_decoder = con.execute(
         "SELECT count(*), count(DISTINCT feature_id), count(DISTINCT step), "
         "count_if(decoder_norm IS NULL) FROM trajectories WHERE basis = ?", [basis]

@@ -220,7 +220,7 @@ def write_stages(writer, run: str, step: int, reader, token_ids, columns: TokenC
 def stage_batches(reader, token_ids, stages: list[str]):
     """(rows, {stage: float32 array [rows, width]}) for every batch of sequences, in order."""
     n_seq, n_ctx = token_ids.shape
-    per_batch = max(1, run_inputs.BATCH_TOKENS // n_ctx)
+    per_batch = run_inputs.batch_sequences(n_ctx)
     for start in range(0, n_seq, per_batch):
         batch = token_ids[start:start + per_batch]
         rows = slice(start * n_ctx, (start + batch.shape[0]) * n_ctx)

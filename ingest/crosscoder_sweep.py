@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.errors import FeaturestoreError
 from featurestore.ingest.trajectory_sweep import SWEEP_BATCH, example_rows, top_examples
+from featurestore.registry import CROSSCODER, get_basis
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
@@ -60,7 +61,10 @@ def crosscoder_sweep(basis: str, warehouse: str | None = None,
     with wh.writer(f"crosscoder-sweep {basis}") as writer:
         con = wh.connect()
         try:
-            row = _basis_row(con, basis)
+            row = get_basis(con, basis, CROSSCODER, needed_for=(
+                f"sweep it with `featurestore feature-trajectory-sweep --basis {basis}`; "
+                "crosscoder-sweep is for train-crosscoder bases"))
+            _check_sources_stored(basis, row)
             labels = [s["label"] for s in row["sources"]]
             data = AlignedActivations(_sources(wh, con, row))
             strings = _token_strings(con, [s["run"] for s in row["sources"]])
@@ -116,22 +120,9 @@ def crosscoder_sweep(basis: str, warehouse: str | None = None,
                                  strings is not None, time.perf_counter() - started)
 
 
-def _basis_row(con, basis: str) -> dict:
-    from featurestore.warehouse import records
-
-    found = records(con, "SELECT name, kind, run, path, sources FROM bases WHERE name = ?",
-                    [basis])
-    if not found:
-        names = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NULL ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis: no basis named {basis!r}; train-crosscoder bases: "
-                            f"{', '.join(names) or 'none (train one with train-crosscoder)'}")
-    row = found[0]
-    if row["run"] is not None:
-        raise FeaturestoreError(
-            f"--basis {basis} is a shared basis fitted on the checkpoints of run {row['run']}: "
-            f"sweep it with `featurestore feature-trajectory-sweep --basis {basis}`; "
-            "crosscoder-sweep is for train-crosscoder bases")
+def _check_sources_stored(basis: str, row: dict) -> None:
+    """The sweep reads each source's stored activations: a crosscoder trained straight from
+    models has none."""
     from_models = [s["label"] for s in row["sources"] if s["activation_set"] is None]
     if from_models:
         raise FeaturestoreError(
@@ -139,7 +130,6 @@ def _basis_row(con, basis: str) -> dict:
             f"activation sets were stored for source(s) {', '.join(from_models)}. Collect the "
             "sources on one token set (featurestore collect --run RUN --stage STAGE "
             "--checkpoints STEP for each), train the crosscoder on those sets, then sweep it")
-    return row
 
 
 def _sources(wh: Warehouse, con, row: dict) -> list:

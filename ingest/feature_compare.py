@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse, spec, utc_now
 
@@ -90,12 +91,7 @@ def compare_features(basis: str, source: int, target: int, warehouse: str | None
 
 
 def _check_inputs(con: duckdb.DuckDBPyConnection, basis: str, source: int, target: int) -> None:
-    bases = [name for (name,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-    if basis not in bases:
-        raise NotFoundError(
-            f"--basis {basis!r}: no such basis; bases are: {', '.join(bases) or '(none yet)'}. "
-            "Fit a shared basis with `featurestore shared-feature-fit` first."
-        )
+    get_basis(con, basis)  # any basis with trajectories: checked next
     steps = [step for (step,) in con.execute(
         "SELECT DISTINCT step FROM trajectories WHERE basis = ? ORDER BY step", [basis]
     ).fetchall()]

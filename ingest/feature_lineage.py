@@ -53,6 +53,7 @@ import numpy as np
 from featurestore import ranges
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError, UnknownStageError
+from featurestore.feature_ids import parse_features
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
 from featurestore.unembedding import FinalNorm, output_logits, projection
@@ -64,7 +65,6 @@ if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
     from featurestore.shared_basis import SharedBasis
     from featurestore.stages import StageReader
 
-BATCH_SEQUENCES = 128
 TOKEN_SEED = 0  # the seed collect uses by default: demo runs get the tokens their sets were read on
 
 
@@ -209,18 +209,7 @@ def _load_pooled_basis(wh: Warehouse, con, name: str, flag: str) -> tuple[Shared
     """A registered pooled shared basis and its activation sets, or an error naming `flag`."""
     from featurestore.shared_basis import load_shared_basis
 
-    found = con.execute("SELECT kind, run FROM bases WHERE name = ?", [name]).fetchall()
-    if not found:
-        shared = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-        raise NotFoundError(
-            f"{flag} {name!r}: no such basis; shared bases: "
-            f"{', '.join(shared) or 'none (fit one with `featurestore shared-feature-fit`)'}")
-    if found[0][1] is None:
-        raise FeaturestoreError(
-            f"{flag} {name} was trained by train-crosscoder on a pair of sources, not fitted on "
-            "one run's checkpoints; lineage needs a shared-feature-fit basis")
-    shared, sets = load_shared_basis(wh, con, name)
+    shared, sets = load_shared_basis(wh, con, name, flag)
     shared.require_pooled(flag)
     return shared, sets
 
@@ -294,24 +283,10 @@ def _select_features(con, shared: SharedBasis, step: int, features: str | None,
     """--features if given; else the features whose single-feature patch moved the loss by at
     least patch_threshold, if the step has patch rows; else the top features by energy."""
     if features is not None:
-        text = features.strip()
-        if text.startswith("top:"):
-            count = text[4:]
-            if not count.isdigit() or int(count) < 1:
-                raise FeaturestoreError(f"--features {features!r}: top:N needs a positive N")
-            return Selection(_top_by_energy(con, shared, step, int(count), "--features"),
-                             "features", {"features": text})
-        try:
-            chosen = sorted({int(part) for part in text.split(",")})
-        except ValueError:
-            raise FeaturestoreError(
-                f"--features {features!r}: give feature ids (3,17,40) or top:N") from None
-        outside = [f for f in chosen if not 0 <= f < shared.d_hidden]
-        if outside:
-            raise FeaturestoreError(
-                f"--features: feature id {', '.join(map(str, outside))} is out of range; basis "
-                f"{shared.name} has features 0..{shared.d_hidden - 1}")
-        return Selection(chosen, "features", {"features": text})
+        choice = parse_features(features, shared.name, shared.d_hidden)
+        chosen = (choice.ids if choice.ids is not None
+                  else _top_by_energy(con, shared, step, choice.top, "--features"))
+        return Selection(chosen, "features", {"features": features.strip()})
 
     (patch_rows,) = con.execute("SELECT count(*) FROM patches WHERE basis = ? AND target_step = ?",
                                 [shared.name, step]).fetchone()
@@ -602,6 +577,8 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
                 min_weight: float) -> tuple[list[dict], list[int]]:
     """The lineage_edges rows of one step (less basis, step, pruning, created_at) and the
     selected features that never fired."""
+    from featurestore.run_inputs import batch_sequences
+
     if not features:
         return [], []
     reader.module.requires_grad_(False)  # gradients are wanted for activations only
@@ -616,8 +593,9 @@ def _step_edges(reader: StageReader, shared: SharedBasis, step: int, up: SharedB
     firing = np.zeros(len(features), dtype=np.int64)
     direct: dict[str, np.ndarray] = {}
     grad_x_act: dict[str, np.ndarray] = {}
-    for start in range(0, len(tokens), BATCH_SEQUENCES):
-        reads = _read_batch(reader, plan, encoder, tokens[start:start + BATCH_SEQUENCES])
+    per_batch = batch_sequences(tokens.shape[1])
+    for start in range(0, len(tokens), per_batch):
+        reads = _read_batch(reader, plan, encoder, tokens[start:start + per_batch])
         for label, value in reads.values.items():  # NaN/Inf weights: every edge would be NaN
             check_finite(value, f"checkpoint {shared.run}@{step} at {label}")
         firing += (reads.activations > 0).sum(dim=0).numpy()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from featurestore import ranges
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.feature_ids import parse_features
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse, utc_now
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
 MODES = ("patch", "zero", "mean", "scale")
 METRICS = ("loss", "accuracy", "kl_divergence", "logit_diff")
 DEFAULT_FEATURES = "top:5"
-BATCH_SEQUENCES = 64
 
 
 @dataclass
@@ -76,7 +76,7 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     import torch
 
     from featurestore.registry import get_checkpoints, get_run
-    from featurestore.run_inputs import open_reader
+    from featurestore.run_inputs import batch_sequences, open_reader
     from featurestore.shared_basis import load_shared_basis
 
     started = time.perf_counter()
@@ -114,14 +114,15 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     from tqdm import tqdm
 
     rows, per_split = [], {}
-    total_batches = sum(-(-len(t) // BATCH_SEQUENCES) for t in patch_tokens.tokens.values())
+    per_batch = {split: batch_sequences(t.shape[1]) for split, t in patch_tokens.tokens.items()}
+    total_batches = sum(-(-len(t) // per_batch[s]) for s, t in patch_tokens.tokens.items())
     bar = tqdm(total=total_batches, desc=f"feature-patch {basis}", unit="batch",
                disable=None if progress else True)
     for split, split_tokens in patch_tokens.tokens.items():
         sums = _SplitSums(len(feature_sets))
-        for start in range(0, len(split_tokens), BATCH_SEQUENCES):
-            batch = split_tokens[start:start + BATCH_SEQUENCES]
-            graded = patch_tokens.graded[split][start:start + BATCH_SEQUENCES]
+        for start in range(0, len(split_tokens), per_batch[split]):
+            batch = split_tokens[start:start + per_batch[split]]
+            graded = patch_tokens.graded[split][start:start + per_batch[split]]
             x, clean_logits = target_reader.run_with(batch, shared.stage)
             check_finite(x, f"{target_name} at {shared.stage}")
             check_finite(clean_logits, f"{target_name}: its output logits")
@@ -277,34 +278,20 @@ def _choose_features(con, basis: str, source: int, target: int, features: str, r
     """Explicit ids, or the top N of the pair's `diffs` ranking."""
     from featurestore.ingest.feature_compare import RANK_BY
 
-    text = features.strip()
-    if text.startswith("top:"):
-        if rank_by not in RANK_BY:
-            raise FeaturestoreError(f"--rank-by {rank_by!r}: choose one of "
-                                    f"{', '.join(RANK_BY)}")
-        count = text[4:]
-        if not count.isdigit() or int(count) < 1:
-            raise FeaturestoreError(f"--features {features!r}: top:N needs a positive N")
-        chosen = [f for (f,) in con.execute(
-            f"SELECT feature_id FROM diffs WHERE basis = ? AND source_step = ? AND "
-            f"target_step = ? ORDER BY {RANK_BY[rank_by]} LIMIT ?",
-            [basis, source, target, int(count)]).fetchall()]
-        if not chosen:
-            raise NotFoundError(
-                f"--features {features}: no diffs for basis {basis} from step {source} to "
-                f"{target}; run `featurestore feature-compare --basis {basis} --source {source} "
-                f"--target {target}` first, or give feature ids (--features 3,17)")
-        return chosen
-    try:
-        chosen = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        raise FeaturestoreError(
-            f"--features {features!r}: give feature ids (3,17,40) or top:N") from None
-    outside = [f for f in chosen if not 0 <= f < n_features]
-    if outside:
-        raise FeaturestoreError(
-            f"--features: feature id {', '.join(map(str, outside))} is out of range; basis "
-            f"{basis} has features 0..{n_features - 1}")
+    choice = parse_features(features, basis, n_features)
+    if choice.ids is not None:
+        return choice.ids
+    if rank_by not in RANK_BY:
+        raise FeaturestoreError(f"--rank-by {rank_by!r}: choose one of {', '.join(RANK_BY)}")
+    chosen = [f for (f,) in con.execute(
+        f"SELECT feature_id FROM diffs WHERE basis = ? AND source_step = ? AND "
+        f"target_step = ? ORDER BY {RANK_BY[rank_by]} LIMIT ?",
+        [basis, source, target, choice.top]).fetchall()]
+    if not chosen:
+        raise NotFoundError(
+            f"--features {features}: no diffs for basis {basis} from step {source} to "
+            f"{target}; run `featurestore feature-compare --basis {basis} --source {source} "
+            f"--target {target}` first, or give feature ids (--features 3,17)")
     return chosen
 
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from featurestore.errors import FeaturestoreError, NotFoundError
-from featurestore.queries.exports import json_records
+from featurestore.queries.exports import json_ready, json_records
+from featurestore.registry import SHARED, get_basis
 from featurestore.results import Result
 from featurestore.scratch import Claim, remove_tree, sweep
 from featurestore.warehouse import Warehouse
@@ -73,7 +73,8 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
-        basis_row = _basis_row(con, basis)
+        basis_row = json_ready(get_basis(con, basis, SHARED, needed_for=(
+            "the artifact layout is per run and stage, for shared-feature-fit bases")))
         target = (Path(out or DEFAULT_OUT).resolve() / "runs" / basis_row["run"] / "analysis"
                   / "shared_features" / basis_row["stage"])
         _remove_abandoned(target.parent)
@@ -91,21 +92,6 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     return ArtifactExport(basis, str(target), files, time.perf_counter() - started,
                           dict(plots.skipped))
-
-
-def _basis_row(con, basis: str) -> dict:
-    rows = json_records(con, "SELECT * FROM bases WHERE name = ?", [basis])
-    if not rows:
-        shared = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis {basis!r}: no such basis; shared bases: "
-                            f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
-    row = rows[0]
-    if row["run"] is None:
-        raise FeaturestoreError(
-            f"--basis {basis} was trained by train-crosscoder on a pair of sources; the "
-            "artifact layout is per run and stage, for shared-feature-fit bases")
-    return row
 
 
 def _write_tables(wh: Warehouse, con, basis: str, basis_row: dict, directory: Path) -> None:

@@ -65,7 +65,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.feature_ids import parse_features
 from featurestore.queries.exports import json_records, write_atomic
+from featurestore.registry import SHARED, get_basis
 from featurestore.results import Result
 from featurestore.token_text import TokenStrings
 from featurestore.warehouse import Warehouse
@@ -106,7 +108,10 @@ def export_dashboards(basis: str, out: str | Path, step: int | str | None = None
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
-        info = _basis(con, basis)
+        info = get_basis(con, basis, SHARED, needed_for=(
+            "its latents' values are stored at their top contexts only (crosscoder_examples), "
+            "not at every token, so a dashboard's per-token values are unknown (`featurestore "
+            f"feature N --basis {basis}` shows a latent's contexts)"))
         chosen_step, rule = _resolve_step(con, basis, step)
         firing = [f for (f,) in con.execute(
             "SELECT feature_id FROM trajectories WHERE basis = ? AND step = ? "
@@ -142,26 +147,6 @@ def export_dashboards(basis: str, out: str | Path, step: int | str | None = None
 # -- choices -------------------------------------------------------------------------------------
 
 
-def _basis(con, basis: str) -> dict:
-    found = json_records(con, "SELECT name, kind, run, stage, d_hidden, sources FROM bases "
-                              "WHERE name = ?", [basis])
-    if not found:
-        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis {basis!r}: no such basis; bases: "
-                            f"{', '.join(names) or 'none (fit one with shared-feature-fit)'}")
-    info = found[0]
-    if info["run"] is None:
-        shared = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-        raise FeaturestoreError(
-            f"--basis {basis} was trained by train-crosscoder: its latents' values are stored "
-            "at their top contexts only (crosscoder_examples), not at every token, so a "
-            "dashboard's per-token values are unknown (`featurestore feature N --basis "
-            f"{basis}` shows a latent's contexts). Dashboards are exported for shared bases: "
-            f"{', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
-    return info
-
-
 def _resolve_step(con, basis: str, step: int | str | None) -> tuple[int, str]:
     """(the step, how it was chosen): a swept step, LAST, or by default the last swept one."""
     swept = [s for (s,) in con.execute(
@@ -193,26 +178,12 @@ def _resolve_step(con, basis: str, step: int | str | None) -> tuple[int, str]:
 
 def _parse_features(con, info: dict, step: int, features: str) -> list[int]:
     """Feature ids "3,17,40" or "top:N" (highest energy at the step), sorted."""
-    text = features.strip()
-    if text.startswith("top:"):
-        count = text[4:]
-        if not count.isdigit() or int(count) < 1:
-            raise FeaturestoreError(f"--features {features!r}: top:N needs a positive N")
-        return sorted(f for (f,) in con.execute(
-            "SELECT feature_id FROM trajectories WHERE basis = ? AND step = ? "
-            "ORDER BY energy DESC, feature_id LIMIT ?",
-            [info["name"], step, int(count)]).fetchall())
-    try:
-        chosen = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        raise FeaturestoreError(
-            f"--features {features!r}: give feature ids (3,17,40) or top:N") from None
-    outside = [f for f in chosen if not 0 <= f < info["d_hidden"]]
-    if outside:
-        raise FeaturestoreError(
-            f"--features: feature id {', '.join(map(str, outside))} is out of range; basis "
-            f"{info['name']} has features 0..{info['d_hidden'] - 1}")
-    return chosen
+    choice = parse_features(features, info["name"], info["d_hidden"])
+    if choice.ids is not None:
+        return choice.ids
+    return sorted(f for (f,) in con.execute(
+        "SELECT feature_id FROM trajectories WHERE basis = ? AND step = ? "
+        "ORDER BY energy DESC, feature_id LIMIT ?", [info["name"], step, choice.top]).fetchall())
 
 
 def _stage_layer(con, info: dict) -> int:

@@ -23,6 +23,7 @@ import torch
 from featurestore import format_saelens, format_sparsify
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.artifacts import swap_in
+from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.scratch import Claim
 from featurestore.warehouse import Warehouse
@@ -55,7 +56,7 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
-        row = _basis_row(con, basis)
+        row = get_basis(con, basis)
     finally:
         con.close()
     if row["n_sources"] != 1:
@@ -92,18 +93,6 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
     return DictionaryExport(basis, format, str(target), exported_arch, weights.d_model,
                             weights.d_hidden, chosen_step,
                             sorted(p.name for p in target.iterdir() if p.is_file()))
-
-
-def _basis_row(con, basis: str) -> dict:
-    cursor = con.execute(
-        "SELECT name, kind, n_sources, path, run, stage, sources FROM bases WHERE name = ?",
-        [basis])
-    rows = cursor.fetchall()
-    if not rows:
-        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis {basis!r}: no such basis; bases: "
-                            f"{', '.join(names) or 'none'}")
-    return dict(zip([c[0] for c in cursor.description], rows[0]))
 
 
 def _pooled_scale(basis: str, sources: list[dict], step: int | None

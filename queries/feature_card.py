@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.exports import json_records
+from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
@@ -116,7 +117,7 @@ def feature_card(basis: str, feature: int, step: int | None = None, examples: in
         raise FeaturestoreError(f"--examples must be 0 or more, got {examples}")
     con = Warehouse(warehouse).connect()
     try:
-        info = _basis(con, basis)
+        info = get_basis(con, basis)
         if not 0 <= feature < info["d_hidden"]:
             raise NotFoundError(f"FEATURE {feature}: basis {basis} has features 0.."
                                 f"{info['d_hidden'] - 1}")
@@ -133,16 +134,6 @@ def feature_card(basis: str, feature: int, step: int | None = None, examples: in
     finally:
         con.close()
     return card
-
-
-def _basis(con, basis: str) -> dict:
-    found = json_records(con, "SELECT kind, run, stage, d_hidden FROM bases WHERE name = ?",
-                         [basis])
-    if not found:
-        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis: no basis named {basis!r}; bases: "
-                            f"{', '.join(names) or 'none (fit or train one first)'}")
-    return found[0]
 
 
 def _shared_parts(con, card: FeatureCard, step: int | None, examples: int) -> None:

@@ -145,8 +145,9 @@ import duckdb
 import networkx as nx
 
 from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets, default_births_rule
-from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.errors import FeaturestoreError
 from featurestore.queries.exports import write_atomic
+from featurestore.registry import SHARED, get_basis
 from featurestore.results import Result
 from featurestore.warehouse import records
 
@@ -252,21 +253,8 @@ def component_node(src_type: str, src_id: str) -> tuple[str, dict]:
 
 
 def _basis_info(con: duckdb.DuckDBPyConnection, basis: str) -> dict:
-    found = records(con, "SELECT name, kind, run, stage, sources FROM bases WHERE name = ?",
-                    [basis])
-    if not found:
-        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-        raise NotFoundError(
-            f"--basis {basis!r}: no such basis; bases: "
-            f"{', '.join(names) or 'none (fit one with `featurestore shared-feature-fit`)'}")
-    info = found[0]
-    if info["run"] is None or info["stage"] is None:
-        shared = [n for (n,) in con.execute(
-            "SELECT name FROM bases WHERE run IS NOT NULL ORDER BY name").fetchall()]
-        raise FeaturestoreError(
-            f"--basis {basis} was trained by train-crosscoder on a pair of sources, not fitted on "
-            "one run's checkpoints: it has no births, patches or lineage to draw. Graphs are built "
-            f"for shared bases: {', '.join(shared) or 'none (fit one with shared-feature-fit)'}")
+    info = get_basis(con, basis, SHARED, needed_for=(
+        "it has no births, patches or lineage to draw; graphs are built for shared bases"))
     steps = {int(s["step"]) for s in info["sources"] or [] if s.get("step") is not None}
     steps |= {int(s) for (s,) in con.execute(
         "SELECT DISTINCT step FROM checkpoint_summary WHERE basis = ?", [basis]).fetchall()}
@@ -524,8 +512,7 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
     # Attributes of upstream features that flows_to edges name.
     upstream_info = []
     for up in sorted(upstream_features):
-        up_found = records(con, "SELECT stage FROM bases WHERE name = ?", [up])
-        up_stage = up_found[0]["stage"] if up_found else None
+        up_stage = get_basis(con, up)["stage"]
         up_rule = _births_rule(con, up)
         ids = sorted(upstream_features[up])
         up_births = _births(con, up_rule)

@@ -32,9 +32,10 @@ import duckdb
 import vl_convert as vlc
 from altair.utils.schemapi import debug_mode
 
-from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.errors import FeaturestoreError
 from featurestore.queries.exports import json_records, write_atomic
 from featurestore.queries.page_queries import page_query
+from featurestore.registry import get_basis
 from featurestore.warehouse import Warehouse, package_version
 
 WIDTH = 480
@@ -623,16 +624,9 @@ def export_plots(basis: str, out: str | os.PathLike | None = None,
 
 
 def _basis(con: duckdb.DuckDBPyConnection, basis: str) -> dict:
-    """The basis's row (kind, run, n_sources, source labels); NotFoundError naming the others."""
-    found = con.execute("SELECT kind, run, n_sources, sources FROM bases WHERE name = ?",
-                        [basis]).fetchall()
-    if not found:
-        names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-        raise NotFoundError(f"--basis: no basis named {basis!r}; bases: "
-                            f"{', '.join(names) or 'none (train or fit one first)'}")
-    kind, run, n_sources, sources = found[0]
-    return {"name": basis, "kind": kind, "run": run, "n_sources": n_sources,
-            "labels": [s["label"] for s in sources]}
+    """The basis's row with its sources' labels; NotFoundError naming the others."""
+    info = get_basis(con, basis)
+    return {**info, "labels": [s["label"] for s in info["sources"]]}
 
 
 def _missing(info: dict, what: str, command: str, arguments: str = "") -> str:

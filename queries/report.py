@@ -42,8 +42,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featurestore.errors import FeaturestoreError, NotFoundError
+from featurestore.errors import FeaturestoreError
 from featurestore.queries.exports import write_atomic
+from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse
 
@@ -254,13 +255,9 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
     wh = Warehouse(warehouse)
     con = wh.connect()
     try:
-        found = con.execute("SELECT run, stage, n_sources, sources FROM bases WHERE name = ?",
-                            [basis]).fetchall()
-        if not found:
-            names = [n for (n,) in con.execute("SELECT name FROM bases ORDER BY name").fetchall()]
-            raise NotFoundError(f"--basis {basis!r}: no basis of that name; bases: "
-                                f"{', '.join(names) or 'none'}")
-        (run, stage, n_sources, sources), = found
+        row = get_basis(con, basis)
+        run, stage, n_sources, sources = (row[c] for c in ("run", "stage", "n_sources",
+                                                           "sources"))
         if run is not None:  # a shared basis: the milestone questions of its stage
             sections = SECTIONS
             title = f"Feature dynamics of {run} at {stage} (basis {basis})"

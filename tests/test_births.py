@@ -397,7 +397,7 @@ def small_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"basis": "nope"}, NotFoundError, "--basis 'nope': no such basis; bases are: hand, unswept"),
+    ({"basis": "nope"}, NotFoundError, "--basis 'nope': no such basis; bases: hand, unswept"),
     ({"basis": "unswept"}, NotFoundError, "--basis 'unswept' has no trajectories"),
     ({"metric": "rate"}, NotFoundError, "--metric 'rate' is not a trajectory metric; use one of"),
     ({"metric": "decoder_norm"}, FeaturestoreError, "has no decoder norms"),

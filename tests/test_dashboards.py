@@ -262,7 +262,8 @@ def test_a_new_selection_replaces_the_folder(exported, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, error, message", [
-    (dict(basis="nope"), NotFoundError, "--basis 'nope': no such basis; bases: tiny-diff"),
+    (dict(basis="nope"), NotFoundError,
+     "--basis 'nope': no such basis; shared bases: tiny-fn, tiny-l2"),
     (dict(basis="tiny-diff"), FeaturestoreError, "--basis tiny-diff was trained by "
                                                  "train-crosscoder"),
     (dict(basis="tiny-l2", step=7), NotFoundError, "--step 7: basis tiny-l2 was swept at steps"),

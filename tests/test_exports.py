@@ -266,4 +266,4 @@ def test_cli_exports_report_json(analysed_warehouse, tmp_path):
     assert (root / "exports" / "tiny-fn" / "graphs").is_dir()
     assert (root / "exports" / "tiny-fn" / "report" / "report.html").exists()
     result = runner.invoke(cli, ["--warehouse", str(root), "report", "--basis", "nope"])
-    assert result.exit_code == 1 and "no basis of that name" in result.output
+    assert result.exit_code == 1 and "no such basis" in result.output

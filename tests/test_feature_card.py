@@ -138,7 +138,7 @@ def test_bad_basis_feature_or_step_name_the_valid_ones(root):
         feature_card("tiny-diff", 0, step=steps[0], warehouse=root)
     result = CliRunner().invoke(cli, ["--warehouse", str(root), "feature", "0", "--basis",
                                       "nope"])
-    assert result.exit_code == 1 and "no basis named 'nope'" in result.output
+    assert result.exit_code == 1 and "--basis 'nope': no such basis" in result.output
 
 
 def test_a_basis_without_births_says_so(root, tmp_path):

@@ -219,7 +219,7 @@ def test_rerun_replaces_and_other_pairs_stay(root):
 
 
 @pytest.mark.parametrize(("basis", "source", "target", "message"), [
-    ("nope", 0, 400, "--basis 'nope': no such basis; bases are: shared"),
+    ("nope", 0, 400, "--basis 'nope': no such basis; bases: shared"),
     (BASIS, 0, 50, "--target 50: basis 'shared' has no trajectories at step 50; steps with "
                    "trajectories: 0, 100, 400"),
     (BASIS, 7, 400, "--source 7"),

@@ -242,7 +242,7 @@ def missing_stage_root(patched_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("basis, source, target, options, error", [
-    ("nope", 0, -1, {}, "no basis named 'nope'"),
+    ("nope", 0, -1, {}, "--basis 'nope': no such basis"),
     ("tiny-l2", 1, -1, {}, "--source: basis tiny-l2 was not fitted on step 1"),
     ("tiny-l2", 0, 3, {}, "--target: basis tiny-l2 was not fitted on step 3"),
     ("tiny-l2", 0, -1, {"features": "3,64"}, "feature id 64 is out of range"),

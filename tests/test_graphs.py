@@ -466,8 +466,7 @@ def test_bad_step_and_unknown_basis_write_nothing(root, tmp_path, last_step):
         export_graphs("tiny-l2", step="soon", warehouse=str(root))
     with pytest.raises(NotFoundError, match="--basis") as error:
         export_graphs("no-such-basis", out=out, warehouse=str(root))
-    for name in ("tiny-diff", "tiny-fn", "tiny-l2"):
-        assert name in str(error.value)
+    assert "shared bases: tiny-fn, tiny-l2" in str(error.value)  # those a graph can be built for
     with pytest.raises(FeaturestoreError, match="--basis tiny-diff"):
         export_graphs("tiny-diff", warehouse=str(root))
     assert not out.exists()

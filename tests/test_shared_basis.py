@@ -225,7 +225,8 @@ def test_a_poor_fit_names_the_bound_and_registers_nothing(warehouse_copy):
 
 def test_sweep_of_an_unknown_basis_lists_the_shared_bases(swept):
     root, _, _ = swept
-    with pytest.raises(FeaturestoreError, match="no basis named 'nope'; shared bases: tiny-l2"):
+    with pytest.raises(FeaturestoreError,
+                       match="--basis 'nope': no such basis; shared bases: tiny-l2"):
         feature_trajectory_sweep("nope", warehouse=root, progress=False)
 
 
