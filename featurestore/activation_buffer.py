@@ -216,11 +216,8 @@ def open_model_sources(warehouse, targets: list[tuple[str, str]]) -> list[ModelS
     from featurestore.warehouse import Warehouse
 
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         return [resolve_model_source(wh, con, label, target) for label, target in targets]
-    finally:
-        con.close()
 
 
 def resolve_model_source(wh, con, label: str, target: str) -> ModelSource:

@@ -174,8 +174,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
 
 
 def summary(warehouse: str | None = None) -> str:
-    con = connect(warehouse)
-    try:
+    with connect(warehouse) as con:
         parts = []
         for title, query in SUMMARY_QUERIES.items():
             cursor = con.execute(query)
@@ -183,5 +182,3 @@ def summary(warehouse: str | None = None) -> str:
             rows = [["" if v is None else str(v) for v in row] for row in cursor.fetchall()]
             parts.append(f"{title}\n{format_table(header, rows)}")
         return "\n\n".join(parts)
-    finally:
-        con.close()

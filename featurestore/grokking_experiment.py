@@ -157,8 +157,7 @@ def run_grokking_experiment(run: str = DEFAULT_RUN, p: int = DEFAULTS.p,
 def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
              ) -> GrokkingExperimentResult:
     """The experiment's answer, read back from the warehouse's views."""
-    con = connect(warehouse)
-    try:
+    with connect(warehouse) as con:
         phases = con.execute(
             "SELECT key_frequencies, memorised_step, jump_step, grokked_step, "
             "(SELECT count(*) FROM progress_measures WHERE run = $run), "
@@ -188,5 +187,3 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
             result.bases.append(BasisFindings(name, stage, kinds,
                                               shares[0][0] if shares else None))
         return result
-    finally:
-        con.close()

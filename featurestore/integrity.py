@@ -261,12 +261,9 @@ def check_warehouse(warehouse: str | os.PathLike | None = None, *, catalog: str 
         result.problems += [problem for _, problem in found]
         damaged = [file for file, _ in found]
         broken_tables = {f.table for f in damaged}
-        lake = wh.connect()
-        try:
+        with wh.connect() as lake:
             writers = {f.path.name: commands.get(f.snapshot) for f in files}
             _check_artefacts(wh, lake, result, writers, broken_tables, deep)
-        finally:
-            lake.close()
     finally:
         con.close()
     if repair and damaged:

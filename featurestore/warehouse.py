@@ -165,8 +165,7 @@ def sql_text(kind: str) -> list[tuple[str, str]]:
 @cache
 def table_specs() -> dict[str, TableSpec]:
     """Parse the table DDL by running it in a scratch DuckDB, so SQL stays the one definition."""
-    scratch = duckdb.connect(":memory:")
-    try:
+    with duckdb.connect(":memory:") as scratch:
         specs = {}
         for name, ddl in sql_text("tables"):
             scratch.execute(ddl)
@@ -199,8 +198,6 @@ def table_specs() -> dict[str, TableSpec]:
                                     tuple(key[0][0]) if key else (), schema,
                                     _declared(ddl, "partition_by"), _declared(ddl, "sort_by"))
         return specs
-    finally:
-        scratch.close()
 
 
 def _declared(ddl: str, directive: str) -> tuple[str, ...]:
@@ -271,11 +268,8 @@ def drop_run_outputs(wh: Warehouse, writer: Writer, run: str) -> None:
     """In the writer's commit, for a run being trained again under its name: its activation sets
     and every basis fitted on them (with their rows), which describe weights that are gone."""
     writer.put("activation_sets", [], replace_where={"run": run})
-    con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
-    try:
+    with wh.connect() as con:  # inside the writer: an empty warehouse if there is none yet
         stale = bases_computed_from(con, run)
-    finally:
-        con.close()
     for basis in stale:
         drop_basis(writer, basis)
 
@@ -1310,11 +1304,8 @@ def init_warehouse(warehouse: str | os.PathLike | None = None,
     if created:
         with wh.writer("init"):
             pass  # the first commit writes the schema version and the catalog
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         version = check_schema_version(con, wh.root)
-    finally:
-        con.close()
     return InitResult(str(wh.root), created, version, len(table_specs()))
 
 
@@ -1325,8 +1316,7 @@ def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:
     from featurestore.integrity import table_files
 
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         damage = {}
         for file in table_files(con, wh.data_path):
             if file.table not in damage and (
@@ -1349,14 +1339,11 @@ def list_tables(warehouse: str | os.PathLike | None = None) -> list[dict]:
             result.append({"name": name, "kind": "table" if name in tables else "view",
                            "rows": rows, "status": status, "description": comment or ""})
         return sorted(result, key=lambda t: (t["kind"] != "table", t["name"]))
-    finally:
-        con.close()
 
 
 def describe_table(table: str, warehouse: str | os.PathLike | None = None) -> list[dict]:
     """Columns of a table or view: name, type and description."""
-    con = connect(warehouse)
-    try:
+    with connect(warehouse) as con:
         rows = con.execute(
             "SELECT column_name, data_type, comment FROM duckdb_columns() "
             "WHERE table_name = ? AND database_name = 'memory' AND schema_name = 'main' "
@@ -1369,5 +1356,3 @@ def describe_table(table: str, warehouse: str | os.PathLike | None = None) -> li
                 " ORDER BY view_name").fetchall()]
             raise NotFoundError(f"unknown table {table!r}; tables and views: {', '.join(names)}")
         return [{"column": n, "type": t, "description": c or ""} for n, t, c in rows]
-    finally:
-        con.close()

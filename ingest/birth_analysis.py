@@ -98,8 +98,7 @@ def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | 
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-birth-analyze {basis}") as writer:
         # Checked and computed on one connection: one snapshot, under the writer lock.
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             n_features, n_checkpoints = _check_trajectories(con, basis, metric, persistence)
             if threshold is None:
                 threshold = _default_threshold(con, basis, metric, presence, n_features)
@@ -120,8 +119,6 @@ def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | 
             summary = con.sql(_SUMMARY_SQL, params={
                 **params, "permutations": permutations, "seed": seed,
                 "agreement": agreement, "matched": matched}).to_arrow_table()
-        finally:
-            con.close()
         writer.put("births", births, replace_where=params)
         writer.put("birth_summary", summary, replace_where=params)
 

@@ -98,13 +98,10 @@ def collect(
     wh = Warehouse(warehouse)
     steps = checkpoints if isinstance(checkpoints, list) else parse_steps(checkpoints)
     with wh.writer(f"collect {run}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             run_info = get_run(con, run)
             chosen = get_checkpoints(wh, con, run, steps)
             strings_written = has_token_strings(con, run)
-        finally:
-            con.close()
 
         # Everything that can be wrong with the input is checked before the first long step.
         first_reader = open_reader(run_info, chosen[0])
@@ -240,10 +237,7 @@ def read_stages(reader, token_ids, stages: list[str]) -> dict[str, np.ndarray]:
 def run_stage_names(run: str, warehouse: str | None = None) -> list[str]:
     """The stage names of a run's model, in forward-pass order."""
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         run_info = get_run(con, run)
         (last,) = get_checkpoints(wh, con, run, [-1])
-    finally:
-        con.close()
     return open_reader(run_info, last).stage_names

@@ -59,8 +59,7 @@ def crosscoder_sweep(basis: str, warehouse: str | None = None,
     started = time.perf_counter()
     wh = Warehouse(warehouse)
     with wh.writer(f"crosscoder-sweep {basis}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             row = get_basis(con, basis, CROSSCODER, needed_for=(
                 f"sweep it with `featurestore feature-trajectory-sweep --basis {basis}`; "
                 "crosscoder-sweep is for train-crosscoder bases"))
@@ -68,8 +67,6 @@ def crosscoder_sweep(basis: str, warehouse: str | None = None,
             labels = [s["label"] for s in row["sources"]]
             data = AlignedActivations(_sources(wh, con, row))
             strings = _token_strings(con, [s["run"] for s in row["sources"]])
-        finally:
-            con.close()
         model = CrossCoder.load(wh.path(row["path"]))
         h, n = model.config.d_hidden, data.n_tokens
         norms = model.decoder_norms().detach().double().numpy()  # [h, sources]

@@ -129,14 +129,11 @@ def evaluate_checkpoints(run: str, tokens_from: str, tokens: int | None = None,
         raise FeaturestoreError(f"--tokens must be positive, got {tokens}")
     wh = Warehouse(warehouse)
     with wh.writer(f"evaluate-checkpoints {run}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             run_info = get_run(con, run)
             chosen = get_checkpoints(wh, con, run, parse_steps(checkpoints))
             rows = {row["step"]: row for row in records(
                 con, "SELECT * FROM checkpoints WHERE run = ?", [run])}
-        finally:
-            con.close()
         if run_info.task_config is not None:
             raise FeaturestoreError(
                 f"run {run!r} was trained here: its checkpoints carry the task's own train, "

@@ -63,13 +63,10 @@ def compare_features(basis: str, source: int, target: int, warehouse: str | None
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-compare {basis} {source}->{target}") as writer:
         # Checked and computed on one connection: one snapshot, under the writer lock.
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             _check_inputs(con, basis, source, target)
             table = con.sql("SELECT * FROM feature_compare(?, ?, ?)",
                             params=[basis, source, target]).to_arrow_table()
-        finally:
-            con.close()
         created_at = pa.array([utc_now()] * table.num_rows,
                               spec("diffs").arrow_schema.field("created_at").type)
         table = table.append_column("created_at", created_at)

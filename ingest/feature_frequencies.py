@@ -60,8 +60,7 @@ def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None
     started = time.perf_counter()
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-frequencies {basis}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             shared, sets = load_shared_basis(wh, con, basis)
             shared.require_pooled("--basis")
             run = get_run(con, shared.run)
@@ -76,8 +75,6 @@ def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None
             if keys is None:
                 raise NotFoundError(f"--basis {basis}: run {run.run!r} has no progress_measures "
                                     "rows; train it with `featurestore experiment grokking`")
-        finally:
-            con.close()
         (chosen,) = shared.resolve_steps([step], "--step")
         c = shared.steps.index(chosen)
         acts = sets[c]

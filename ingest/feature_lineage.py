@@ -122,8 +122,7 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-lineage {basis}") as writer:
         # Every check runs before the first model is traced; a failure commits nothing.
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             shared, sets = _load_pooled_basis(wh, con, basis, "--basis")
             chosen = shared.resolve_steps(wanted_steps, "--steps")
             run = get_run(con, shared.run)
@@ -143,8 +142,6 @@ def feature_lineage(basis: str, steps: str = "all", features: str | None = None,
             _check_components(reader, run.run)
             selections = {step: _select_features(con, shared, step, features, patch_threshold,
                                                  top_features) for step in chosen}
-        finally:
-            con.close()
         if run.task_config is None:
             token_ids = None  # read per step from that checkpoint's activation set
         else:

@@ -82,8 +82,7 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     started = time.perf_counter()
     _check_options(mode, scale, tokens, seed)
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         shared, sets = load_shared_basis(wh, con, basis)
         shared.require_pooled("--basis")
         steps = shared.steps
@@ -95,8 +94,6 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
         run = get_run(con, shared.run)
         by_step = {c.step: c for c in get_checkpoints(wh, con, shared.run,
                                                       sorted({source, target}))}
-    finally:
-        con.close()
 
     target_reader = open_reader(run, by_step[target])
     target_reader.site(shared.stage)  # a stage the model lacks fails here, before any work

@@ -75,14 +75,11 @@ def import_dictionary(format: str, path: str, name: str, run: str | None = None,
     warnings = list(described.pop("warnings", []))
     wh = Warehouse(warehouse)
     with wh.writer(f"import-dictionary {name}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             if run is not None:
                 basis = _over_checkpoints(wh, con, weights, name, run, stage, checkpoints)
             else:
                 basis = _over_sources(wh, con, weights, name, sources)
-        finally:
-            con.close()
         model, kind, source_rows, report, feature_rows = basis
         model.save(writer.stage_dir(f"bases/{name}"))
         writer.put("bases", [{

@@ -129,16 +129,13 @@ def _check(activations: ActivationSet, what: str,
 
 def _ensure_checkpoint(wh: Warehouse, writer, run: str, step: int, d_model: int) -> bool:
     """Check run@step can take this set; create an external run or checkpoint row if needed."""
-    con = wh.connect()  # inside the writer: an empty warehouse if there is none yet
-    try:
+    with wh.connect() as con:  # inside the writer: an empty warehouse if there is none yet
         found = con.execute("SELECT kind, d_model FROM runs WHERE run = ?", [run]).fetchall()
         known_run = found[0] if found else None
         if known_run and known_run[0] != "external":
             get_checkpoints(wh, con, run, [step])  # a model run: the step must exist
         steps = {s for (s,) in con.execute(
             "SELECT step FROM checkpoints WHERE run = ?", [run]).fetchall()}
-    finally:
-        con.close()
     if known_run and known_run[1] is not None and known_run[1] != d_model:
         raise InvalidActivationsError(
             f"d_model mismatch: run {run!r} has d_model {known_run[1]} but the set has {d_model}"

@@ -320,12 +320,9 @@ def _existing(wh: Warehouse, run: str) -> tuple[dict | None, dict[int, dict]]:
     """The run's row (None if new) and its checkpoint rows by step."""
     if not wh.exists():
         return None, {}
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         runs = records(con, "SELECT * FROM runs WHERE run = ?", [run])
         checkpoints = records(con, "SELECT * FROM checkpoints WHERE run = ?", [run])
-    finally:
-        con.close()
     return (runs[0] if runs else None), {row["step"]: row for row in checkpoints}
 
 
@@ -342,11 +339,8 @@ def _forget_replaced(wh: Warehouse, writer, run: str, series: list[tuple[int, Pa
     for number in replaced:
         del known[number]
         writer.put("activation_sets", [], replace_where={"run": run, "step": number})
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         stale = bases_computed_from(con, run, replaced)
-    finally:
-        con.close()
     for basis in stale:
         drop_basis(writer, basis)
 

@@ -132,11 +132,8 @@ def shared_feature_fit(
     started = time.perf_counter()
     wh = Warehouse(warehouse)
     with wh.writer(f"shared-feature-fit {name}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             chosen = resolve_checkpoints(wh, con, run, stage, checkpoints)
-        finally:
-            con.close()
         sources = [source for source, _ in chosen]
         steps_chosen = [row["step"] for _, row in chosen]
         d_model = sources[0].activations.d_model

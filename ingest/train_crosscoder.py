@@ -212,8 +212,7 @@ def train_crosscoder_job(
     # no job holds it and a basis of its name was registered after it was saved.
     state_dir = wh.root / TRAINING_FOLDER / name
     with lock as writer, Claim(state_dir) if distributed.is_main else nullcontext():
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             if tokens_from is None:
                 resolved = [resolve_source(wh, con, label, target) for label, target in parsed]
                 d_model = resolved[0][0].activations.d_model
@@ -244,8 +243,6 @@ def train_crosscoder_job(
                 # The source runs' token strings, for any that has none yet (as collect does).
                 string_rows = missing_token_strings(
                     con, [(s.run_info, s.folder) for s in data.sources if s.run_info], tokenizer)
-        finally:
-            con.close()
         d_hidden = dict_size or 16 * data.d_model
         trainer = TrainerConfig(steps=steps, **settings)
         try:

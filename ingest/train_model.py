@@ -87,13 +87,10 @@ def finetune(run: str, from_checkpoint: str, steps: int = DEFAULT_FINETUNE_STEPS
     # The fine-tune schedule: a short warm-up, so the new sub-task is learned within the budget.
     train_config = dataclasses.replace(FINETUNE_TRAIN_CONFIG, steps=steps, seed=seed)
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         parent = get_run(con, parent_run)
         step = int(step_text) if step_text.isdigit() else -1
         (checkpoint,) = get_checkpoints(wh, con, parent_run, [step])
-    finally:
-        con.close()
     if parent.model_family != "demo" or "task" in (parent.task_config or {}):
         raise FeaturestoreError(f"--from {parent_run!r}: only runs trained on the demo task "
                                 "(featurestore train-model) can be fine-tuned")

@@ -86,12 +86,9 @@ def feature_trajectory_sweep(basis: str, checkpoints: str = "all", workers: int 
     started = time.perf_counter()
     wh = Warehouse(warehouse)
     with wh.writer(f"feature-trajectory-sweep {basis}") as writer:
-        con = wh.connect()
-        try:
+        with wh.connect() as con:
             shared, sets = load_shared_basis(wh, con, basis)
             strings = TokenStrings.load(con, shared.run)  # None: examples stay token ids
-        finally:
-            con.close()
         available = shared.steps
         wanted = shared.resolve_steps(parse_steps(checkpoints), "--checkpoints")
         indices = [available.index(s) for s in wanted]
@@ -141,11 +138,8 @@ def sweep_checkpoint(root: str, catalog: str | None, basis_name: str, c: int,
     from featurestore.shared_basis import load_shared_basis
 
     wh = Warehouse(root, catalog)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         basis, sets = load_shared_basis(wh, con, basis_name)
-    finally:
-        con.close()
     return encode_checkpoint(basis, sets, c, activations_file)
 
 

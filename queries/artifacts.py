@@ -71,8 +71,7 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
 
     started = time.perf_counter()
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         basis_row = json_ready(get_basis(con, basis, SHARED, needed_for=(
             "the artifact layout is per run and stage, for shared-feature-fit bases")))
         target = (Path(out or DEFAULT_OUT).resolve() / "runs" / basis_row["run"] / "analysis"
@@ -87,8 +86,6 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
             swap_in(staging, target, "export-artifacts")
         finally:
             claim.release(remove=True, warn="export-artifacts")
-    finally:
-        con.close()
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     return ArtifactExport(basis, str(target), files, time.perf_counter() - started,
                           dict(plots.skipped))

@@ -106,8 +106,7 @@ def export_dashboards(basis: str, out: str | Path, step: int | str | None = None
     basis, step or features are bad."""
     started = time.perf_counter()
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         info = get_basis(con, basis, SHARED, needed_for=(
             "its latents' values are stored at their top contexts only (crosscoder_examples), "
             "not at every token, so a dashboard's per-token values are unknown (`featurestore "
@@ -131,8 +130,6 @@ def export_dashboards(basis: str, out: str | Path, step: int | str | None = None
                 name = f"batch-{feature['feature_index']}.json"
                 _write_json(folder / name, {**batch, "features": [feature]})
                 written.append(name)
-    finally:
-        con.close()
     silent = sorted(set(range(info["d_hidden"])) - set(firing) - set(chosen))
     _write_json(folder / SKIPPED_FILE, {**batch, "skipped_indexes": silent})
     for stale in folder.glob("batch-*.json"):

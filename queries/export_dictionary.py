@@ -54,11 +54,8 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
     if format not in FORMATS:
         raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         row = get_basis(con, basis)
-    finally:
-        con.close()
     if row["n_sources"] != 1:
         raise FeaturestoreError(
             f"--basis {basis} is a crosscoder over {row['n_sources']} sources; {format} holds "

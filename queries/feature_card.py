@@ -115,8 +115,7 @@ def feature_card(basis: str, feature: int, step: int | None = None, examples: in
     the last swept one; shared bases only), `examples` how many contexts to show."""
     if examples < 0:
         raise FeaturestoreError(f"--examples must be 0 or more, got {examples}")
-    con = Warehouse(warehouse).connect()
-    try:
+    with Warehouse(warehouse).connect() as con:
         info = get_basis(con, basis)
         if not 0 <= feature < info["d_hidden"]:
             raise NotFoundError(f"FEATURE {feature}: basis {basis} has features 0.."
@@ -131,8 +130,6 @@ def feature_card(basis: str, feature: int, step: int | None = None, examples: in
             _crosscoder_parts(con, card, examples)
         else:
             _shared_parts(con, card, step, examples)
-    finally:
-        con.close()
     return card
 
 

@@ -896,11 +896,8 @@ def export_graphs(basis: str, step: int | str | None = None, out: str | Path | N
 
     started = time.perf_counter()
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         G = build_graph(con, basis, step)
-    finally:
-        con.close()
     folder = Path(out) if out is not None else wh.root / "exports" / basis / "graphs"
     chosen = G.graph.get("step")
     suffix = "" if chosen is None else f"_step{chosen}"

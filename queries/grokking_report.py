@@ -150,8 +150,7 @@ def write_grokking_report(run: str, out: str | os.PathLike | None = None,
     started = time.perf_counter()
     wh = Warehouse(warehouse)
     directory = Path(out) if out else wh.root / "exports" / run / "report"
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         if not con.execute("SELECT count(*) FROM progress_measures WHERE run = ?",
                            [run]).fetchone()[0]:
             runs = [r for (r,) in con.execute(
@@ -163,8 +162,6 @@ def write_grokking_report(run: str, out: str | os.PathLike | None = None,
         charts = {"phases": phases_chart(con, run),
                   "births_against_jump": births_chart(con, run),
                   "feature_trajectories": feature_trajectories(con, run)}
-    finally:
-        con.close()
     plots = {name: save_plot(chart, directory / "plots", name) for name, chart in charts.items()}
     title = f"The phases of grokking in run {run}"
     paths = {name: write_atomic(directory / name, lambda path, text=text: path.write_text(text))

@@ -602,8 +602,7 @@ def export_plots(basis: str, out: str | os.PathLike | None = None,
     if unknown:
         raise FeaturestoreError(f"unknown plot(s) {', '.join(unknown)}; plots: {', '.join(PLOTS)}")
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         _basis(con, basis)  # an unknown basis fails here, before anything is created
         target = Path(out) if out is not None else wh.root / "exports" / basis / "plots"
         result = PlotExport(basis=basis, out=target)
@@ -614,8 +613,6 @@ def export_plots(basis: str, out: str | os.PathLike | None = None,
                 result.skipped[name] = str(why)
                 continue
             result.written[name] = save_plot(chart, target, name, scale=scale)
-    finally:
-        con.close()
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 

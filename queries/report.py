@@ -253,8 +253,7 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
 
     started = time.perf_counter()
     wh = Warehouse(warehouse)
-    con = wh.connect()
-    try:
+    with wh.connect() as con:
         row = get_basis(con, basis)
         run, stage, n_sources, sources = (row[c] for c in ("run", "stage", "n_sources",
                                                            "sources"))
@@ -271,8 +270,6 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
                 "report covers shared bases (shared-feature-fit) and two-source crosscoders "
                 "(model diffs)")
         answers = [(section, *run_section(con, section, {"basis": basis})) for section in sections]
-    finally:
-        con.close()
 
     directory = Path(out) if out else wh.root / "exports" / basis / "report"
     wanted = [name for section in sections for name in section.plots]
