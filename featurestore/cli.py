@@ -16,9 +16,21 @@ from datetime import date, datetime
 import click
 
 from featurestore import cli_types
+from featurestore.birth_rules import DEFAULT_METRIC, DEFAULT_PRESENCE, METRICS, PRESENCE
+from featurestore.dictionary_kinds import (
+    ARCHS,
+    BASIS_KINDS,
+    DEFAULT_ARCH,
+    EXPORT_FORMATS,
+    IMPORT_FORMATS,
+)
 from featurestore.errors import FeaturestoreError
 from featurestore.grokking import BASIS_FIT_STEPS, DENSE_EVERY, GrokkingConfig
+from featurestore.ingest.feature_compare import DEFAULT_RANK_BY, RANK_BY
+from featurestore.ingest.feature_patch import MODES
+from featurestore.ingest.shared_feature_fit import DEFAULT_WEIGHTING, WEIGHTINGS
 from featurestore.lake import CATALOG_ENV
+from featurestore.queries.artifacts import DEFAULT_OUT
 from featurestore.ranges import MAX_INT64
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
 from featurestore.text_table import format_table
@@ -137,8 +149,7 @@ def _arch_options(command):
     """The settings that belong to some architectures, the same in every command that trains a
     dictionary (each is ignored by the architectures it does not name)."""
     options = [
-        click.option("--arch", type=click.Choice(["batchtopk", "topk", "jumprelu", "matryoshka",
-                                                  "vanilla"]), default="batchtopk",
+        click.option("--arch", type=click.Choice(ARCHS), default=DEFAULT_ARCH,
                      show_default=True,
                      help="batchtopk: the k x batch-size largest activations of each batch, a "
                           "learned threshold after training; topk: each token's k largest; "
@@ -679,7 +690,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--checkpoints", default="all", show_default=True, metavar="all|STEP,...",
               help="Checkpoints to pool (at least 3, one run; LAST = the last).")
 @click.option("--name", required=True, help="Name of the basis to create (or replace).")
-@click.option("--kind", type=click.Choice(["pooled", "crosscoder"]), default="pooled",
+@click.option("--kind", type=click.Choice(BASIS_KINDS), default="pooled",
               show_default=True, help="pooled: one SAE on all checkpoints; crosscoder: one "
                                       "decoder slice per checkpoint.")
 @click.option("--k", type=cli_types.COUNT, default=32, show_default=True,
@@ -693,7 +704,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
 @click.option("--seeds", type=cli_types.COUNT, default=1, show_default=True,
               help="Fit N bases with seeds SEED.. and record how many features they share.")
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
-@click.option("--weighting", type=click.Choice(["equal", "novelty"]), default="equal",
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=DEFAULT_WEIGHTING,
               show_default=True,
               help="Pooled: tokens each checkpoint adds to the fit. novelty: in proportion to "
                    "how far its activations moved since the checkpoint before (a log-spaced "
@@ -758,7 +769,7 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
 
 @cli.command("import-dictionary")
 @click.option("--format", "format_", required=True,
-              type=click.Choice(["saelens", "sparsify", "dictionary_learning"]),
+              type=click.Choice(IMPORT_FORMATS),
               help="The tool that saved the dictionary.")
 @click.option("--path", required=True, type=click.Path(exists=True),
               help="Its folder (SAELens: cfg.json + sae_weights.safetensors; sparsify: cfg.json "
@@ -813,7 +824,7 @@ def import_dictionary_command(ctx, format_, path, name, run, stage, checkpoints,
 
 @cli.command("export-dictionary")
 @click.option("--basis", required=True, help="A one-source basis (pooled, or an SAE).")
-@click.option("--format", "format_", required=True, type=click.Choice(["saelens", "sparsify"]),
+@click.option("--format", "format_", required=True, type=click.Choice(EXPORT_FORMATS),
               help="saelens: any architecture; sparsify: TopK bases.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder [default: WAREHOUSE/exports/BASIS/FORMAT].")
@@ -918,12 +929,10 @@ def crosscoder_sweep_command(ctx, basis, as_json, quiet):
 
 @cli.command("feature-birth-analyze")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
-@click.option("--metric", type=click.Choice(["energy", "activation_rate", "mean_activation",
-                                             "decoder_norm"]),
-              default="energy", show_default=True,
+@click.option("--metric", type=click.Choice(METRICS), default=DEFAULT_METRIC, show_default=True,
               help="Trajectory column that marks a feature present (decoder_norm: crosscoder-"
                    "kind bases only).")
-@click.option("--presence", type=click.Choice(["relative", "absolute"]), default="relative",
+@click.option("--presence", type=click.Choice(PRESENCE), default=DEFAULT_PRESENCE,
               show_default=True,
               help="How T sets each feature's threshold: relative: T x the feature's own peak "
                    "of the metric over the checkpoints; absolute: T itself.")
@@ -1010,9 +1019,8 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
               help="Checkpoint step to compare to.")
 @click.option("--top", type=cli_types.COUNT, default=20, show_default=True,
               help="Features to print.")
-@click.option("--rank-by", type=click.Choice(["rate_change", "log_ratio", "mean_change",
-                                              "energy_change"]),
-              default="rate_change", show_default=True,
+@click.option("--rank-by", type=click.Choice(tuple(RANK_BY)), default=DEFAULT_RANK_BY,
+              show_default=True,
               help="Change to rank by (largest absolute change first).")
 @json_option
 @click.pass_context
@@ -1060,10 +1068,9 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
 @click.option("--features", default="top:5", show_default=True, metavar="ID,...|top:N",
               help="Feature ids, or the top N of the pair's diffs ranking (run feature-compare "
                    "first).")
-@click.option("--rank-by", type=click.Choice(["rate_change", "log_ratio", "mean_change",
-                                              "energy_change"]),
-              default="rate_change", show_default=True, help="Ranking that top:N reads.")
-@click.option("--mode", type=click.Choice(["patch", "zero", "mean", "scale"]), default="patch",
+@click.option("--rank-by", type=click.Choice(tuple(RANK_BY)), default=DEFAULT_RANK_BY,
+              show_default=True, help="Ranking that top:N reads.")
+@click.option("--mode", type=click.Choice(MODES), default=MODES[0],
               show_default=True, help="What the features are set to (see above).")
 @click.option("--scale", type=cli_types.ANY,
               help="--mode scale: multiply the target's activations by A.")
@@ -1304,8 +1311,8 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
 
 @cli.command("feature-frequencies")
 @click.option("--basis", required=True, help="Shared basis of a modular-addition run.")
-@click.option("--step", type=cli_types.STEP, help="Checkpoint whose activations are read "
-              "[default: the basis's last].")
+@click.option("--step", type=cli_types.STEP_OR_LAST, default="LAST", show_default=True,
+              help="Checkpoint whose activations are read.")
 @json_option
 @click.pass_context
 def feature_frequencies_command(ctx, basis, step, as_json):
@@ -1322,7 +1329,7 @@ def feature_frequencies_command(ctx, basis, step, as_json):
     """
     from featurestore.ingest.feature_frequencies import feature_frequencies
 
-    result = feature_frequencies(basis, -1 if step is None else step, warehouse=_warehouse(ctx))
+    result = feature_frequencies(basis, step, warehouse=_warehouse(ctx))
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -1641,7 +1648,7 @@ def export_plots_command(ctx, basis, out, as_json):
 
 @cli.command("export-artifacts")
 @click.option("--basis", required=True, help="Shared basis to export.")
-@click.option("--out", type=click.Path(file_okay=False), default="artifacts", show_default=True,
+@click.option("--out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
               help="Root of the layout.")
 @json_option
 @click.pass_context
@@ -1804,7 +1811,7 @@ def snapshots_command(ctx, limit, as_json):
 
 
 @cli.command("compact")
-@click.option("--older-than", default="7d", show_default=True, metavar="AGE",
+@click.option("--older-than", type=cli_types.AGE, default="7d", show_default=True, metavar="AGE",
               help="Expire snapshots older than this (e.g. 7d, 12h, 0) and delete files and "
                    "artefact folders only they read.")
 @click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
@@ -1823,9 +1830,9 @@ def compact_command(ctx, older_than, dry_run, as_json):
       featurestore compact --dry-run
       featurestore compact --older-than 1d --json
     """
-    from featurestore.compaction import compact_warehouse, parse_age
+    from featurestore.compaction import compact_warehouse
 
-    result = compact_warehouse(_warehouse(ctx), parse_age(older_than), dry_run)
+    result = compact_warehouse(_warehouse(ctx), older_than, dry_run)
     if as_json:
         _emit_json(result.to_dict())
         return

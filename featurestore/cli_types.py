@@ -1,8 +1,9 @@
-"""Click types for the CLI's numeric flags, built on featurestore.ranges.
+"""Click types for the CLI's flags, built on featurestore.ranges.
 
 Click names the flag in its error ("Invalid value for '--lr': nan is not a finite number > 0"),
 so every numeric flag gets a type with its range: click.IntRange for integers, FiniteFloat for
-floats (click's FloatRange lets NaN through, since NaN compares false with every bound).
+floats (click's FloatRange lets NaN through, since NaN compares false with every bound). Flags
+whose text stands for another value (LAST, an age) convert to what the Python API takes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,44 @@ def int_range(allowed: Range) -> click.IntRange:
     return click.IntRange(allowed.low, allowed.high)
 
 
+class StepOrLast(click.IntRange):
+    """A checkpoint step, or LAST for the last one: -1, as the Python API takes it."""
+
+    name = "step"
+
+    def __init__(self):
+        super().__init__(ranges.STEP.low, ranges.STEP.high)
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, str) and value.strip().upper() == "LAST":
+            return -1
+        try:
+            int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r}: give a checkpoint step or LAST", param, ctx)
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "STEP|LAST"
+
+
+class Age(click.ParamType):
+    """An age such as 7d, 12h, 30m, 45s or 0, as a timedelta."""
+
+    name = "age"
+
+    def convert(self, value, param, ctx):
+        from featurestore.compaction import parse_age
+        from featurestore.errors import FeaturestoreError
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_age(value)
+        except FeaturestoreError as error:
+            self.fail(str(error), param, ctx)
+
+
 COUNT = int_range(ranges.COUNT)
 NON_NEGATIVE_COUNT = int_range(ranges.NON_NEGATIVE_COUNT)
 STEP = int_range(ranges.STEP)
@@ -50,3 +89,5 @@ NON_NEGATIVE = FiniteFloat(ranges.NON_NEGATIVE)
 FRACTION = FiniteFloat(ranges.FRACTION)
 BETA = FiniteFloat(ranges.BETA)
 COSINE = FiniteFloat(ranges.COSINE)
+STEP_OR_LAST = StepOrLast()
+AGE = Age()

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featurestore import ranges
+from featurestore.dictionary_kinds import ARCHS, K_ARCHS, THRESHOLD_ARCHS
 from featurestore.model import config_from_dict
 
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -144,9 +145,6 @@ class CrossCoderConfig:
         return config_from_dict(cls, data)
 
 
-ARCHS = ("vanilla", "batchtopk", "topk", "jumprelu", "matryoshka")
-K_ARCHS = ("batchtopk", "topk", "matryoshka")  # the archs whose sparsity is set by k
-THRESHOLD_ARCHS = ("batchtopk", "matryoshka")  # batch top-k in training, a threshold after
 DEFAULT_GROUPS = 5
 
 

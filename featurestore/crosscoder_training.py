@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from featurestore import ranges
-from featurestore.crosscoder import THRESHOLD_ARCHS, CrossCoder
+from featurestore.crosscoder import CrossCoder
 from featurestore.crosscoder_metrics import batch_metrics, total_loss
+from featurestore.dictionary_kinds import THRESHOLD_ARCHS
 from featurestore.errors import FeaturestoreError
 from featurestore.model import config_from_dict
 from featurestore.resources import FLOAT_BYTES, require_memory

@@ -27,6 +27,7 @@ RANK_BY = {
     "mean_change": "rank_by_mean_change",
     "energy_change": "rank_by_energy_change",
 }
+DEFAULT_RANK_BY = "rate_change"
 # Columns every row of one comparison shares; the result states them once instead.
 _PAIR_COLUMNS = ("basis", "source_step", "target_step", "created_at")
 
@@ -43,7 +44,7 @@ class FeatureCompareResult(Result):
 
 
 def compare_features(basis: str, source: int, target: int, warehouse: str | None = None,
-                     top: int = 20, rank_by: str = "rate_change") -> FeatureCompareResult:
+                     top: int = 20, rank_by: str = DEFAULT_RANK_BY) -> FeatureCompareResult:
     """Compare every feature of `basis` between checkpoints `source` and `target`; store the
     rows in `diffs` (replacing earlier ones for this pair) and return the `top` by `rank_by`."""
     if rank_by not in RANK_BY:

@@ -28,6 +28,7 @@ from featurestore import ranges
 from featurestore.activations import check_finite
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.feature_ids import parse_features
+from featurestore.ingest.feature_compare import DEFAULT_RANK_BY, RANK_BY
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
 from featurestore.warehouse import Warehouse, utc_now
@@ -69,7 +70,7 @@ class PatchTokens:
 
 
 def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_FEATURES,
-                  rank_by: str = "rate_change", mode: str = "patch", scale: float | None = None,
+                  rank_by: str = DEFAULT_RANK_BY, mode: str = "patch", scale: float | None = None,
                   tokens: int = 2048, splits: str | None = None, seed: int = 0,
                   warehouse: str | None = None, progress: bool = True) -> PatchResult:
     """Patch features of `basis` in the `target` checkpoint's model; store `patches` rows."""
@@ -273,7 +274,6 @@ def _check_options(mode: str, scale: float | None, tokens: int, seed: int) -> No
 def _choose_features(con, basis: str, source: int, target: int, features: str, rank_by: str,
                      n_features: int) -> list[int]:
     """Explicit ids, or the top N of the pair's `diffs` ranking."""
-    from featurestore.ingest.feature_compare import RANK_BY
 
     choice = parse_features(features, basis, n_features)
     if choice.ids is not None:

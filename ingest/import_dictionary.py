@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurestore import format_dictionary_learning, format_saelens, format_sparsify
+from featurestore.dictionary_kinds import IMPORT_FORMATS
 from featurestore.errors import FeaturestoreError
 from featurestore.results import Result
 from featurestore.settings import check_name
 from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
 
-FORMATS = {"saelens": format_saelens.read, "sparsify": format_sparsify.read,
+# The reader of each of IMPORT_FORMATS.
+READERS = {"saelens": format_saelens.read, "sparsify": format_sparsify.read,
            "dictionary_learning": format_dictionary_learning.read}
 # Below this explained variance on a source, the import warns that the dictionary may have been
 # trained on another stage or model.
@@ -63,15 +65,15 @@ def import_dictionary(format: str, path: str, name: str, run: str | None = None,
     `stage` of `run`'s checkpoints (`checkpoints`, default: every one the stage was collected
     at) or the activation sets `sources` (LABEL=SET)."""
     check_name(name, "basis name")
-    if format not in FORMATS:
-        raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if format not in IMPORT_FORMATS:
+        raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(IMPORT_FORMATS)}")
     if (run is None) != (stage is None):
         raise FeaturestoreError("give --run and --stage together")
     if (run is None) == (not sources):
         raise FeaturestoreError(
             "say what the dictionary reads: --run RUN --stage STAGE (a run's checkpoints), or "
             "--source LABEL=SET once per source (activation sets), not both")
-    weights, described = FORMATS[format](Path(path).expanduser().resolve())
+    weights, described = READERS[format](Path(path).expanduser().resolve())
     warnings = list(described.pop("warnings", []))
     wh = Warehouse(warehouse)
     with wh.writer(f"import-dictionary {name}") as writer:

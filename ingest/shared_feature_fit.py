@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from featurestore import ranges
+from featurestore.dictionary_kinds import BASIS_KINDS
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.results import Result
@@ -99,7 +100,7 @@ def shared_feature_fit(
     from featurestore.shared_basis import seed_folder
 
     check_name(name, "basis name")
-    if kind not in ("pooled", "crosscoder"):
+    if kind not in BASIS_KINDS:
         raise FeaturestoreError(f"--kind must be pooled or crosscoder, got {kind!r}")
     ranges.COUNT.check(k, "--k")
     if dict_size is not None:

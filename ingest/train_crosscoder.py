@@ -336,7 +336,7 @@ class ArchOptions:
                 group_sizes: Sequence[int] | None, dict_size: int | None) -> ArchOptions:
         """Refuse an unknown arch or options it does not take; with --dict-size given, group
         sizes that do not sum to it (else config_fields checks them, once d_model is known)."""
-        from featurestore.crosscoder import ARCHS
+        from featurestore.dictionary_kinds import ARCHS
 
         if arch not in ARCHS:
             raise FeaturestoreError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
@@ -391,14 +391,14 @@ def parse_group_sizes(text: str | None) -> tuple[int, ...] | None:
 def default_aux_k(arch: str, k: int) -> int:
     """AuxK's dead latents per token unless --aux-k says: 2k for the archs with a k (Gao et al.
     pair AuxK with TopK), none for vanilla and JumpReLU (--aux-k can still add it)."""
-    from featurestore.crosscoder import K_ARCHS
+    from featurestore.dictionary_kinds import K_ARCHS
 
     return 2 * k if arch in K_ARCHS else 0
 
 
 def basis_k(arch: str, k: int) -> int | None:
     """bases.k: the k of the archs that have one, NULL for the others."""
-    from featurestore.crosscoder import K_ARCHS
+    from featurestore.dictionary_kinds import K_ARCHS
 
     return k if arch in K_ARCHS else None
 

@@ -63,7 +63,7 @@ class ArtifactExport(Result):
     skipped_plots: dict[str, str] = field(default_factory=dict)
 
 
-def export_artifacts(basis: str, out: str | os.PathLike | None = None,
+def export_artifacts(basis: str, out: str | os.PathLike = DEFAULT_OUT,
                      warehouse: str | None = None) -> ArtifactExport:
     """Write the artifact layout of `basis` under `out` (default ./artifacts)."""
     from featurestore.queries.graphs import export_graphs
@@ -74,7 +74,7 @@ def export_artifacts(basis: str, out: str | os.PathLike | None = None,
     with wh.connect() as con:
         basis_row = json_ready(get_basis(con, basis, SHARED, needed_for=(
             "the artifact layout is per run and stage, for shared-feature-fit bases")))
-        target = (Path(out or DEFAULT_OUT).resolve() / "runs" / basis_row["run"] / "analysis"
+        target = (Path(out).resolve() / "runs" / basis_row["run"] / "analysis"
                   / "shared_features" / basis_row["stage"])
         _remove_abandoned(target.parent)
         staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 from featurestore import format_saelens, format_sparsify
+from featurestore.dictionary_kinds import EXPORT_FORMATS
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.queries.artifacts import swap_in
 from featurestore.registry import get_basis
 from featurestore.results import Result
 from featurestore.scratch import Claim
 from featurestore.warehouse import Warehouse
-
-FORMATS = ("saelens", "sparsify")
 
 
 @dataclass
@@ -51,8 +50,8 @@ def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = N
     from featurestore.crosscoder import CrossCoder
     from featurestore.dictionary_weights import DictionaryWeights
 
-    if format not in FORMATS:
-        raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if format not in EXPORT_FORMATS:
+        raise FeaturestoreError(f"--format {format!r}: use one of {', '.join(EXPORT_FORMATS)}")
     wh = Warehouse(warehouse)
     with wh.connect() as con:
         row = get_basis(con, basis)

@@ -887,7 +887,7 @@ def read_graphml(path: str | Path) -> nx.MultiDiGraph:
     return nx.read_graphml(path, edge_key_type=str, force_multigraph=True)
 
 
-def export_graphs(basis: str, step: int | str | None = None, out: str | Path | None = None,
+def export_graphs(basis: str, step: int | str | None = "all", out: str | Path | None = None,
                   warehouse: str | None = None) -> GraphExport:
     """Build the graph of `basis` (every step with lineage or patches, or one step) and write it
     as node-link JSON, GraphML and attribution-graph JSON into `out` (default

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 from featurestore.aligned import AlignedActivations
 from featurestore.cli import cli
-from featurestore.crosscoder import ARCHS, CrossCoder, CrossCoderConfig, default_group_sizes
+from featurestore.crosscoder import CrossCoder, CrossCoderConfig, default_group_sizes
 from featurestore.crosscoder_metrics import batch_metrics, total_loss
 from featurestore.crosscoder_training import TrainerConfig, train_crosscoder
+from featurestore.dictionary_kinds import ARCHS
 
 from .conftest import RELAXED_FLAGS, TINY_RUN, basis_path, query, snapshot
 from .test_crosscoder_recovery import (
