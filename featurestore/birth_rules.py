@@ -76,6 +76,15 @@ def births_rule_sets(con: duckdb.DuckDBPyConnection, basis: str,
     return sets
 
 
+def shown_births_rule(con: duckdb.DuckDBPyConnection, basis: str,
+                      table: str = "births") -> dict | None:
+    """The one birth-rule parameter set that graphs, plots, feature cards and the web app show
+    for `basis` (the preferred of births_rule_sets), keyed by BIRTH_RULE_COLUMNS plus `default`;
+    None when no births are stored."""
+    sets = births_rule_sets(con, basis, table)
+    return {k: sets[0][k] for k in (*BIRTH_RULE_COLUMNS, "default")} if sets else None
+
+
 def births_rule_where(rule: dict | None = None, alias: str = "") -> str:
     """A SQL condition (literals inlined) selecting the rows of one birth-rule parameter set in
     births or birth_summary: `rule` (default: `default_births_rule()`); a None value is not

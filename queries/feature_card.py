@@ -134,7 +134,7 @@ def feature_card(basis: str, feature: int, step: int | None = None, examples: in
 
 
 def _shared_parts(con, card: FeatureCard, step: int | None, examples: int) -> None:
-    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, shown_births_rule
 
     basis, feature = card.basis, card.feature_id
     card.trajectory = json_records(con, """
@@ -164,19 +164,18 @@ def _shared_parts(con, card: FeatureCard, step: int | None, examples: int) -> No
             WHERE basis = ? AND feature_id = ? AND step = ? AND rank <= ?
             ORDER BY rank""", [basis, feature, card.examples_step, examples])
 
-    sets = births_rule_sets(con, basis, "births")
-    if not sets:
+    card.births_rule = shown_births_rule(con, basis)
+    if card.births_rule is None:
         card.birth_summary = (f"no birth row: run featurestore feature-birth-analyze "
                               f"--basis {basis}")
         card.missing.append(card.birth_summary.removeprefix("no birth row: "))
         return
-    card.births_rule = {k: sets[0][k] for k in (*BIRTH_RULE_COLUMNS, "default")}
     where = " AND ".join(f"{c} = ?" for c in BIRTH_RULE_COLUMNS)
     rows = json_records(con, f"""
         SELECT first_present_step, birth_step, birth_censored, stabilization_step, death_step,
                death_censored, present_at_init, feature_threshold, drift
         FROM births WHERE basis = ? AND feature_id = ? AND {where}""",
-                        [basis, feature, *(sets[0][c] for c in BIRTH_RULE_COLUMNS)])
+                        [basis, feature, *(card.births_rule[c] for c in BIRTH_RULE_COLUMNS)])
     card.birth = rows[0] if rows else None
     card.birth_summary = describe_birth(card.birth, card.births_rule)
 

@@ -305,7 +305,7 @@ def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
     sets = births_rule_sets(con, basis, "births")
     if not sets:
         return None
-    chosen = sets[0]
+    chosen = sets[0]  # the set shown_births_rule gives the plots, cards and web app
     chosen_by = ("default parameters" if chosen["default"] else
                  "closest to the default ({metric}, presence {presence}, persistence "
                  "{persistence})".format(**default_births_rule()))

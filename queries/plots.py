@@ -669,10 +669,10 @@ def _birth_parameters(con: duckdb.DuckDBPyConnection, table: str, basis: str) ->
     """One birth-rule parameter set stored for the basis (births and birth_summary can hold
     several): the one the graphs use too, feature-birth-analyze's defaults when stored, else the
     closest (`featurestore.birth_rules.births_rule_sets`). Its keys are BIRTH_RULE_COLUMNS."""
-    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, shown_births_rule
 
-    sets = births_rule_sets(con, basis, table)
-    return {k: sets[0][k] for k in BIRTH_RULE_COLUMNS} if sets else None
+    rule = shown_births_rule(con, basis, table)
+    return None if rule is None else {k: rule[k] for k in BIRTH_RULE_COLUMNS}
 
 
 def _parameter_filter(params: dict | None) -> tuple[str, list]:

@@ -242,10 +242,10 @@ def chart(id: str, build) -> Chart:
 def births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
     """The births rule the graphs and plots show for this basis (feature-birth-analyze's
     defaults when stored, else the closest stored set)."""
-    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets
+    from featurestore.birth_rules import BIRTH_RULE_COLUMNS, shown_births_rule
 
-    sets = births_rule_sets(con, basis, "births")
-    return {column: sets[0][column] for column in BIRTH_RULE_COLUMNS} if sets else None
+    rule = shown_births_rule(con, basis)
+    return None if rule is None else {column: rule[column] for column in BIRTH_RULE_COLUMNS}
 
 
 def basis_row(con: duckdb.DuckDBPyConnection, basis: str) -> Section:
