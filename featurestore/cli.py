@@ -1597,7 +1597,7 @@ def export_graphs_command(ctx, basis, step, out, as_json):
       featurestore export graphs --basis demo-l2
       featurestore export graphs --basis demo-fn --step LAST --out graphs/ --json
     """
-    from featurestore.queries.graphs import export_graphs
+    from featurestore.queries.graph_files import export_graphs
 
     result = export_graphs(basis, step=step, out=out, warehouse=_warehouse(ctx))
     if as_json:
