@@ -1646,7 +1646,7 @@ def export_plots_command(ctx, basis, out, as_json):
 @json_option
 @click.pass_context
 def export_artifacts_command(ctx, basis, out, as_json):
-    """Write a shared basis as the analysis plan's file layout.
+    """Write a shared basis as the artifact file layout.
 
     Under OUT/runs/RUN/analysis/shared_features/STAGE/: the weights (shared_feature_basis.pt,
     torch.load(weights_only=True)), the basis and feature descriptions, trajectories (JSONL),
@@ -1720,7 +1720,7 @@ def export_dashboards_command(ctx, basis, step, features, out, as_json):
 @json_option
 @click.pass_context
 def report_command(ctx, basis, out, as_json):
-    """Write the milestone report of one stage's basis as HTML and Markdown.
+    """Write the feature-dynamics report of one stage's basis as HTML and Markdown.
 
     Fit quality, which features are born when (against the shuffled-order null), stability
     across seeds, which features are causally important (patch effects beside the
