@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/featurestore demo
 
 test: install browser
+	$(BIN)/ruff check .
 	FEATURESTORE_BROWSER_TESTS=required $(BIN)/python -m pytest
 
 # The browser tests of `featurestore serve` drive the distribution's Chromium through its

@@ -33,15 +33,15 @@ from harness import BenchmarkResult, Figure, RunOptions, measure
 
 from featurestore.activations import ActivationSet, TokenColumns, write_activation_set
 
-ROWS = 500_000  # x 64 float32 = 128 MB: well past the CPU caches, written in about 2 s
+ROWS = 500_000  # x 64 float32 = 128 MB: well past the CPU caches
 QUICK_ROWS = 100_000
 D_MODEL = 64
 BATCH_SIZE = 4096
 SEQUENCE_LENGTH = 32  # only shapes the token columns, which are not read here
 SHUFFLE_SEED = 0
-# datasets' formatter is one to two orders of magnitude slower, so a full pass of it would
-# dominate the run; it is timed on the first batches only. Its cost per batch does not depend on
-# where in the set the batch is, so the rate over these batches stands for a full pass.
+# datasets' formatter is far slower, so a full pass of it would dominate the run; it is timed on
+# the first batches only. Its cost per batch does not depend on where in the set the batch is, so
+# the rate over these batches stands for a full pass.
 BASELINE_MAX_BATCHES = 16
 BYTES_PER_GB = 1e9
 

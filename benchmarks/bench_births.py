@@ -32,8 +32,8 @@ against the bounds: births >= 95%, init >= 95%, late@init <= 5%, null FBR <= 5%;
 bounds is marked with `!`. The first rule, {}, is analyze_births' defaults, whatever they are;
 rules whose keywords analyze_births does not take are skipped with a note. Stage wall times are
 the measurements (seconds, timed once); the table is in the notes and, row by row, in details of
-benchmarks/results/births.json. About 2 minutes on 2 quiet cores (--quick: one grid point, a
-shorter fit, 30 s). Alone: `python benchmarks/run.py --only births [--quick]`, or
+benchmarks/results/births.json. --quick runs one grid point with a shorter fit. Alone:
+`python benchmarks/run.py --only births [--quick]`, or
 `python benchmarks/bench_births.py [--quick] [--threads N]`.
 """
 

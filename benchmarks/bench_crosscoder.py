@@ -109,12 +109,11 @@ class Device:
     """Where the trainers run, and how each device is timed."""
 
     name: str  # "cpu" or "cuda"
-    # A CPU step takes 0.05 to 1 s on 2 cores, far above the timer's resolution, so one per sample
-    # is enough; a GPU step takes about a millisecond, so a sample runs many, and the timer reads
-    # after a synchronize.
+    # A CPU step lasts far longer than the timer's resolution, so one per sample is enough; a GPU
+    # step is short, so a sample runs many, and the timer reads after a synchronize.
     steps_per_sample: int
-    # CPU: 17 GFLOP, a fraction of a second here; a 3072 product ran no faster, so this is the
-    # BLAS's full rate rather than its overhead. GPU: 1.1 TFLOP a product, milliseconds.
+    # CPU: 17 GFLOP a product, large enough that the BLAS runs at its full rate rather than its
+    # overhead (a larger product runs no faster). GPU: 1.1 TFLOP a product.
     matmul_n: int
     matmul_repeats: int
     # The matmul modes measured: (label part, autocast dtype or None for fp32). On CUDA fp32

@@ -7,7 +7,7 @@ writes its warehouse and artifacts to a temporary directory, never to ./warehous
 
 Minutes-long commands are timed once rather than repeated: their spread across runs (a few
 percent) is far below the margin to the target, and repeating them would take the whole suite
-past its own time budget. The target (issue 7) is at most 5 minutes each on 2 cores; it has no
+past its own time budget. The target is at most 5 minutes each on 2 cores; it has no
 baseline to divide by, so the table shows the wall time and the notes say whether it was met.
 
 Peak memory: the largest resident set of any process the command started (the demo itself; for

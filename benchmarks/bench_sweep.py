@@ -96,7 +96,8 @@ def run(options: RunOptions) -> BenchmarkResult:
         peak_rss_mb = sweep_peak_rss_mb(root, activations_file)
 
         # Per run of the sweep figures: the share of its wall time spent writing
-        # feature_activations, and the rows/s of that writing (issue 7: a share of at most 15%).
+        # feature_activations (the notes hold it against a target of at most 15%), and the rows/s
+        # of that writing.
         write_shares: dict[str, list[float]] = {"one checkpoint": [], "all checkpoints": []}
         rows_per_second_written: list[float] = []
 

@@ -1,4 +1,4 @@
-"""Warehouse queries at scale (issue 7): a large synthetic warehouse and the questions analysts ask.
+"""Warehouse queries at scale: a large synthetic warehouse and the questions analysts ask.
 
 A generator (below, in this file) builds a synthetic shared basis through featurestore's own
 Warehouse writer: FEATURES features x CHECKPOINTS checkpoints of `trajectories` (3.3M rows at full
@@ -387,10 +387,10 @@ SLOW_QUESTION = "trajectory"
 # view reads its table at the connection's snapshot, so planning asks the DuckLake catalog
 # (SQLite) for the table's files and their statistics.
 WHY = {
-    "births in window": "the baseline parses one JSON file of one row per feature in under "
-                        "0.1 s; the SQL side returns ~1,400 rows x 17 columns as Python tuples "
-                        "and pays the catalog look-up of every lake query",
-    "top-20 diffs": "one JSON file of one row per feature parses in ~0.2 s; the SQL side "
+    "births in window": "the baseline parses one small JSON file of one row per feature; the "
+                        "SQL side returns ~1,400 rows x 17 columns as Python tuples and pays the "
+                        "catalog look-up of every lake query",
+    "top-20 diffs": "the baseline parses one small JSON file of one row per feature; the SQL side "
                     "decompresses every column of the 16k-row group holding the top ranks and "
                     "pays the catalog look-up of every lake query",
     "births x lineage": "the SQL side plans a join of two views and reads one step's rank-1 "

@@ -1,12 +1,11 @@
 """Run the benchmarks and print what they measured.
 
-    python benchmarks/run.py              # every bench_*.py here (`make bench`): about 12
-                                          # minutes on 2 quiet cores, 4.5 of it end_to_end (the
-                                          # demo and the test suite), 2.5 recovery (BatchTopK
-                                          # training to a planted dictionary), 2 warehouse_scale
-                                          # (105M rows)
+    python benchmarks/run.py              # every bench_*.py here (`make bench`); the longest
+                                          # are end_to_end (the demo and the test suite),
+                                          # recovery (BatchTopK training to a planted
+                                          # dictionary) and warehouse_scale (105M rows)
     python benchmarks/run.py --quick      # smaller inputs, fewer repeats, no end_to_end: a smoke
-                                          # run of under 2 minutes, not figures to quote
+                                          # run, not figures to quote
     python benchmarks/run.py --only collect --only sweep
     python benchmarks/run.py --skip end_to_end
     python benchmarks/run.py --threads 1  # torch threads (default 2)

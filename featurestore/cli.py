@@ -1604,7 +1604,7 @@ def export_graphs_command(ctx, basis, step, out, as_json):
       featurestore export graphs --basis demo-l2
       featurestore export graphs --basis demo-fn --step LAST --out graphs/ --json
     """
-    from featurestore.queries.graphs import export_graphs
+    from featurestore.queries.graph_files import export_graphs
 
     result = export_graphs(basis, step=step, out=out, warehouse=_warehouse(ctx))
     if as_json:
@@ -1653,7 +1653,7 @@ def export_plots_command(ctx, basis, out, as_json):
 @json_option
 @click.pass_context
 def export_artifacts_command(ctx, basis, out, as_json):
-    """Write a shared basis as the analysis plan's file layout.
+    """Write a shared basis as the artifact file layout.
 
     Under OUT/runs/RUN/analysis/shared_features/STAGE/: the weights (shared_feature_basis.pt,
     torch.load(weights_only=True)), the basis and feature descriptions, trajectories (JSONL),
@@ -1727,7 +1727,7 @@ def export_dashboards_command(ctx, basis, step, features, out, as_json):
 @json_option
 @click.pass_context
 def report_command(ctx, basis, out, as_json):
-    """Write the milestone report of one stage's basis as HTML and Markdown.
+    """Write the feature-dynamics report of one stage's basis as HTML and Markdown.
 
     Fit quality, which features are born when (against the shuffled-order null), stability
     across seeds, which features are causally important (patch effects beside the

@@ -37,7 +37,8 @@ STAGES = ("layer_2_post_mlp", "final_norm")
 DIFF_BASIS = "demo-diff"
 DIFF_STAGE = "layer_2_post_mlp"
 DIFF_STEPS = 1000
-SHARED_BASES = {"layer_2_post_mlp": "demo-l2", "final_norm": "demo-fn"}  # in the order
+# In model order, so the earlier stage is fitted and reported first.
+SHARED_BASES = {"layer_2_post_mlp": "demo-l2", "final_norm": "demo-fn"}
 SHARED_FIT_STEPS = 800
 PATCH_BASIS, PATCH_FEATURES, PATCH_TOKENS = "demo-l2", 5, 1024
 

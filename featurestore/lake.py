@@ -98,8 +98,8 @@ _verified: set[tuple[str, int, int]] = set()
 def lake_connection(kind: str) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB connection with the extensions for a `kind` catalog loaded.
 
-    DuckDB checks an extension's signature on every LOAD, about 60 ms for DuckLake's 13 MB,
-    which made opening a warehouse three times slower than the queries run on it. The first
+    DuckDB checks an extension's signature on every LOAD, hashing the whole file: for DuckLake's
+    large extension that costs more than a typical query on the open warehouse. The first
     connection of a process loads the files with the check; later ones load the same, unchanged
     files without it. A connection that runs SQL from someone else must not rely on this: it
     should also turn off external access (which stops LOAD altogether)."""

@@ -269,8 +269,8 @@ def checkpoint_weights(sources, steps: list[int], weighting: str, init_weight: f
 
 
 def resolve_checkpoints(wh, con, run: str, stage: str, spec: str) -> list[tuple]:
-    """(Source, activation_sets row) per checkpoint, in step order, after every check the
-    issue names: one run, no duplicates, at least three, the stage collected at each."""
+    """(Source, activation_sets row) per checkpoint, in step order, after checking them: one
+    run, no duplicates, at least three, the stage collected at each."""
     from featurestore.aligned import Source
     from featurestore.registry import (
         get_checkpoints,

@@ -66,7 +66,7 @@ class ArtifactExport(Result):
 def export_artifacts(basis: str, out: str | os.PathLike = DEFAULT_OUT,
                      warehouse: str | None = None) -> ArtifactExport:
     """Write the artifact layout of `basis` under `out` (default ./artifacts)."""
-    from featurestore.queries.graphs import export_graphs
+    from featurestore.queries.graph_files import export_graphs
     from featurestore.queries.plots import export_plots
 
     started = time.perf_counter()

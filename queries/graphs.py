@@ -1,134 +1,11 @@
-"""Graph exports: a shared basis's features, what builds them and what they do, as networkx graphs.
+"""The feature graph of a shared basis, built from the warehouse as a networkx graph.
 
 `build_graph(con, basis, step)` reads the warehouse with SQL and returns a `networkx.MultiDiGraph`
-(several methods can join the same pair of nodes); `export_graphs(basis, step, out)` writes it in
-three formats, each file atomically (a temporary file in the same folder, then `os.replace`):
-
-    <basis>_graph.json               node-link JSON (`networkx.node_link_data(G, edges="links")`)
-                                     with the graph attributes also at the top level
-    <basis>_graph.graphml            GraphML for Gephi / Cytoscape: scalar attributes only
-    <basis>_attribution_graph.json   the circuit-tracer / Neuronpedia attribution-graph layout,
-                                     extended with checkpoint steps
-
-With a step the names end in `_step<N>` (e.g. `tiny-l2_graph_step20.json`). The default folder is
-`<warehouse root>/exports/<basis>/graphs`.
-
-Nodes (id: attributes; every node has `node_type` and `label`)
-------------------------------------------------------------------
-    feature:<basis>:<id>     basis, stage, feature_id, birth_step, birth_censored,
-                             stabilization_step, death_step, death_censored, present_at_init,
-                             feature_threshold (from `births` under one rule, below: a censored
-                             birth or death falls in the last persistence - 1 checkpoints, so its
-                             persistence could not be observed in full), top_tokens (the
-                             most frequent activating token ids of its top `feature_examples` at
-                             `examples_step`), top_token_texts (those tokens as text, where the
-                             run has token strings), top_context_tokens (the same over the whole
-                             context windows), top_context (the strongest example's context,
-                             decoded with the activating token marked ⟦token⟧, or its ids marked
-                             so), examples_step, activation_rate, mean_active_activation,
-                             energy (`trajectories` at examples_step). The label names the top
-                             tokens as text when there is text, else by id. Every feature of the
-                             basis is a node; upstream features appear where a flows_to edge
-                             names them.
-    head:L<b>H<h>            attention_head: layer, head
-    neuron:L<b>N<n>          mlp_neuron: layer, neuron
-    embedding                token + position embeddings
-    logit:<token_id>         an output token: token_id
-    checkpoint:<step>        one per checkpoint of the basis: run, step, train_loss,
-                             heldout_loss, train_accuracy, heldout_accuracy
-    recon_error:<basis>:<step>  reconstruction_error: basis, step, explained_variance,
-                             relative_reconstruction_error, l0, dead_fraction
-                             (`checkpoint_summary`), and where `patches` has rows at that target
-                             step, patch_recon_rel_error / patch_error_norm_share /
-                             patch_spliced_loss_delta per token split (dicts) and
-                             patch_recon_rel_error_mean. One per step of the graph (every
-                             checkpoint of the basis for the all-steps graph).
-
-None values are left out of the attributes (no node says birth_step = None).
-
-Edges (every edge has edge_type, weight, method and step; keys are unique strings)
------------------------------------------------------------------------------------
-    lineage       head / neuron / embedding -> feature: `lineage_edges` rows with a component
-                  source, method dfa or grad_x_act; rank, src_type.
-    flows_to      upstream feature -> feature: `lineage_edges` rows with src_type feature and
-                  method decoder_cosine or activation_correlation; the source is a feature of the
-                  basis named by that row's pruning JSON "upstream"; rank, upstream.
-    dla           feature -> logit:<token>: method dla; rank.
-    born_at       feature -> checkpoint:<birth_step>: weight 1.0, method "births:<metric>",
-                  step = birth_step, censored (births.birth_censored: present from birth to the
-                  last checkpoint, fewer than persistence checkpoints observed; left out on rows
-                  written before births recorded it); for every `births` row of the chosen rule
-                  with a birth_step.
-    patch_effect  feature -> checkpoint:<target_step>: single-feature `patches` rows; weight =
-                  delta, method = the patch mode, step = target_step; metric, split, mode,
-                  source_step, scale, clean, patched, recon_rel_error, error_norm_share,
-                  spliced_loss_delta, n_tokens.
-
-lineage, flows_to, dla and patch_effect edges are per step: `step=None` takes every step with
-`lineage_edges` or `patches` rows for the basis; an int takes that step only. born_at edges do
-not depend on the step selection.
-
-Births rule: `births` holds one row set per parameter set (metric, presence, threshold,
-persistence, stable_eps, stable_cos). The graph uses the set of feature-birth-analyze's defaults
-(`featurestore.birth_rules.default_births_rule()`) when it is there; otherwise the first set
-ordered by: the default metric first, the default presence first, the default persistence
-first, then threshold, persistence, stable_eps, stable_cos, metric, presence
-(`featurestore.birth_rules.births_rule_sets`, which the plots use too). The chosen set is
-recorded in the graph attribute `births_rule` (with `chosen_by`, the number of sets there were,
-and its births and censored_births).
-
-Graph attributes: schema_version (GRAPH_SCHEMA_VERSION, the layout of these exports),
-warehouse_schema_version, generator ("featurestore <version>"), basis, stage, run, kind, steps
-(the graph's steps), basis_steps, pruning (the distinct lineage_edges.pruning JSON values of those
-steps, parsed), upstream (upstream bases with their stage and births rule), births_rule.
-
-GraphML holds only str / int / float / bool values: lists and dicts are written as JSON strings
-(sorted keys) and None values are dropped, graph attributes included (`graphml_safe`).
-
-Attribution-graph JSON
-----------------------
-The layout read by circuit-tracer's frontend and Neuronpedia's graph viewer: top-level
-`metadata`, `qParams`, `nodes`, `links`. Required (Neuronpedia's graph-schema.json, plus
-circuit-tracer's `transcoder_list`), listed in ATTRIBUTION_GRAPH_REQUIRED:
-
-    top level   metadata, qParams, nodes, links
-    metadata    slug, scan, prompt_tokens, prompt, transcoder_list
-    node        node_id, feature, layer, ctx_idx, feature_type, jsNodeId, clerp
-    link        source, target, weight
-
-How featurestore fills them. The attributions here are not of one prompt: dfa, grad_x_act,
-decoder cosines, correlations and dla are averages over a token sample at one checkpoint. So the
-"context" axis is used for checkpoints: `prompt_tokens` is ["step <s>", ...] for the graph's steps
-in order, and `ctx_idx` of a node or link is the index of its step in that list (the position
-axis of a viewer becomes the training axis). `prompt` says so in words.
-
-    metadata  slug: the basis name (with -step<N>), lower-case, [a-z0-9-]; scan: the run;
-              transcoder_list: the basis and its upstream bases; node_threshold: 1.0 (keep every
-              node: lineage_edges are already pruned to top_k per feature); schema_version: 1
-              (circuit-tracer's metadata schema version); generator: "featurestore <version>";
-              info: title, description, creator_name, generator {name, version};
-              pruning_settings: {"lineage_edges": the pruning JSON values}; featurestore: the
-              graph attributes (basis, stage, run, steps, births rule, schema versions).
-    nodes     one per (node, step) taking part in a lineage / flows_to / dla link at that step,
-              plus the reconstruction-error node of each step. node_id: "<graph node id>@<step>";
-              jsNodeId: "<graph node id>-<ctx_idx>"; feature: the feature id, head index, neuron
-              index or token id (-1 for the embedding and reconstruction-error nodes); layer: the
-              block index as a string (features: the block of their stage, final_norm = number of
-              blocks; "E" for the embedding; logits: number of blocks + 1, as circuit-tracer
-              does); feature_type: circuit-tracer's vocabulary where it has the kind ("cross layer
-              transcoder" for features, "embedding", "logit", "mlp reconstruction error"), else
-              "attention head" / "mlp neuron"; node_type: featurestore's type; clerp: the node's
-              label; influence: cumulative share of attribution, as circuit-tracer's pruning reads
-              it (per step, each link's |weight| as a share of its method's total, summed per
-              node; nodes sorted by that mass, largest first; influence = the running sum / total,
-              so the strongest node has the smallest value); activation: a feature's
-              trajectories.mean_active_activation at that step (null otherwise); plus step,
-              basis / feature_id / birth_step / birth_censored / present_at_init / top_tokens /
-              top_token_texts / top_context where they apply.
-    links     source, target (node_ids), weight, plus step, ctx_idx, edge_type, method, rank.
-
-born_at and patch_effect edges, and checkpoint nodes, are not attributions and stay out of this
-file (they are in the other two).
+(several methods can join the same pair of nodes): the basis's features, the heads, neurons and
+embedding that write them (lineage), the upstream features they read from (flows_to), the output
+tokens they promote (dla), their births (born_at) and patch effects (patch_effect), with a node
+per checkpoint and per reconstruction error. `featurestore.queries.graph_files` writes it out.
+docs/graph-format.md describes every node, edge and attribute.
 """
 
 from __future__ import annotations
@@ -136,76 +13,29 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 import networkx as nx
 
 from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets, default_births_rule
 from featurestore.errors import FeaturestoreError
-from featurestore.queries.exports import write_atomic
 from featurestore.registry import SHARED, get_basis
-from featurestore.results import Result
-from featurestore.warehouse import records
+from featurestore.warehouse import package_version, records
 
+# The layout of the graph exports, recorded as the graph attribute schema_version.
 GRAPH_SCHEMA_VERSION = 1
-# circuit-tracer's frontend Metadata.schema_version.
-ATTRIBUTION_SCHEMA_VERSION = 1
 
 NODE_TYPES = ("feature", "attention_head", "mlp_neuron", "embedding", "logit", "checkpoint",
               "reconstruction_error")
 EDGE_TYPES = ("lineage", "flows_to", "dla", "born_at", "patch_effect")
 COMPONENT_TYPES = ("attention_head", "mlp_neuron", "embedding")
-LINEAGE_METHODS = ("dfa", "grad_x_act")
 FLOW_METHODS = ("decoder_cosine", "activation_correlation")
 DLA_METHOD = "dla"
-ATTRIBUTION_EDGE_TYPES = ("lineage", "flows_to", "dla")
-
-# Required fields of the attribution-graph JSON: Neuronpedia's graph-schema.json ("required" of
-# the top level, metadata, nodes and links) and circuit-tracer's Metadata.transcoder_list.
-ATTRIBUTION_GRAPH_REQUIRED: dict[str, tuple[str, ...]] = {
-    "graph": ("metadata", "qParams", "nodes", "links"),
-    "metadata": ("slug", "scan", "prompt_tokens", "prompt", "transcoder_list"),
-    "node": ("node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"),
-    "link": ("source", "target", "weight"),
-}
-
-# circuit-tracer's feature_type names for the kinds it has; featurestore's other kinds in words.
-ATTRIBUTION_FEATURE_TYPES = {
-    "feature": "cross layer transcoder",
-    "attention_head": "attention head",
-    "mlp_neuron": "mlp neuron",
-    "embedding": "embedding",
-    "logit": "logit",
-    "reconstruction_error": "mlp reconstruction error",
-}
 
 # Top examples read per feature for its top tokens, and how many token ids are kept.
 TOP_EXAMPLES = 10
 TOP_TOKENS = 5
-NODE_THRESHOLD = 1.0
-
-FORMATS = ("node_link", "graphml", "attribution_graph")
-
-
-@dataclass
-class GraphExport(Result):
-    """What export_graphs wrote."""
-
-    basis: str
-    out: str
-    steps: list[int]  # the graph's steps (lineage / patch edges)
-    files: dict[str, dict[str, str]]  # step group ("all" or "step<N>") -> format -> path
-    node_counts: dict[str, int]  # node_type -> count
-    edge_counts: dict[str, int]  # edge_type -> count
-    attribution_nodes: int
-    attribution_links: int
-    seconds: float
-    births_rule: dict | None = None
-    pruning: list[dict] = field(default_factory=list)
 
 
 # -- node ids ----------------------------------------------------------------------------------
@@ -301,7 +131,8 @@ def _listed(steps: list[int]) -> str:
 
 
 def _births_rule(con: duckdb.DuckDBPyConnection, basis: str) -> dict | None:
-    """The births parameter set the graph uses (see the module docstring), or None."""
+    """The births parameter set the graph uses (see "Births rule" in docs/graph-format.md), or
+    None."""
     sets = births_rule_sets(con, basis, "births")
     if not sets:
         return None
@@ -395,7 +226,8 @@ def _trajectory(con: duckdb.DuckDBPyConnection, basis: str, step: int | None) ->
     return {int(r.pop("feature_id")): r for r in rows}
 
 
-def _stage_layer(stage: str | None, n_layers: int | None) -> int | None:
+def stage_layer(stage: str | None, n_layers: int | None) -> int | None:
+    """The block index of a stage: b for layer_<b>_..., the number of blocks for final_norm."""
     if stage is None:
         return None
     match = _STAGE_LAYER.match(stage)
@@ -445,10 +277,8 @@ def _tokens_label(attrs: dict) -> str:
 def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
                 step: int | None = None) -> nx.MultiDiGraph:
     """The graph of a shared basis from the warehouse behind `con` (a featurestore connection):
-    at every step with lineage or patches (step None) or at one step. See the module docstring
-    for the nodes, edges and attributes."""
-    from featurestore.warehouse import package_version
-
+    at every step with lineage or patches (step None) or at one step. docs/graph-format.md
+    describes the nodes, edges and attributes."""
     info = _basis_info(con, basis)
     chosen = _resolve_step(con, info, step)
     steps = data_steps(con, basis) if chosen is None else [chosen]
@@ -528,7 +358,7 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
         "warehouse_schema_version": int(warehouse_version),
         "generator": f"featurestore {package_version()}",
         "basis": basis, "kind": info["kind"], "stage": stage, "run": run,
-        "layer": _stage_layer(stage, n_layers), "n_layers": n_layers,
+        "layer": stage_layer(stage, n_layers), "n_layers": n_layers,
         "steps": steps, "step": chosen, "basis_steps": info["steps"],
         "pruning": [json.loads(p) for p in pruning_values],
         "upstream": upstream_info,
@@ -671,252 +501,3 @@ def count_types(G: nx.MultiDiGraph) -> tuple[dict[str, int], dict[str, int]]:
     nodes = Counter(d.get("node_type", "unknown") for _, d in G.nodes(data=True))
     edges = Counter(d.get("edge_type", "unknown") for _, _, d in G.edges(data=True))
     return dict(sorted(nodes.items())), dict(sorted(edges.items()))
-
-
-# -- formats -----------------------------------------------------------------------------------
-
-
-def _jsonable(value):
-    """A value json.dumps takes without NaN: tuples as lists, non-finite floats as None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def node_link(G: nx.MultiDiGraph) -> dict:
-    """node-link data (edges under "links") with the graph attributes also at the top level."""
-    data = nx.node_link_data(G, edges="links")
-    top = {k: G.graph.get(k) for k in ("schema_version", "generator", "basis", "stage", "run",
-                                        "steps", "pruning", "births_rule")}
-    return _jsonable({**top, **data})
-
-
-def _scalar(value):
-    """A GraphML value: str / int / float / bool kept, lists and dicts as JSON, None dropped."""
-    if value is None:
-        return None
-    if isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return json.dumps(_jsonable(value), sort_keys=True)
-
-
-def graphml_safe(G: nx.MultiDiGraph) -> nx.MultiDiGraph:
-    """A copy of G that GraphML (and Gephi / Cytoscape) can hold: only str / int / float / bool
-    attributes; lists and dicts as JSON strings; None dropped."""
-    H = nx.MultiDiGraph()
-
-    def clean(data: dict) -> dict:
-        out = {}
-        for k, v in data.items():
-            v = _scalar(v)
-            if v is not None:
-                out[k] = v
-        return out
-
-    H.graph.update(clean(G.graph))
-    for n, data in G.nodes(data=True):
-        H.add_node(n, **clean(data))
-    for u, v, k, data in G.edges(keys=True, data=True):
-        H.add_edge(u, v, key=k, **clean(data))
-    return H
-
-
-def attribution_graph(G: nx.MultiDiGraph) -> dict:
-    """The circuit-tracer / Neuronpedia attribution-graph dict of G (see the module docstring)."""
-    meta = G.graph
-    steps = list(meta.get("steps") or [])
-    ctx = {s: i for i, s in enumerate(steps)}
-    n_layers = meta.get("n_layers")
-    basis = meta["basis"]
-
-    # The attribution links of each step, and each node's share of its step's attribution.
-    links_by_step: dict[int, list[tuple]] = {s: [] for s in steps}
-    for u, v, data in G.edges(data=True):
-        if data.get("edge_type") in ATTRIBUTION_EDGE_TYPES and data.get("step") in ctx:
-            links_by_step[data["step"]].append((u, v, data))
-
-    nodes, links = [], []
-    for s in steps:
-        totals: Counter = Counter()
-        for _, _, data in links_by_step[s]:
-            totals[data["method"]] += abs(data["weight"])
-        mass: Counter = Counter()
-        order: list[str] = []
-        for u, v, data in links_by_step[s]:
-            share = abs(data["weight"]) / totals[data["method"]] if totals[data["method"]] else 0
-            for n in (u, v):
-                if n not in mass:
-                    order.append(n)
-                mass[n] += share
-        recon = recon_error_node(basis, s)
-        if recon in G and recon not in mass:
-            order.append(recon)
-        ranked = sorted(order, key=lambda n: -mass.get(n, 0.0))  # stable: ties keep first-seen
-        total = sum(mass.values())
-        running, influence = 0.0, {}
-        for n in ranked:
-            running += mass.get(n, 0.0)
-            influence[n] = min(1.0, running / total) if total else None
-        for n in order:
-            nodes.append(_attribution_node(G, n, s, ctx[s], n_layers, influence[n]))
-        for u, v, data in links_by_step[s]:
-            link = {"source": f"{u}@{s}", "target": f"{v}@{s}", "weight": data["weight"],
-                    "step": s, "ctx_idx": ctx[s], "edge_type": data["edge_type"],
-                    "method": data["method"]}
-            if "rank" in data:
-                link["rank"] = data["rank"]
-            links.append(link)
-
-    slug = re.sub(r"[^a-z0-9-]+", "-", basis.lower()).strip("-") or "graph"
-    if meta.get("step") is not None:
-        slug += f"-step{meta['step']}"
-    transcoders = [basis] + [u["basis"] for u in meta.get("upstream") or []]
-    generator = meta["generator"]
-    name, _, version = generator.partition(" ")
-    described = (f"{basis}, a feature basis of {meta['run']} at {meta['stage']}: heads, neurons "
-                 "and embeddings that write each feature (dfa, grad_x_act), upstream features "
-                 "(decoder_cosine, activation_correlation) and the output tokens it promotes "
-                 "(dla), averaged over a token sample at each checkpoint; one context position "
-                 "per checkpoint")
-    metadata = {
-        "slug": slug,
-        "scan": meta["run"],
-        "transcoder_list": transcoders,
-        "prompt_tokens": [f"step {s}" for s in steps],
-        "prompt": described + (": " + ", ".join(f"step {s}" for s in steps) if steps else ""),
-        "node_threshold": NODE_THRESHOLD,
-        "schema_version": ATTRIBUTION_SCHEMA_VERSION,
-        "generator": generator,
-        "info": {"title": f"{basis} feature lineage" + (
-                     f" at step {meta['step']}" if meta.get("step") is not None else ""),
-                 "description": described,
-                 "creator_name": "featurestore",
-                 "generator": {"name": name, "version": version}},
-        "pruning_settings": {"node_threshold": NODE_THRESHOLD,
-                             "lineage_edges": meta.get("pruning") or []},
-        "featurestore": {k: meta.get(k) for k in (
-            "schema_version", "warehouse_schema_version", "generator", "basis", "kind", "stage",
-            "run", "steps", "step", "basis_steps", "births_rule", "upstream")},
-    }
-    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-               "sg_pos": ""}
-    return _jsonable({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
-
-
-def _attribution_node(G: nx.MultiDiGraph, n: str, step: int, ctx_idx: int, n_layers: int | None,
-                      influence: float | None) -> dict:
-    data = G.nodes[n]
-    kind = data.get("node_type")
-    feature, layer = -1, None
-    extra: dict = {}
-    if kind == "feature":
-        feature = data.get("feature_id", -1)
-        layer = _stage_layer(data.get("stage"), n_layers)
-        for k in ("basis", "feature_id", "birth_step", "birth_censored", "present_at_init",
-                  "top_tokens", "top_token_texts", "top_context"):
-            if k in data:
-                extra[k] = data[k]
-        activation = None
-        if data.get("examples_step") == step:
-            activation = data.get("mean_active_activation")
-    elif kind in ("attention_head", "mlp_neuron"):
-        feature = data["head"] if kind == "attention_head" else data["neuron"]
-        layer = data["layer"]
-        activation = None
-    elif kind == "embedding":
-        layer, activation = "E", None
-    elif kind == "logit":
-        feature = data["token_id"]
-        layer = None if n_layers is None else n_layers + 1
-        activation = None
-        extra["is_target_logit"] = False
-    else:  # reconstruction_error
-        layer = G.graph.get("layer")
-        activation = None
-        for k in ("explained_variance", "relative_reconstruction_error",
-                  "patch_recon_rel_error_mean"):
-            if k in data:
-                extra[k] = data[k]
-    return {"node_id": f"{n}@{step}", "feature": feature,
-            "layer": "" if layer is None else str(layer), "ctx_idx": ctx_idx,
-            "feature_type": ATTRIBUTION_FEATURE_TYPES.get(kind, kind or ""),
-            "jsNodeId": f"{n}-{ctx_idx}", "clerp": data.get("label", n),
-            "influence": influence, "activation": activation, "node_type": kind, "step": step,
-            **extra}
-
-
-# -- writing -----------------------------------------------------------------------------------
-
-
-def _write_json(data: dict, path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-
-    write_atomic(path, write)
-
-
-def write_node_link(G: nx.MultiDiGraph, path: str | Path) -> Path:
-    path = Path(path)
-    _write_json(node_link(G), path)
-    return path
-
-
-def write_graphml(G: nx.MultiDiGraph, path: str | Path) -> Path:
-    path = Path(path)
-    safe = graphml_safe(G)
-    write_atomic(path, lambda tmp: nx.write_graphml(safe, tmp, infer_numeric_types=True))
-    return path
-
-
-def write_attribution_graph(G: nx.MultiDiGraph, path: str | Path) -> Path:
-    path = Path(path)
-    _write_json(attribution_graph(G), path)
-    return path
-
-
-def read_graphml(path: str | Path) -> nx.MultiDiGraph:
-    """A GraphML file written here, as a MultiDiGraph with its string edge keys."""
-    return nx.read_graphml(path, edge_key_type=str, force_multigraph=True)
-
-
-def export_graphs(basis: str, step: int | str | None = "all", out: str | Path | None = None,
-                  warehouse: str | None = None) -> GraphExport:
-    """Build the graph of `basis` (every step with lineage or patches, or one step) and write it
-    as node-link JSON, GraphML and attribution-graph JSON into `out` (default
-    <warehouse>/exports/<basis>/graphs). Nothing is written when the basis or step is bad."""
-    from featurestore.warehouse import Warehouse
-
-    started = time.perf_counter()
-    wh = Warehouse(warehouse)
-    with wh.connect() as con:
-        G = build_graph(con, basis, step)
-    folder = Path(out) if out is not None else wh.root / "exports" / basis / "graphs"
-    chosen = G.graph.get("step")
-    suffix = "" if chosen is None else f"_step{chosen}"
-    group = "all" if chosen is None else f"step{chosen}"
-    paths = {
-        "node_link": folder / f"{basis}_graph{suffix}.json",
-        "graphml": folder / f"{basis}_graph{suffix}.graphml",
-        "attribution_graph": folder / f"{basis}_attribution_graph{suffix}.json",
-    }
-    write_node_link(G, paths["node_link"])
-    write_graphml(G, paths["graphml"])
-    attribution = attribution_graph(G)
-    _write_json(attribution, paths["attribution_graph"])
-    nodes, edges = count_types(G)
-    return GraphExport(basis=basis, out=str(folder), steps=list(G.graph["steps"]),
-                       files={group: {k: str(v) for k, v in paths.items()}},
-                       node_counts=nodes, edge_counts=edges,
-                       attribution_nodes=len(attribution["nodes"]),
-                       attribution_links=len(attribution["links"]),
-                       seconds=time.perf_counter() - started,
-                       births_rule=G.graph.get("births_rule"),
-                       pruning=list(G.graph.get("pruning") or []))

@@ -694,9 +694,9 @@ def _log_step_axis(column: str) -> alt.X:
 
 
 def _inline(rows: list[dict]) -> alt.InlineData:
-    # altair's debug mode validates every row against the schema as the object is built: 0.7 s
-    # for a 6,000-cell heatmap, most of an export's time. The rows are plain JSON values from
-    # json_records, and the whole spec is still validated once, in _spec's to_dict.
+    # altair's debug mode validates every row against the schema as the object is built, which
+    # for a heatmap of thousands of cells is most of an export's time. The rows are plain JSON
+    # values from json_records, and the whole spec is still validated once, in _spec's to_dict.
     with debug_mode(False):
         return alt.InlineData(values=rows)
 

@@ -90,8 +90,8 @@ class LiveWarehouse:
     """One read-only session on the warehouse, reopened when a job has committed since it was
     opened (opening costs a catalog read; asking for the newest snapshot is one small query).
 
-    Every query of a DuckLake table costs a catalog lookup of its files, 10 to 25 ms, which a
-    page of a dozen queries would pay a dozen times. The session's snapshot never changes, so on
+    Every query of a DuckLake table costs a catalog lookup of its files, which a page of a
+    dozen queries would pay a dozen times. The session's snapshot never changes, so on
     opening, the tables of up to CACHED_ROWS rows are copied into memory under their own names
     (views read them the same way), and the larger ones read the snapshot's Parquet files
     straight (read_files_directly), where a query naming a basis, step or feature reads only the

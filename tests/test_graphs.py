@@ -18,14 +18,8 @@ import pytest
 from featurestore.birth_rules import default_births_rule
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.birth_analysis import analyze_births
-from featurestore.queries.graphs import (
-    ATTRIBUTION_GRAPH_REQUIRED,
-    EDGE_TYPES,
-    NODE_TYPES,
-    build_graph,
-    export_graphs,
-    read_graphml,
-)
+from featurestore.queries.graph_files import ATTRIBUTION_GRAPH_REQUIRED, export_graphs, read_graphml
+from featurestore.queries.graphs import EDGE_TYPES, NODE_TYPES, build_graph
 from featurestore.warehouse import Warehouse, connect
 
 BASES = ("tiny-l2", "tiny-fn")
