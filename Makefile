@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv if it is missing
-# and install torch first (the CPU build this machine has on disk), then the project with its dev
-# extras; the install is skipped while pyproject.toml is unchanged.
+# and install torch 2.13.0 first, then the project with its dev extras; the install is skipped
+# while pyproject.toml is unchanged.
 
 PYTHON ?= python3
 VENV ?= .venv
