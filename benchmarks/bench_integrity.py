@@ -76,7 +76,7 @@ def run(options: RunOptions) -> BenchmarkResult:
 
         def check(deep: bool) -> float:
             result = check_warehouse(root, deep=deep)
-            assert result.ok, [p.line() for p in result.problems]
+            assert result.ok, [p.summary() for p in result.problems]
             return megabytes
 
         def copy_catalog() -> float:

@@ -11,7 +11,6 @@ import csv
 import json
 import shlex
 import sys
-from datetime import date, datetime
 
 import click
 
@@ -33,7 +32,7 @@ from featurestore.lake import CATALOG_ENV
 from featurestore.queries.artifacts import DEFAULT_OUT
 from featurestore.ranges import MAX_INT64
 from featurestore.settings import THREADS_ENV, WAREHOUSE_ENV
-from featurestore.text_table import format_table
+from featurestore.text_table import format_cell, format_table, json_default
 
 
 class _Group(click.Group):
@@ -117,16 +116,17 @@ def _damaged_table_file(error: Exception) -> str | None:
     return f"{str(error).strip().splitlines()[0]}.{hint}" if hint else None
 
 
+def _emit(result, as_json: bool) -> None:
+    """Print a command's result: its JSON with --json, else the text it renders itself (the
+    same as `print(result.summary())` in a notebook)."""
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+
+
 def _emit_json(value) -> None:
-    click.echo(json.dumps(value, indent=2, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return str(value)
+    click.echo(json.dumps(value, indent=2, default=json_default))
 
 
 def _threads(ctx: click.Context) -> None:
@@ -265,7 +265,7 @@ def train_model_command(ctx, run, steps, seed, d_model, as_json, quiet):
     _threads(ctx)
     result = train_model(run, steps=steps, seed=seed, d_model=d_model,
                          warehouse=_warehouse(ctx), progress=not quiet)
-    _report_training(result, as_json)
+    _emit(result, as_json)
 
 
 @cli.command("finetune")
@@ -292,17 +292,7 @@ def finetune_command(ctx, run, from_checkpoint, steps, seed, as_json, quiet):
     _threads(ctx)
     result = finetune(run, from_checkpoint, steps=steps, seed=seed, warehouse=_warehouse(ctx),
                       progress=not quiet)
-    _report_training(result, as_json)
-
-
-def _report_training(result, as_json: bool) -> None:
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"{result.kind} run {result.run!r}: {result.steps} steps, "
-               f"{len(result.checkpoint_steps)} checkpoints in {result.seconds:.1f}s")
-    for split, metrics in result.final_metrics.items():
-        click.echo(f"  {split:<10} loss {metrics['loss']:.3f}  accuracy {metrics['accuracy']:.3f}")
+    _emit(result, as_json)
 
 
 def _token_file_options(command):
@@ -391,13 +381,7 @@ def collect_command(ctx, run, stages, checkpoints, tokens, splits, seed, tokens_
                      include_first_position=include_first_position,
                      warehouse=_warehouse(ctx), progress=not quiet)
     _echo_notes(result.notes)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"collected {len(result.sets)} activation sets for {run!r}: "
-               f"{len(result.steps)} checkpoints x {len(result.stages)} stages x "
-               f"{result.n_tokens} tokens in {result.seconds:.1f}s "
-               f"({result.tokens_per_second:,.0f} tokens/s)")
+    _emit(result, as_json)
 
 
 @cli.command("register-activations")
@@ -441,14 +425,7 @@ def register_command(ctx, path, token_ids, name, run, step, stage, include_first
     result = register_activations(path, name=name, run=run, step=step, stage=stage,
                                   include_first_position=include_first_position,
                                   token_ids=token_ids, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"registered {result.name!r}: {result.n_tokens} tokens x d_model "
-               f"{result.d_model} ({result.format}), norm scale {result.norm_scale:.4f}")
-    if result.converted_from is not None:
-        click.echo(f"converted from {result.converted_from} in {result.input_path} to float32 "
-                   f"at {result.path} (the input is unchanged)")
+    _emit(result, as_json)
 
 
 @cli.command("register-model")
@@ -509,16 +486,7 @@ def register_model_command(ctx, run, path, factory, config, weights, adapter, st
         run, path, step, steps=parse_step_list(steps_text), factory=factory, config=config,
         weights=weights, adapter=adapter, stage_overrides=stage_overrides, tokenizer=tokenizer,
         eval_tokens_from=eval_tokens_from, eval_tokens=eval_tokens, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"registered {len(result.checkpoints)} checkpoint(s) of a {result.model_family} "
-               f"model as run {result.run} (d_model {result.d_model}, {result.n_layers} blocks)")
-    for checkpoint in result.checkpoints:
-        loss = ("" if checkpoint["heldout_loss"] is None
-                else f"  loss {checkpoint['heldout_loss']:.4f}  "
-                     f"accuracy {checkpoint['heldout_accuracy']:.4f}")
-        click.echo(f"  step {checkpoint['step']:>8}  {checkpoint['path']}{loss}")
+    _emit(result, as_json)
 
 
 @cli.command("evaluate-checkpoints")
@@ -553,14 +521,7 @@ def evaluate_checkpoints_command(ctx, run, tokens_from, tokens, checkpoints, tok
     _threads(ctx)
     result = evaluate_checkpoints(run, tokens_from, tokens=tokens, checkpoints=checkpoints,
                                   tokenizer=tokenizer, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"evaluated {len(result.checkpoints)} checkpoint(s) of {run} on "
-               f"{result.eval_tokens}")
-    for checkpoint in result.checkpoints:
-        click.echo(f"  step {checkpoint['step']:>8}  loss {checkpoint['heldout_loss']:.4f}  "
-                   f"accuracy {checkpoint['heldout_accuracy']:.4f}")
+    _emit(result, as_json)
 
 
 @cli.command("train-crosscoder")
@@ -672,14 +633,7 @@ def train_crosscoder_command(ctx, name, sources, tokens_from, text_column, token
         max_dead_fraction=max_dead_fraction, wandb=wandb, warehouse=_warehouse(ctx),
         progress=not quiet)
     _echo_notes(result.notes)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    metrics = result.final_metrics
-    click.echo(f"basis {result.name!r}: {result.arch}, {result.d_hidden} latents over "
-               f"{', '.join(result.sources)}; {result.steps} steps in {result.seconds:.1f}s; "
-               f"explained variance {metrics.get('explained_variance', float('nan')):.3f}, "
-               f"L0 {metrics.get('l0_loss', float('nan')):.1f}")
+    _emit(result, as_json)
 
 
 # --- shared feature bases and their dynamics ------------------------------------------------------
@@ -752,19 +706,10 @@ def shared_feature_fit_command(ctx, run, stage, checkpoints, name, kind, arch, k
         min_explained_variance=min_explained_variance,
         max_active_fraction=max_active_fraction, max_dead_fraction=max_dead_fraction,
         warehouse=_warehouse(ctx), progress=not quiet)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    quality = result.fit_quality
-    explained = quality["explained_variance"].values()
-    stability = "" if result.stability is None else f", stability {result.stability:.2f}"
-    click.echo(f"basis {result.name!r}: {result.kind} {result.arch}, {result.d_hidden} features "
-               f"over {len(result.steps_fitted)} checkpoints of {result.run} at {result.stage}; "
-               f"explained variance {min(explained):.3f}-{max(explained):.3f}, "
-               f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}{stability} "
-               f"({result.seconds:.1f}s)")
-    for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    _emit(result, as_json)
+    if not as_json:  # --json carries them in its `warnings`
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command("import-dictionary")
@@ -810,14 +755,7 @@ def import_dictionary_command(ctx, format_, path, name, run, stage, checkpoints,
     result = import_dictionary(format_, path, name, run=run, stage=stage,
                                checkpoints=checkpoints, sources=list(sources),
                                warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-    else:
-        explained = result.explained_variance.values()
-        click.echo(f"basis {result.name!r}: {result.format} {result.arch} {result.kind}, "
-                   f"{result.d_hidden} features over {result.n_sources} source(s) of width "
-                   f"{result.d_model}, registered on {len(result.sources)} activation set(s); "
-                   f"explained variance {min(explained):.3f}-{max(explained):.3f}")
+    _emit(result, as_json)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
@@ -849,11 +787,7 @@ def export_dictionary_command(ctx, basis, format_, out, step, as_json):
     from featurestore.queries.export_dictionary import export_dictionary
 
     result = export_dictionary(basis, format_, out=out, step=step, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"{basis!r} written as a {result.format} {result.arch} SAE ({result.d_in} -> "
-               f"{result.d_sae}) to {result.directory}: {', '.join(result.files)}")
+    _emit(result, as_json)
 
 
 @cli.command("feature-trajectory-sweep")
@@ -882,13 +816,7 @@ def feature_trajectory_sweep_command(ctx, basis, checkpoints, workers, as_json, 
     _threads(ctx)
     result = feature_trajectory_sweep(basis, checkpoints=checkpoints, workers=workers,
                                       warehouse=_warehouse(ctx), progress=not quiet)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"swept {basis!r}: {len(result.steps)} checkpoints x "
-               f"{result.tokens_per_checkpoint:,} tokens in {result.seconds:.1f}s "
-               f"({result.tokens_per_second:,.0f} tokens/s); {result.activation_rows:,} "
-               f"activation rows written at {result.rows_per_second_written:,.0f} rows/s")
+    _emit(result, as_json)
 
 
 @cli.command("crosscoder-sweep")
@@ -918,14 +846,7 @@ def crosscoder_sweep_command(ctx, basis, as_json, quiet):
 
     _threads(ctx)
     result = crosscoder_sweep(basis, warehouse=_warehouse(ctx), progress=not quiet)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"swept {basis!r}: {result.n_tokens:,} tokens of {', '.join(result.sources)}; "
-               f"{result.live_latents} of {result.d_hidden} latents active, "
-               f"{result.example_rows:,} examples"
-               f"{'' if result.decoded else ' (no token strings: contexts as token ids)'} "
-               f"({result.seconds:.1f}s)")
+    _emit(result, as_json)
 
 @cli.command("feature-birth-analyze")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
@@ -982,33 +903,7 @@ def feature_birth_analyze_command(ctx, basis, metric, presence, threshold, persi
     result = analyze_births(basis, metric=metric, threshold=threshold, presence=presence,
                             persistence=persistence, stable_eps=stable_eps, stable_cos=stable_cos,
                             permutations=permutations, seed=seed, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    bound = (f"{result.threshold:.4g} x its peak" if presence == "relative"
-             else f"{result.threshold:.4g}")
-    click.echo(f"basis {basis!r}, {metric} >= {bound} for {persistence} "
-               f"checkpoints: {result.births} of {result.n_features} features born "
-               f"({result.censored_births} censored), {result.present_at_init} present at init, "
-               f"{result.deaths} died (stored in births, birth_summary)")
-    click.echo(f"null ({permutations} shuffled orders): {result.null_births_mean:.1f} births "
-               f"({result.null_censored_births_mean:.1f} censored), false-birth rate "
-               f"{result.null_false_birth_rate:.3f} vs birth rate {result.birth_rate:.3f}")
-    click.echo(format_table(
-        ["window", "births", "censored", "null mean"],
-        [[f"({w['window_start']}, {w['window_end']}]", str(w["births"]),
-          str(w["censored_births"]), f"{w['null_births_mean']:.2f}"] for w in result.windows]))
-    if result.first_born:
-        click.echo(f"first {len(result.first_born)} born:")
-        click.echo(format_table(
-            ["feature", "birth", "stabilized", "death", "drift"],
-            [[str(f["feature_id"]), *(_cell(f[c]) for c in ("birth_step", "stabilization_step",
-                                                          "death_step", "drift"))]
-             for f in result.first_born]))
-    if any(f["birth_censored"] for f in result.last_born):
-        click.echo("censored births (present to the last checkpoint, fewer than K observed): "
-                   + ", ".join(f"feature {f['feature_id']} at step {f['birth_step']}"
-                               for f in result.last_born if f["birth_censored"]))
+    _emit(result, as_json)
 
 
 @cli.command("feature-compare")
@@ -1038,25 +933,11 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
       featurestore feature-compare --basis demo-l2 --source 100 --target 400 --rank-by log_ratio
       featurestore sql "SELECT * FROM diffs WHERE rank_by_energy_change <= 5"
     """
-    from featurestore.ingest.feature_compare import RANK_BY, compare_features
+    from featurestore.ingest.feature_compare import compare_features
 
     result = compare_features(basis, source, target, warehouse=_warehouse(ctx), top=top,
                               rank_by=rank_by)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"basis {basis!r}: {result.n_features} features compared from step {source} to "
-               f"step {target} (stored in diffs); top {len(result.top)} by {rank_by}:")
-    click.echo(format_table(
-        ["rank", "feature", "rate source", "rate target", "rate change", "log ratio",
-         "mean change", "energy change", "cosine", "largest split change"],
-        [[str(row[RANK_BY[rank_by]]), str(row["feature_id"]),
-          *(_cell(row[c]) for c in ("source_activation_rate", "target_activation_rate",
-                                    "activation_rate_change", "log_rate_ratio",
-                                    "mean_activation_change", "energy_change",
-                                    "direction_cosine")),
-          _largest_split_change(row["split_rate_changes"])]
-         for row in result.top]))
+    _emit(result, as_json)
 
 
 @cli.command("feature-patch")
@@ -1109,19 +990,7 @@ def feature_patch_command(ctx, basis, source, target, features, rank_by, mode, s
     result = feature_patch(basis, source, target, features=features, rank_by=rank_by,
                            mode=mode, scale=scale, tokens=tokens, splits=splits, seed=seed,
                            warehouse=_warehouse(ctx), progress=not quiet and not as_json)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"basis {basis!r} at {result.stage}: features {result.features} of step "
-               f"{target} patched ({mode}) on {result.n_tokens} tokens; {result.rows} rows in "
-               f"patches ({result.tokens_per_second:,.0f} tokens/s).")
-    click.echo("site reconstruction, per split: " + ", ".join(
-        f"{s} rel. error {result.recon_rel_error[s]:.3f}, spliced loss delta "
-        f"{result.spliced_loss_delta[s]:+.4f}" for s in result.splits))
-    click.echo("largest loss changes:")
-    click.echo(format_table(["features", "split", "clean", "patched", "delta"],
-                            [[r["feature_set"], r["split"], _cell(r["clean"]),
-                              _cell(r["patched"]), _cell(r["delta"])] for r in result.top]))
+    _emit(result, as_json)
 
 
 @cli.command("feature-lineage")
@@ -1170,27 +1039,7 @@ def feature_lineage_command(ctx, basis, steps, features, top_k, min_weight, upst
                              min_weight=min_weight, upstream=upstream, tokens=tokens,
                              patch_threshold=patch_threshold, top_features=top_features,
                              warehouse=_warehouse(ctx), progress=not quiet and not as_json)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"basis {basis!r} at {result.stage}: {result.edges} edges in lineage_edges over "
-               f"{len(result.steps)} checkpoint(s), {result.n_tokens} tokens each, "
-               f"{result.seconds:.1f}s")
-    for step in result.steps:
-        click.echo(f"  step {step.step}: {len(step.features)} features ({step.filter} filter), "
-                   f"{step.edges} edges" + (f", silent: {step.silent}" if step.silent else ""))
-    strongest = [e for e in result.top if e["method"] in ("dfa", "grad_x_act")]
-    click.echo("strongest source of each feature (rank 1):")
-    click.echo(format_table(["step", "feature", "method", "source", "weight"],
-                            [[str(e["step"]), e["dst_id"], e["method"], e["src_id"],
-                              _cell(e["weight"])] for e in strongest[:24]]))
-
-
-def _largest_split_change(changes: dict[str, float]) -> str:
-    if not changes:
-        return ""
-    split = max(changes, key=lambda s: abs(changes[s]))
-    return f"{split} {changes[split]:+.3g}"
+    _emit(result, as_json)
 
 
 @cli.command("demo")
@@ -1286,27 +1135,7 @@ def grokking_command(ctx, run, p, train_fraction, steps, d_model, weight_decay, 
         weight_decay=weight_decay, seed=seed, dense_every=dense_every, fit_steps=fit_steps,
         warehouse=_warehouse(ctx), out=out, progress=not quiet,
         log=(lambda text: None) if quiet else (lambda text: click.echo(text, err=True)))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"run {run!r}: a + b mod {p}, {steps} steps, {result.checkpoints} checkpoints, "
-               f"key frequencies {result.key_frequencies}")
-    click.echo(f"memorised at step {result.memorised_step}, test accuracy jump at step "
-               f"{result.jump_step}, grokked at step {result.grokked_step} (final test accuracy "
-               f"{result.final_test_accuracy:.3f})")
-    click.echo(format_table(
-        ["basis", "features follow", "features", "born", "born before the jump", "share",
-         "median birth step"],
-        [[b.basis, follows, str(k.features), str(k.born), _cell(k.born_before_jump),
-          "" if k.share_born_before_jump is None else f"{k.share_born_before_jump:.0%}",
-          _cell(k.median_birth_step)]
-         for b in result.bases for follows, k in b.kinds.items()]))
-    for b in result.bases:
-        if b.answer_features_key_share is not None:
-            click.echo(f"{b.basis}: the answer features' decoders put "
-                       f"{b.answer_features_key_share:.0%} of their variation over the answer in "
-                       "the key frequencies")
-    click.echo(f"report: {result.report}  ({result.seconds:.0f}s)")
+    _emit(result, as_json)
 
 
 @cli.command("feature-frequencies")
@@ -1330,17 +1159,7 @@ def feature_frequencies_command(ctx, basis, step, as_json):
     from featurestore.ingest.feature_frequencies import feature_frequencies
 
     result = feature_frequencies(basis, step, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"basis {basis!r} at step {result.step}: {result.n_problems} problems, "
-               f"{result.n_following} of {result.n_features} features follow one frequency, "
-               f"{result.n_key_frequency} a key frequency ({result.key_frequencies}); "
-               f"{result.n_answer_features} look the answer up"
-               + ("" if result.answer_features_key_share is None else
-                  f", their decoders {result.answer_features_key_share:.0%} in the key "
-                  "frequencies")
-               + "; stored in feature_frequencies and answer_feature_frequencies")
+    _emit(result, as_json)
 
 
 # --- the read side --------------------------------------------------------------------------------
@@ -1460,19 +1279,10 @@ def _write_table(table, fmt: str) -> None:
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(table.column_names)
-        writer.writerows([[_cell(v) for v in row.values()] for row in rows])
+        writer.writerows([[format_cell(v) for v in row.values()] for row in rows])
     else:
-        click.echo(format_table(table.column_names, [[_cell(v) for v in r.values()] for r in rows]))
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, default=_json_default)
-    return str(value)
+        click.echo(format_table(table.column_names,
+                                [[format_cell(v) for v in r.values()] for r in rows]))
 
 
 @cli.command("tables")
@@ -1551,10 +1361,7 @@ def feature_command(ctx, feature, basis, step, examples, as_json):
 
     card = feature_card(basis, feature, step=step, examples=examples,
                         warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(card.to_dict())
-    else:
-        click.echo(card.render())
+    _emit(card, as_json)
 
 
 @cli.command("stages")
@@ -1607,12 +1414,7 @@ def export_graphs_command(ctx, basis, step, out, as_json):
     from featurestore.queries.graph_files import export_graphs
 
     result = export_graphs(basis, step=step, out=out, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"graph of {basis!r} written to {result.out} in {result.seconds:.1f}s")
-    click.echo("nodes: " + ", ".join(f"{k} {v}" for k, v in result.node_counts.items()))
-    click.echo("edges: " + ", ".join(f"{k} {v}" for k, v in result.edge_counts.items()))
+    _emit(result, as_json)
 
 
 @export_group.command("plots")
@@ -1637,13 +1439,7 @@ def export_plots_command(ctx, basis, out, as_json):
     from featurestore.queries.plots import export_plots
 
     result = export_plots(basis, out=out, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"{len(result.written)} plots of {basis!r} written to {result.out} in "
-               f"{result.seconds:.1f}s: {', '.join(result.written)}")
-    for name, reason in result.skipped.items():
-        click.echo(f"  skipped {name}: {reason}")
+    _emit(result, as_json)
 
 
 @cli.command("export-artifacts")
@@ -1668,11 +1464,7 @@ def export_artifacts_command(ctx, basis, out, as_json):
     from featurestore.queries.artifacts import export_artifacts
 
     result = export_artifacts(basis, out=out, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"{len(result.files)} files of {basis!r} in {result.directory} "
-               f"({result.seconds:.1f}s)")
+    _emit(result, as_json)
 
 
 @cli.command("export-dashboards")
@@ -1706,18 +1498,7 @@ def export_dashboards_command(ctx, basis, step, features, out, as_json):
     _threads(ctx)  # the logit effects run the checkpoint's unembedding in torch
     result = export_dashboards(basis, step=step, features=features, out=out,
                                warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    count = len(result.features)
-    click.echo(f"{count} dashboard{'' if count == 1 else 's'} of {basis!r} at step {result.step} "
-               f"({result.step_rule}) written to {result.directory} in {result.seconds:.1f}s")
-    click.echo("tokens: " + ("text (token_strings)" if result.token_text else
-                             "token ids (the run has no token strings)"))
-    click.echo(f"logit effects: {result.logits}")
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} features that never fire at step "
-                   f"{result.step} (skipped_indexes.json)")
+    _emit(result, as_json)
 
 
 @cli.command("report")
@@ -1742,13 +1523,7 @@ def report_command(ctx, basis, out, as_json):
     from featurestore.queries.report import write_report
 
     result = write_report(basis, out=out, warehouse=_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    click.echo(f"report of {basis!r}: {result.html} and {result.markdown} "
-               f"({result.seconds:.1f}s)")
-    for title, rows in result.sections.items():
-        click.echo(f"  {title}: {rows} rows" if rows else f"  {title}: no data yet")
+    _emit(result, as_json)
 
 
 @cli.command("init")
@@ -1768,14 +1543,7 @@ def init_command(ctx, as_json):
     from featurestore.warehouse import init_warehouse
 
     result = init_warehouse(_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-    elif result.created:
-        click.echo(f"created an empty warehouse at {result.path} (schema version "
-                   f"{result.schema_version}, {result.tables} tables)")
-    else:
-        click.echo(f"{result.path} is already a warehouse (schema version "
-                   f"{result.schema_version}); nothing changed")
+    _emit(result, as_json)
 
 
 @cli.command("snapshots")
@@ -1833,14 +1601,7 @@ def compact_command(ctx, older_than, dry_run, as_json):
     from featurestore.compaction import compact_warehouse
 
     result = compact_warehouse(_warehouse(ctx), older_than, dry_run)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    verb = "would delete" if dry_run else "deleted"
-    click.echo(f"expired {result.snapshots_expired} snapshots (kept {result.snapshots_kept}); "
-               f"{verb} {result.table_files_deleted} table files, {result.orphan_files_deleted} "
-               f"orphaned files, {len(result.artefact_folders_deleted)} artefact folders and "
-               f"{result.scratch_folders_deleted} scratch folders")
+    _emit(result, as_json)
 
 
 @cli.command("check")
@@ -1871,23 +1632,7 @@ def check_command(ctx, quick, repair, as_json):
     from featurestore.integrity import check_warehouse
 
     result = check_warehouse(_warehouse(ctx), deep=not quick, repair=repair)
-    if as_json:
-        _emit_json(result.to_dict())
-    else:
-        for problem in result.problems:
-            click.echo(problem.line())
-        checked = (f"checked {result.table_files} table files ({result.checksums_verified} "
-                   f"against their checksums) and {result.artefacts} artefacts at snapshot "
-                   f"{result.snapshot}")
-        if result.ok:
-            click.echo(f"{checked}: all intact")
-        elif result.repaired_snapshot is not None:
-            click.echo(f"{checked}: {len(result.problems)} problems; damaged table files taken "
-                       f"out of the catalog at snapshot {result.repaired_snapshot}. Run the "
-                       "commands named above to write their rows again.")
-        else:
-            click.echo(f"{checked}: {len(result.problems)} problems. Run the commands named "
-                       "above (with --repair first where a table file is damaged).")
+    _emit(result, as_json)
     unrepaired = [p for p in result.problems
                   if result.repaired_snapshot is None or p.kind != "table file"]
     if unrepaired:
@@ -1915,13 +1660,7 @@ def catalog_migrate_command(ctx, as_json):
     from featurestore.migrate import migrate_warehouse
 
     result = migrate_warehouse(_warehouse(ctx))
-    if as_json:
-        _emit_json(result.to_dict())
-    elif result.migrated:
-        click.echo(f"converted {result.path} to DuckLake ({len(result.tables)} tables, "
-                   f"{sum(result.tables.values())} rows); the old files are in {result.backup}")
-    else:
-        click.echo(f"{result.path} holds no schema-2 catalog to convert; nothing changed")
+    _emit(result, as_json)
 
 
 @catalog_group.command("backup")
@@ -1968,16 +1707,7 @@ def catalog_restore_command(ctx, source, force, as_json):
     from featurestore.recovery import restore_catalog
 
     result = restore_catalog(_warehouse(ctx), source=source, force=force)
-    if as_json:
-        _emit_json(result.to_dict())
-        return
-    kept = f"; the replaced catalog is at {result.damaged_copy}" if result.damaged_copy else ""
-    click.echo(f"restored {result.catalog} from {result.restored_from}: snapshot "
-               f"{result.snapshot} ({result.job}, {result.snapshot_time}){kept}")
-    if result.unknown_table_files:
-        click.echo(f"{result.unknown_table_files} table files were written after that "
-                   "snapshot: run the jobs committed since then again (`featurestore compact` "
-                   "deletes those files)")
+    _emit(result, as_json)
 
 
 def main() -> None:

@@ -48,6 +48,13 @@ class CompactResult(Result):
     artefact_folders_deleted: list[str]
     scratch_folders_deleted: int
 
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (f"expired {self.snapshots_expired} snapshots (kept {self.snapshots_kept}); "
+                f"{verb} {self.table_files_deleted} table files, {self.orphan_files_deleted} "
+                f"orphaned files, {len(self.artefact_folders_deleted)} artefact folders and "
+                f"{self.scratch_folders_deleted} scratch folders")
+
 
 def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '45s' or '0' as a timedelta."""

@@ -34,6 +34,7 @@ from featurestore.ingest.grokking_run import train_grokking_run
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.results import Result
+from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import connect
 
 DEFAULT_RUN = "grok"
@@ -78,6 +79,26 @@ class GrokkingExperimentResult(Result):
     bases: list[BasisFindings] = field(default_factory=list)
     report: str = ""
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"run {self.run!r}: a + b mod {self.p}, {self.steps} steps, {self.checkpoints} "
+            f"checkpoints, key frequencies {self.key_frequencies}",
+            f"memorised at step {self.memorised_step}, test accuracy jump at step "
+            f"{self.jump_step}, grokked at step {self.grokked_step} (final test accuracy "
+            f"{self.final_test_accuracy:.3f})",
+            format_table(
+                ["basis", "features follow", "features", "born", "born before the jump", "share",
+                 "median birth step"],
+                [[b.basis, follows, str(k.features), str(k.born), format_cell(k.born_before_jump),
+                  "" if k.share_born_before_jump is None else f"{k.share_born_before_jump:.0%}",
+                  format_cell(k.median_birth_step)]
+                 for b in self.bases for follows, k in b.kinds.items()])]
+        lines += [f"{b.basis}: the answer features' decoders put {b.answer_features_key_share:.0%} "
+                  "of their variation over the answer in the key frequencies"
+                  for b in self.bases if b.answer_features_key_share is not None]
+        lines.append(f"report: {self.report}  ({self.seconds:.0f}s)")
+        return "\n".join(lines)
 
 
 def basis_name(run: str, stage: str) -> str:

@@ -200,14 +200,14 @@ class Problem(Result):
     rows: int | None  # table rows that depend on it
     rerun: str | None  # the command that wrote it, where the snapshot recorded one
 
-    def line(self) -> str:
+    def summary(self) -> str:
         rows = f", {self.rows} rows" if self.rows is not None else ""
         rerun = f"; re-run: {self.rerun}" if self.rerun else ""
         return f"{self.kind} {self.path} ({self.table}{rows}): {self.reason}{rerun}"
 
 
 @dataclass
-class CheckResult:
+class CheckResult(Result):
     warehouse: str
     snapshot: int
     deep: bool
@@ -224,6 +224,23 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {**{k: v for k, v in asdict(self).items() if k != "problems"},
                 "ok": self.ok, "problems": [p.to_dict() for p in self.problems]}
+
+    def summary(self) -> str:
+        """A line per problem, then what was checked and what to do."""
+        lines = [problem.summary() for problem in self.problems]
+        checked = (f"checked {self.table_files} table files ({self.checksums_verified} "
+                   f"against their checksums) and {self.artefacts} artefacts at snapshot "
+                   f"{self.snapshot}")
+        if self.ok:
+            lines.append(f"{checked}: all intact")
+        elif self.repaired_snapshot is not None:
+            lines.append(f"{checked}: {len(self.problems)} problems; damaged table files taken "
+                         f"out of the catalog at snapshot {self.repaired_snapshot}. Run the "
+                         "commands named above to write their rows again.")
+        else:
+            lines.append(f"{checked}: {len(self.problems)} problems. Run the commands named "
+                         "above (with --repair first where a table file is damaged).")
+        return "\n".join(lines)
 
 
 def _commands(con: duckdb.DuckDBPyConnection) -> dict[int, str]:

@@ -41,6 +41,12 @@ class MigrateResult(Result):
     tables: dict[str, int]  # table -> rows copied
     backup: str | None
 
+    def summary(self) -> str:
+        if self.migrated:
+            return (f"converted {self.path} to DuckLake ({len(self.tables)} tables, "
+                    f"{sum(self.tables.values())} rows); the old files are in {self.backup}")
+        return f"{self.path} holds no schema-2 catalog to convert; nothing changed"
+
 
 def migrate_warehouse(warehouse: Warehouse | str | None = None,
                       catalog: str | None = None) -> MigrateResult:

@@ -30,6 +30,16 @@ class RestoreResult(Result):
     job: str | None
     unknown_table_files: int  # files of jobs committed after the copy: run those jobs again
 
+    def summary(self) -> str:
+        kept = f"; the replaced catalog is at {self.damaged_copy}" if self.damaged_copy else ""
+        lines = [f"restored {self.catalog} from {self.restored_from}: snapshot "
+                 f"{self.snapshot} ({self.job}, {self.snapshot_time}){kept}"]
+        if self.unknown_table_files:
+            lines.append(f"{self.unknown_table_files} table files were written after that "
+                         "snapshot: run the jobs committed since then again (`featurestore "
+                         "compact` deletes those files)")
+        return "\n".join(lines)
+
 
 def restore_catalog(warehouse: str | os.PathLike | None = None, *, catalog: str | None = None,
                     source: str | os.PathLike | None = None, force: bool = False) -> RestoreResult:

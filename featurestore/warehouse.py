@@ -72,6 +72,7 @@ from featurestore.lake import (
     sqlite_catalog_damage,
     sqlite_has_ducklake,
 )
+from featurestore.results import Result
 from featurestore.scratch import TRAINING_FOLDER, Claim, newest_mtime, remove_tree, sweep
 from featurestore.settings import check_name, resolve_warehouse
 from featurestore.sql_functions import register_sql_functions
@@ -1283,15 +1284,18 @@ def connect(warehouse: str | os.PathLike | None = None, as_of: int | str | datet
 
 
 @dataclass
-class InitResult:
+class InitResult(Result):
     path: str
     created: bool  # False: a warehouse was already there, and nothing changed
     schema_version: int
     tables: int
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "created": self.created,
-                "schema_version": self.schema_version, "tables": self.tables}
+    def summary(self) -> str:
+        if self.created:
+            return (f"created an empty warehouse at {self.path} (schema version "
+                    f"{self.schema_version}, {self.tables} tables)")
+        return (f"{self.path} is already a warehouse (schema version {self.schema_version}); "
+                "nothing changed")
 
 
 def init_warehouse(warehouse: str | os.PathLike | None = None,

@@ -46,6 +46,7 @@ from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.shared_feature_fit import MATCH_COSINE
 from featurestore.registry import get_basis
 from featurestore.results import Result
+from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import Warehouse
 
 # Born features listed in the result (earliest births first).
@@ -81,6 +82,35 @@ class BirthAnalysisResult(Result):
     first_born: list[dict]  # the earliest born features with their steps and drift
     last_born: list[dict]  # the latest born features (censored births are among them)
     seconds: float
+
+    def summary(self) -> str:
+        bound = (f"{self.threshold:.4g} x its peak" if self.presence == "relative"
+                 else f"{self.threshold:.4g}")
+        lines = [
+            f"basis {self.basis!r}, {self.metric} >= {bound} for {self.persistence} "
+            f"checkpoints: {self.births} of {self.n_features} features born "
+            f"({self.censored_births} censored), {self.present_at_init} present at init, "
+            f"{self.deaths} died (stored in births, birth_summary)",
+            f"null ({self.permutations} shuffled orders): {self.null_births_mean:.1f} births "
+            f"({self.null_censored_births_mean:.1f} censored), false-birth rate "
+            f"{self.null_false_birth_rate:.3f} vs birth rate {self.birth_rate:.3f}",
+            format_table(
+                ["window", "births", "censored", "null mean"],
+                [[f"({w['window_start']}, {w['window_end']}]", str(w["births"]),
+                  str(w["censored_births"]), f"{w['null_births_mean']:.2f}"]
+                 for w in self.windows])]
+        if self.first_born:
+            lines.append(f"first {len(self.first_born)} born:")
+            lines.append(format_table(
+                ["feature", "birth", "stabilized", "death", "drift"],
+                [[str(f["feature_id"]), *(format_cell(f[c]) for c in (
+                    "birth_step", "stabilization_step", "death_step", "drift"))]
+                 for f in self.first_born]))
+        if any(f["birth_censored"] for f in self.last_born):
+            lines.append("censored births (present to the last checkpoint, fewer than K observed): "
+                         + ", ".join(f"feature {f['feature_id']} at step {f['birth_step']}"
+                                     for f in self.last_born if f["birth_censored"]))
+        return "\n".join(lines)
 
 
 def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | None = None,

@@ -54,6 +54,12 @@ class CollectResult(Result):
     token_strings: int = 0  # token_strings rows written (0: the run had them, or no tokenizer)
     notes: list[str] = field(default_factory=list)  # e.g. a token file smaller than the default
 
+    def summary(self) -> str:
+        return (f"collected {len(self.sets)} activation sets for {self.run!r}: "
+                f"{len(self.steps)} checkpoints x {len(self.stages)} stages x "
+                f"{self.n_tokens} tokens in {self.seconds:.1f}s "
+                f"({self.tokens_per_second:,.0f} tokens/s)")
+
 
 def collect(
     run: str,

@@ -45,6 +45,13 @@ class CrosscoderSweepResult(Result):
     decoded: bool  # whether contexts were decoded (token strings of the first source's run)
     seconds: float
 
+    def summary(self) -> str:
+        return (f"swept {self.basis!r}: {self.n_tokens:,} tokens of {', '.join(self.sources)}; "
+                f"{self.live_latents} of {self.d_hidden} latents active, "
+                f"{self.example_rows:,} examples"
+                f"{'' if self.decoded else ' (no token strings: contexts as token ids)'} "
+                f"({self.seconds:.1f}s)")
+
 
 def crosscoder_sweep(basis: str, warehouse: str | None = None,
                      progress: bool = True) -> CrosscoderSweepResult:

@@ -116,6 +116,14 @@ class EvaluateResult(Result):
     eval_tokens: str
     checkpoints: list[dict] = field(default_factory=list)  # step, heldout_loss, heldout_accuracy
 
+    def summary(self) -> str:
+        lines = [f"evaluated {len(self.checkpoints)} checkpoint(s) of {self.run} on "
+                 f"{self.eval_tokens}"]
+        lines += [f"  step {checkpoint['step']:>8}  loss {checkpoint['heldout_loss']:.4f}  "
+                  f"accuracy {checkpoint['heldout_accuracy']:.4f}"
+                  for checkpoint in self.checkpoints]
+        return "\n".join(lines)
+
 
 def evaluate_checkpoints(run: str, tokens_from: str, tokens: int | None = None,
                          checkpoints: str | None = "all", tokenizer: str | None = None,

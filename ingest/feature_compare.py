@@ -18,6 +18,7 @@ from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.registry import get_basis
 from featurestore.results import Result
+from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import Warehouse, spec, utc_now
 
 # --rank-by value -> the diffs column holding that rank.
@@ -41,6 +42,29 @@ class FeatureCompareResult(Result):
     n_cosine_undefined: int  # features silent (direction norm 0) or without a direction at a step
     rank_by: str
     top: list[dict]  # the highest-ranked rows by rank_by, diffs columns less _PAIR_COLUMNS
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"basis {self.basis!r}: {self.n_features} features compared from step "
+            f"{self.source_step} to step {self.target_step} (stored in diffs); top {len(self.top)} "
+            f"by {self.rank_by}:",
+            format_table(
+                ["rank", "feature", "rate source", "rate target", "rate change", "log ratio",
+                 "mean change", "energy change", "cosine", "largest split change"],
+                [[str(row[RANK_BY[self.rank_by]]), str(row["feature_id"]),
+                  *(format_cell(row[c]) for c in (
+                      "source_activation_rate", "target_activation_rate", "activation_rate_change",
+                      "log_rate_ratio", "mean_activation_change", "energy_change",
+                      "direction_cosine")),
+                  _largest_split_change(row["split_rate_changes"])]
+                 for row in self.top])])
+
+
+def _largest_split_change(changes: dict[str, float]) -> str:
+    if not changes:
+        return ""
+    split = max(changes, key=lambda s: abs(changes[s]))
+    return f"{split} {changes[split]:+.3g}"
 
 
 def compare_features(basis: str, source: int, target: int, warehouse: str | None = None,

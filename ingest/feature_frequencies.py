@@ -47,6 +47,16 @@ class FeatureFrequenciesResult(Result):
     key_frequencies: list[int]
     seconds: float
 
+    def summary(self) -> str:
+        return (f"basis {self.basis!r} at step {self.step}: {self.n_problems} problems, "
+                f"{self.n_following} of {self.n_features} features follow one frequency, "
+                f"{self.n_key_frequency} a key frequency ({self.key_frequencies}); "
+                f"{self.n_answer_features} look the answer up"
+                + ("" if self.answer_features_key_share is None else
+                   f", their decoders {self.answer_features_key_share:.0%} in the key "
+                   "frequencies")
+                + "; stored in feature_frequencies and answer_feature_frequencies")
+
 
 def feature_frequencies(basis: str, step: int = -1, warehouse: str | None = None
                         ) -> FeatureFrequenciesResult:

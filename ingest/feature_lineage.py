@@ -56,6 +56,7 @@ from featurestore.errors import FeaturestoreError, NotFoundError, UnknownStageEr
 from featurestore.feature_ids import parse_features
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
+from featurestore.text_table import format_cell, format_table
 from featurestore.unembedding import FinalNorm, output_logits, projection
 from featurestore.warehouse import Warehouse, utc_now
 
@@ -92,6 +93,20 @@ class LineageResult(Result):
     # The rank-1 edge of every (step, feature, method, source type): each feature's strongest
     # source by each line of evidence.
     top: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"basis {self.basis!r} at {self.stage}: {self.edges} edges in lineage_edges over "
+                 f"{len(self.steps)} checkpoint(s), {self.n_tokens} tokens each, "
+                 f"{self.seconds:.1f}s"]
+        lines += [f"  step {step.step}: {len(step.features)} features ({step.filter} filter), "
+                  f"{step.edges} edges" + (f", silent: {step.silent}" if step.silent else "")
+                  for step in self.steps]
+        strongest = [e for e in self.top if e["method"] in ("dfa", "grad_x_act")]
+        lines.append("strongest source of each feature (rank 1):")
+        lines.append(format_table(["step", "feature", "method", "source", "weight"],
+                                  [[str(e["step"]), e["dst_id"], e["method"], e["src_id"],
+                                    format_cell(e["weight"])] for e in strongest[:24]]))
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

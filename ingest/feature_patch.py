@@ -31,6 +31,7 @@ from featurestore.feature_ids import parse_features
 from featurestore.ingest.feature_compare import DEFAULT_RANK_BY, RANK_BY
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
+from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import Warehouse, utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
@@ -58,6 +59,19 @@ class PatchResult(Result):
     recon_rel_error: dict[str, float] = field(default_factory=dict)  # per split
     spliced_loss_delta: dict[str, float] = field(default_factory=dict)  # per split
     top: list[dict] = field(default_factory=list)  # the largest |loss delta| rows
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"basis {self.basis!r} at {self.stage}: features {self.features} of step "
+            f"{self.target_step} patched ({self.mode}) on {self.n_tokens} tokens; {self.rows} rows "
+            f"in patches ({self.tokens_per_second:,.0f} tokens/s).",
+            "site reconstruction, per split: " + ", ".join(
+                f"{s} rel. error {self.recon_rel_error[s]:.3f}, spliced loss delta "
+                f"{self.spliced_loss_delta[s]:+.4f}" for s in self.splits),
+            "largest loss changes:",
+            format_table(["features", "split", "clean", "patched", "delta"],
+                         [[r["feature_set"], r["split"], format_cell(r["clean"]),
+                           format_cell(r["patched"]), format_cell(r["delta"])] for r in self.top])])
 
 
 @dataclass

@@ -56,6 +56,14 @@ class ImportResult(Result):
     explained_variance: dict[str, float]  # by source label, or by step for a run's checkpoints
     warnings: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """The import in one line; `warnings` are not part of it (the CLI prints them to stderr)."""
+        explained = self.explained_variance.values()
+        return (f"basis {self.name!r}: {self.format} {self.arch} {self.kind}, "
+                f"{self.d_hidden} features over {self.n_sources} source(s) of width "
+                f"{self.d_model}, registered on {len(self.sources)} activation set(s); "
+                f"explained variance {min(explained):.3f}-{max(explained):.3f}")
+
 
 def import_dictionary(format: str, path: str, name: str, run: str | None = None,
                       stage: str | None = None, checkpoints: str | None = None,

@@ -53,6 +53,14 @@ class RegisterResult(Result):
     input_path: str  # the file or folder given
     converted_from: str | None  # the input's form when it was converted; None: used in place
 
+    def summary(self) -> str:
+        lines = [f"registered {self.name!r}: {self.n_tokens} tokens x d_model "
+                 f"{self.d_model} ({self.format}), norm scale {self.norm_scale:.4f}"]
+        if self.converted_from is not None:
+            lines.append(f"converted from {self.converted_from} in {self.input_path} to float32 "
+                         f"at {self.path} (the input is unchanged)")
+        return "\n".join(lines)
+
 
 def register_activations(path: str, name: str | None = None, run: str | None = None,
                          step: int | None = None, stage: str | None = None,

@@ -66,6 +66,16 @@ class RegisterModelResult(Result):
     tokenizer: str | None
     checkpoints: list[dict] = field(default_factory=list)  # step, path, heldout_loss/_accuracy
 
+    def summary(self) -> str:
+        lines = [f"registered {len(self.checkpoints)} checkpoint(s) of a {self.model_family} "
+                 f"model as run {self.run} (d_model {self.d_model}, {self.n_layers} blocks)"]
+        for checkpoint in self.checkpoints:
+            loss = ("" if checkpoint["heldout_loss"] is None
+                    else f"  loss {checkpoint['heldout_loss']:.4f}  "
+                         f"accuracy {checkpoint['heldout_accuracy']:.4f}")
+            lines.append(f"  step {checkpoint['step']:>8}  {checkpoint['path']}{loss}")
+        return "\n".join(lines)
+
 
 @dataclass
 class _Model:

@@ -59,6 +59,17 @@ class SharedFitResult(Result):
     seeds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """The fit in one line; `warnings` are not part of it (the CLI prints them to stderr)."""
+        quality = self.fit_quality
+        explained = quality["explained_variance"].values()
+        stability = "" if self.stability is None else f", stability {self.stability:.2f}"
+        return (f"basis {self.name!r}: {self.kind} {self.arch}, {self.d_hidden} features "
+                f"over {len(self.steps_fitted)} checkpoints of {self.run} at {self.stage}; "
+                f"explained variance {min(explained):.3f}-{max(explained):.3f}, "
+                f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}{stability} "
+                f"({self.seconds:.1f}s)")
+
 
 def shared_feature_fit(
     run: str,

@@ -53,6 +53,13 @@ class CrossCoderJobResult(Result):
     seconds: float
     notes: list[str] = field(default_factory=list)  # about the token file (--tokens-from)
 
+    def summary(self) -> str:
+        metrics = self.final_metrics
+        return (f"basis {self.name!r}: {self.arch}, {self.d_hidden} latents over "
+                f"{', '.join(self.sources)}; {self.steps} steps in {self.seconds:.1f}s; "
+                f"explained variance {metrics.get('explained_variance', float('nan')):.3f}, "
+                f"L0 {metrics.get('l0_loss', float('nan')):.1f}")
+
 
 def parse_source(text: str) -> tuple[str, str]:
     label, sep, target = text.partition("=")

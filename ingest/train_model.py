@@ -39,6 +39,13 @@ class TrainResult(Result):
     final_metrics: dict[str, dict[str, float]]  # split -> {loss, accuracy}
     seconds: float
 
+    def summary(self) -> str:
+        lines = [f"{self.kind} run {self.run!r}: {self.steps} steps, "
+                 f"{len(self.checkpoint_steps)} checkpoints in {self.seconds:.1f}s"]
+        lines += [f"  {split:<10} loss {metrics['loss']:.3f}  accuracy {metrics['accuracy']:.3f}"
+                  for split, metrics in self.final_metrics.items()]
+        return "\n".join(lines)
+
 
 def train_model(run: str, steps: int | None = None, seed: int = 0, d_model: int | None = None,
                 warehouse: str | None = None, progress: bool = True) -> TrainResult:

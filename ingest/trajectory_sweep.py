@@ -54,6 +54,12 @@ class SweepResult(Result):
     rows_per_second_written: float
     write_seconds: float
 
+    def summary(self) -> str:
+        return (f"swept {self.basis!r}: {len(self.steps)} checkpoints x "
+                f"{self.tokens_per_checkpoint:,} tokens in {self.seconds:.1f}s "
+                f"({self.tokens_per_second:,.0f} tokens/s); {self.activation_rows:,} "
+                f"activation rows written at {self.rows_per_second_written:,.0f} rows/s")
+
 
 @dataclass
 class CheckpointSweep:

@@ -62,6 +62,10 @@ class ArtifactExport(Result):
     seconds: float
     skipped_plots: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        return (f"{len(self.files)} files of {self.basis!r} in {self.directory} "
+                f"({self.seconds:.1f}s)")
+
 
 def export_artifacts(basis: str, out: str | os.PathLike = DEFAULT_OUT,
                      warehouse: str | None = None) -> ArtifactExport:

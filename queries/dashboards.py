@@ -96,6 +96,19 @@ class DashboardExport(Result):
     seconds: float
     files: list[str] = field(default_factory=list)  # relative to `directory`
 
+    def summary(self) -> str:
+        count = len(self.features)
+        lines = [f"{count} dashboard{'' if count == 1 else 's'} of {self.basis!r} at step "
+                 f"{self.step} ({self.step_rule}) written to {self.directory} in "
+                 f"{self.seconds:.1f}s",
+                 "tokens: " + ("text (token_strings)" if self.token_text else
+                               "token ids (the run has no token strings)"),
+                 f"logit effects: {self.logits}"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} features that never fire at step "
+                         f"{self.step} (skipped_indexes.json)")
+        return "\n".join(lines)
+
 
 def export_dashboards(basis: str, out: str | Path, step: int | str | None = None,
                       features: str | None = None,

@@ -42,6 +42,10 @@ class DictionaryExport(Result):
     # of the basis's checkpoints share one)
     files: list[str]
 
+    def summary(self) -> str:
+        return (f"{self.basis!r} written as a {self.format} {self.arch} SAE ({self.d_in} -> "
+                f"{self.d_sae}) to {self.directory}: {', '.join(self.files)}")
+
 
 def export_dictionary(basis: str, format: str, out: str | os.PathLike | None = None,
                       step: int | None = None, warehouse: str | None = None

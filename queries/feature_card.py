@@ -2,7 +2,7 @@
 
     from featurestore.queries.feature_card import feature_card
     card = feature_card("demo-l2", 12)          # FeatureCard
-    print(card.render())                        # the terminal text
+    print(card.summary())                       # the terminal text
     card.to_dict()                              # what --json prints
 
 A card gathers what the warehouse knows about one feature, each part from one table:
@@ -62,7 +62,7 @@ class FeatureCard(Result):
     examples: list[dict] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what is not stored yet, and the command
 
-    def render(self) -> str:
+    def summary(self) -> str:
         """The card as terminal text."""
         head = (f"feature {self.feature_id} of {self.basis} ({self.kind} basis, "
                 f"{self.d_hidden} features")

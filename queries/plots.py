@@ -36,6 +36,7 @@ from featurestore.errors import FeaturestoreError
 from featurestore.queries.exports import json_records, write_atomic
 from featurestore.queries.page_queries import page_query
 from featurestore.registry import get_basis
+from featurestore.results import Result
 from featurestore.warehouse import Warehouse, package_version
 
 WIDTH = 480
@@ -577,7 +578,7 @@ def save_plot(chart: alt.TopLevelMixin, out_dir: str | os.PathLike, name: str,
 
 
 @dataclass
-class PlotExport:
+class PlotExport(Result):
     basis: str
     out: Path
     written: dict[str, dict[str, Path]] = field(default_factory=dict)  # plot -> format -> file
@@ -589,6 +590,12 @@ class PlotExport:
                 "written": {plot: {fmt: str(path) for fmt, path in files.items()}
                             for plot, files in self.written.items()},
                 "skipped": dict(self.skipped), "seconds": self.seconds}
+
+    def summary(self) -> str:
+        lines = [f"{len(self.written)} plots of {self.basis!r} written to {self.out} in "
+                 f"{self.seconds:.1f}s: {', '.join(self.written)}"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
 
 
 def export_plots(basis: str, out: str | os.PathLike | None = None,

@@ -245,6 +245,12 @@ class ReportResult(Result):
     seconds: float
     skipped_plots: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        lines = [f"report of {self.basis!r}: {self.html} and {self.markdown} ({self.seconds:.1f}s)"]
+        lines += [f"  {title}: {rows} rows" if rows else f"  {title}: no data yet"
+                  for title, rows in self.sections.items()]
+        return "\n".join(lines)
+
 
 def write_report(basis: str, out: str | os.PathLike | None = None,
                  warehouse: str | None = None) -> ReportResult:

@@ -114,7 +114,7 @@ def test_feature_command_prints_the_card_and_its_json(root):
     text = runner.invoke(cli, ["--warehouse", str(root), "feature", str(feature), "--basis",
                                BASIS, "--step", "0", "--examples", "2"], catch_exceptions=False)
     assert text.exit_code == 0
-    assert text.output == card.render() + "\n"
+    assert text.output == card.summary() + "\n"
     assert card.energy_sparkline in text.output and "birth:" in text.output
     for example in card.examples:
         assert example["context"] in text.output and "⟦" in example["context"]
@@ -148,7 +148,7 @@ def test_a_basis_without_births_says_so(root, tmp_path):
         writer.put("births", [], replace_where={"basis": BASIS})
     card = feature_card(BASIS, 0, warehouse=copy)
     assert card.birth is None and card.birth_summary.startswith("no birth row")
-    assert f"feature-birth-analyze --basis {BASIS}" in card.render()
+    assert f"feature-birth-analyze --basis {BASIS}" in card.summary()
 
 
 def test_graph_labels_name_the_top_tokens_as_text(root):
