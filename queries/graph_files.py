@@ -74,6 +74,12 @@ class GraphExport(Result):
     births_rule: dict | None = None
     pruning: list[dict] = field(default_factory=list)
 
+    def summary(self) -> str:
+        return "\n".join([
+            f"graph of {self.basis!r} written to {self.out} in {self.seconds:.1f}s",
+            "nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()),
+            "edges: " + ", ".join(f"{k} {v}" for k, v in self.edge_counts.items())])
+
 
 # -- formats -----------------------------------------------------------------------------------
 

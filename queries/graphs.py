@@ -37,12 +37,6 @@ DLA_METHOD = "dla"
 TOP_EXAMPLES = 10
 TOP_TOKENS = 5
 
-    def summary(self) -> str:
-        return "\n".join([
-            f"graph of {self.basis!r} written to {self.out} in {self.seconds:.1f}s",
-            "nodes: " + ", ".join(f"{k} {v}" for k, v in self.node_counts.items()),
-            "edges: " + ", ".join(f"{k} {v}" for k, v in self.edge_counts.items())])
-
 
 # -- node ids ----------------------------------------------------------------------------------
 
