@@ -18,7 +18,9 @@ from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.registry import get_basis
 from featurestore.results import Result
-from featurestore.warehouse import Warehouse, spec, utc_now
+from featurestore.schema import spec
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 # --rank-by value -> the diffs column holding that rank.
 RANK_BY = {

@@ -30,7 +30,8 @@ from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.feature_ids import parse_features
 from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
     import torch

@@ -32,7 +32,8 @@ from featurestore import format_dictionary_learning, format_saelens, format_spar
 from featurestore.errors import FeaturestoreError
 from featurestore.results import Result
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis
+from featurestore.writer import utc_now
 
 FORMATS = {"saelens": format_saelens.read, "sparsify": format_sparsify.read,
            "dictionary_learning": format_dictionary_learning.read}

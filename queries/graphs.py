@@ -447,7 +447,7 @@ def build_graph(con: duckdb.DuckDBPyConnection, basis: str,
     """The graph of a shared basis from the warehouse behind `con` (a featurestore connection):
     at every step with lineage or patches (step None) or at one step. See the module docstring
     for the nodes, edges and attributes."""
-    from featurestore.warehouse import package_version
+    from featurestore.schema import package_version
 
     info = _basis_info(con, basis)
     chosen = _resolve_step(con, info, step)
