@@ -43,7 +43,8 @@ import pyarrow as pa
 from bench_warehouse_scale import trajectory_table
 from harness import BenchmarkResult, Figure, RunOptions, measure
 
-from featurestore.warehouse import Warehouse, init_warehouse, table_specs
+from featurestore.schema import table_specs
+from featurestore.warehouse import Warehouse, init_warehouse
 
 WRITER_COUNTS = (1, 2, 4)
 COMMITS, QUICK_COMMITS = 40, 8  # the total per sample; divisible by every writer count

@@ -32,7 +32,8 @@ from bench_warehouse_scale import (
 from harness import BenchmarkResult, Figure, RunOptions, measure
 
 from featurestore.integrity import check_warehouse, table_files
-from featurestore.warehouse import Warehouse, Writer
+from featurestore.warehouse import Warehouse
+from featurestore.writer import Writer
 
 # A mid-size warehouse (about 10M activation rows): big enough that reading files dominates.
 FEATURES, CHECKPOINTS, TOKENS, K = 4_096, 50, 8_192, 24

@@ -68,7 +68,9 @@ from starlette.testclient import TestClient
 from featurestore.queries.feature_card import feature_card
 from featurestore.queries.page_queries import page_query, page_query_names
 from featurestore.queries.web_app import CACHED_ROWS, create_app
-from featurestore.warehouse import Warehouse, connect, package_version, spec, utc_now
+from featurestore.schema import package_version, spec
+from featurestore.warehouse import Warehouse, connect
+from featurestore.writer import utc_now
 
 RUN = "scale-run"
 D_MODEL = 64

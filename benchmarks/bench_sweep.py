@@ -64,8 +64,10 @@ from featurestore.ingest.trajectory_sweep import (
     feature_trajectory_sweep,
     sweep_checkpoint,
 )
+from featurestore.schema import spec
 from featurestore.shared_basis import load_shared_basis
-from featurestore.warehouse import Warehouse, spec, write_partition_file
+from featurestore.warehouse import Warehouse
+from featurestore.writer import write_partition_file
 
 RUN, STAGE, BASIS = "bench", "layer_0_post_mlp", "bench-l0"
 D_MODEL, TRUE_FEATURES, ACTIVE = 64, 512, 16

@@ -41,13 +41,9 @@ import pandas as pd
 import pyarrow as pa
 from harness import BenchmarkResult, Figure, RunOptions, measure
 
-from featurestore.warehouse import (
-    ROW_GROUP,
-    Warehouse,
-    connect,
-    spec,
-    write_partition_file,
-)
+from featurestore.schema import spec
+from featurestore.warehouse import Warehouse, connect
+from featurestore.writer import ROW_GROUP, write_partition_file
 
 BASIS = "scale-l0"
 FEATURES, CHECKPOINTS, TOKENS, K = 16_384, 200, 16_384, 32  # ~105M activation rows

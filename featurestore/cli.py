@@ -108,7 +108,7 @@ def _raised_by_the_cli(error: BaseException) -> bool:
 
 def _damaged_table_file(error: Exception) -> str | None:
     """A DuckDB error on reading a damaged table file, as one line saying what to do."""
-    from featurestore.warehouse import damage_hint
+    from featurestore.writer import damage_hint
 
     if type(error).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
         return None
@@ -1198,7 +1198,8 @@ def sql_command(ctx, query, fmt, as_of, trusted):
     if trusted:
         import duckdb
 
-        from featurestore.warehouse import connect, damage_hint
+        from featurestore.warehouse import connect
+        from featurestore.writer import damage_hint
 
         con = connect(_warehouse(ctx), as_of=as_of)
         try:
@@ -1711,9 +1712,9 @@ def catalog_restore_command(ctx, source, force, as_json):
 
 
 def main() -> None:
-    from featurestore import warehouse
+    from featurestore import writer
 
-    warehouse.COMMAND_LINE = sys.argv[1:]  # recorded in the snapshot of each job
+    writer.COMMAND_LINE = sys.argv[1:]  # recorded in the snapshot of each job
     cli(prog_name="featurestore")
 
 

@@ -29,7 +29,8 @@ from featurestore.integrity import forget_checksums, record_checksums
 from featurestore.lake import LAKE
 from featurestore.results import Result
 from featurestore.scratch import older, sweep
-from featurestore.warehouse import VERSION_SUFFIX, Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import VERSION_SUFFIX, utc_now
 
 DEFAULT_OLDER_THAN = timedelta(days=7)
 # Tables whose `path` column points at artefact folders.

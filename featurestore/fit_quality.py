@@ -87,7 +87,7 @@ def reject_fit(warehouse: Warehouse, job: str, basis: str, report: dict, failure
 
     save_weights(folder) writes the weights; report.json gets the report, the bounds missed and
     `details` (the job's settings). `advice`: what else the user can do, after the flags."""
-    from featurestore.warehouse import utc_now
+    from featurestore.writer import utc_now
 
     folder = keep_rejected(warehouse, basis, save_weights, {
         "basis": basis, "job": job, "rejected_at": utc_now().isoformat(),

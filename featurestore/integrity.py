@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import LAKE
 from featurestore.results import Result
-from featurestore.warehouse import Warehouse, commit_info, records
+from featurestore.warehouse import Warehouse, records
+from featurestore.writer import commit_info
 
 METADATA = f"__ducklake_metadata_{LAKE}"  # where DuckLake attaches the catalog's own tables
 CHECKSUMS = "featurestore_file_checksums"  # ours, kept beside DuckLake's tables in the catalog

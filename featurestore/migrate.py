@@ -20,16 +20,9 @@ import pyarrow.parquet as pq
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import LAKE
 from featurestore.results import Result
-from featurestore.warehouse import (
-    LEGACY_CATALOG,
-    PARTITION_KEY_METADATA,
-    Warehouse,
-    _rollback,
-    _sql_string,
-    commit_info,
-    ensure_schema,
-    table_specs,
-)
+from featurestore.schema import _rollback, _sql_string, table_specs
+from featurestore.warehouse import LEGACY_CATALOG, Warehouse
+from featurestore.writer import PARTITION_KEY_METADATA, commit_info, ensure_schema
 
 BACKUP_FOLDER = "schema2-backup"
 

@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 
 from featurestore.errors import FeaturestoreError, QueryRefusedError, QueryTimeoutError
-from featurestore.warehouse import damage_hint
+from featurestore.writer import damage_hint
 
 TRUSTED_HINT = "pass --trusted to run it with full DuckDB access"
 QUERY_STATEMENTS = "SELECT, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE"

@@ -17,7 +17,8 @@ from pathlib import Path
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import prepare_sqlite, sqlite_catalog_damage
 from featurestore.results import Result
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 
 @dataclass

@@ -37,7 +37,8 @@ from featurestore.resources import FLOAT_BYTES, TOKEN_BYTES, require_disk, requi
 from featurestore.results import Result
 from featurestore.run_inputs import open_reader, token_set
 from featurestore.token_text import TokenizerSearch, has_token_strings, token_string_rows
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 DEFAULT_TOKENS = 32_768
 

@@ -18,8 +18,10 @@ from featurestore import ranges
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.registry import get_basis
 from featurestore.results import Result
+from featurestore.schema import spec
 from featurestore.text_table import format_cell, format_table
-from featurestore.warehouse import Warehouse, spec, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 # --rank-by value -> the diffs column holding that rank.
 RANK_BY = {

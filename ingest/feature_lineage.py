@@ -58,7 +58,8 @@ from featurestore.resources import TOKEN_BYTES, require_memory
 from featurestore.results import Result
 from featurestore.text_table import format_cell, format_table
 from featurestore.unembedding import FinalNorm, output_logits, projection
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 if TYPE_CHECKING:  # torch is imported when a job runs, not when the CLI starts
     import torch

@@ -21,13 +21,10 @@ from featurestore import ranges
 from featurestore.errors import FeaturestoreError
 from featurestore.grokking import DENSE_EVERY, GrokkingConfig
 from featurestore.results import Result
+from featurestore.schema import package_version
 from featurestore.settings import check_name
-from featurestore.warehouse import (
-    Warehouse,
-    drop_run_outputs,
-    package_version,
-    utc_now,
-)
+from featurestore.warehouse import Warehouse, drop_run_outputs
+from featurestore.writer import utc_now
 
 
 @dataclass

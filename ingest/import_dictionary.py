@@ -33,7 +33,8 @@ from featurestore.dictionary_kinds import IMPORT_FORMATS
 from featurestore.errors import FeaturestoreError
 from featurestore.results import Result
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis
+from featurestore.writer import utc_now
 
 # The reader of each of IMPORT_FORMATS.
 READERS = {"saelens": format_saelens.read, "sparsify": format_sparsify.read,

@@ -31,8 +31,10 @@ from featurestore.errors import FeaturestoreError, InvalidActivationsError
 from featurestore.planted import PlantedRun
 from featurestore.registry import activation_set_name, get_checkpoints
 from featurestore.results import Result
+from featurestore.schema import package_version
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, package_version, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 
 # Rows checked per slice, so a large set is validated without loading it whole.
 CHECK_ROWS = 65_536

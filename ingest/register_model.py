@@ -35,17 +35,12 @@ from featurestore.errors import CorruptCheckpointError, FeaturestoreError
 from featurestore.file_formats import require_safetensors
 from featurestore.ingest.evaluate_checkpoints import EvalTokens, metric_columns, next_token_metrics
 from featurestore.results import Result
+from featurestore.schema import package_version
 from featurestore.scratch import newest_mtime
 from featurestore.settings import check_name
 from featurestore.token_text import TokenizerSearch
-from featurestore.warehouse import (
-    Warehouse,
-    bases_computed_from,
-    drop_basis,
-    package_version,
-    records,
-    utc_now,
-)
+from featurestore.warehouse import Warehouse, bases_computed_from, drop_basis, records
+from featurestore.writer import utc_now
 
 if TYPE_CHECKING:
     import torch

@@ -26,7 +26,8 @@ from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, rejected_path
 from featurestore.results import Result
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis
+from featurestore.writer import utc_now
 
 MIN_CHECKPOINTS = 3
 EVAL_TOKENS_PER_CHECKPOINT = 16_384

@@ -34,7 +34,8 @@ from featurestore.fit_quality import REJECTED_DIR, FitBounds, reject_fit, reject
 from featurestore.results import Result
 from featurestore.scratch import TRAINING_FOLDER, Claim
 from featurestore.settings import check_name
-from featurestore.warehouse import Warehouse, derived_from_basis, utc_now
+from featurestore.warehouse import Warehouse, derived_from_basis
+from featurestore.writer import utc_now
 
 EVAL_TOKENS = 65_536  # tokens for the feature statistics and latent scaling pass
 EVAL_BATCH = 4096

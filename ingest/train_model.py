@@ -17,13 +17,10 @@ from featurestore.errors import FeaturestoreError
 from featurestore.registry import get_checkpoints, get_run
 from featurestore.resources import FLOAT_BYTES, require_memory
 from featurestore.results import Result
+from featurestore.schema import package_version
 from featurestore.settings import check_name
-from featurestore.warehouse import (
-    Warehouse,
-    drop_run_outputs,
-    package_version,
-    utc_now,
-)
+from featurestore.warehouse import Warehouse, drop_run_outputs
+from featurestore.writer import utc_now
 
 # Keep in step with featurestore.training.FINETUNE_TRAIN_CONFIG (importing it here would import
 # torch whenever the CLI starts).

@@ -157,8 +157,9 @@ def encode_checkpoint(basis: SharedBasis, sets: list[ActivationSet], c: int,
     import torch
     from scipy import sparse
 
+    from featurestore.schema import spec
     from featurestore.shared_basis import ReconstructionSums
-    from featurestore.warehouse import spec, write_partition_file
+    from featurestore.writer import write_partition_file
 
     basis_name = basis.name
     step = basis.checkpoints[c].step

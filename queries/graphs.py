@@ -21,7 +21,8 @@ import networkx as nx
 from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets, default_births_rule
 from featurestore.errors import FeaturestoreError
 from featurestore.registry import SHARED, get_basis
-from featurestore.warehouse import package_version, records
+from featurestore.schema import package_version
+from featurestore.warehouse import records
 
 # The layout of the graph exports, recorded as the graph attribute schema_version.
 GRAPH_SCHEMA_VERSION = 1

@@ -37,7 +37,8 @@ from featurestore.queries.exports import json_records, write_atomic
 from featurestore.queries.page_queries import page_query
 from featurestore.registry import get_basis
 from featurestore.results import Result
-from featurestore.warehouse import Warehouse, package_version
+from featurestore.schema import package_version
+from featurestore.warehouse import Warehouse
 
 WIDTH = 480
 HEIGHT = 300

@@ -57,7 +57,8 @@ from featurestore.lake import LAKE
 from featurestore.queries import plots
 from featurestore.queries.page_queries import PageQuery, QueryResult, page_query, sql_literal
 from featurestore.readonly_sql import ReadOnlySQL, open_read_only
-from featurestore.warehouse import Warehouse, table_specs
+from featurestore.schema import table_specs
+from featurestore.warehouse import Warehouse
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765

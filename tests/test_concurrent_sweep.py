@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from featurestore.cli import cli
-from featurestore.warehouse import Warehouse, connect, table_specs
+from featurestore.schema import table_specs
+from featurestore.warehouse import Warehouse, connect
 
 from .conftest import TINY_RUN, query
 

@@ -53,8 +53,10 @@ from featurestore.crosscoder_training import (
 )
 from featurestore.lake import LAKE
 from featurestore.registry import open_activation_set
+from featurestore.schema import table_specs
 from featurestore.settings import set_torch_threads
-from featurestore.warehouse import VERSION_SUFFIX, Warehouse, connect, records, table_specs
+from featurestore.warehouse import Warehouse, connect, records
+from featurestore.writer import VERSION_SUFFIX
 
 from .conftest import RELAXED_BOUNDS, STAGES, TINY_D_MODEL, TINY_RUN
 
@@ -114,12 +116,14 @@ LAUNCHER = textwrap.dedent("""
     from featurestore.settings import set_torch_threads
 
     set_torch_threads(int(sys.argv[1]))
+    import featurestore.schema as schema
     import featurestore.warehouse as warehouse
+    import featurestore.writer as writer
     from featurestore.lake import lake_connection
 
     for module in sys.argv[2:]:
         importlib.import_module(module)
-    warehouse.table_specs()
+    schema.table_specs()
     lake_connection("sqlite").close()  # checks the extensions' signatures (featurestore.lake)
     gc.freeze()  # the children's garbage collections skip all that was loaded here
 
@@ -178,14 +182,14 @@ LAUNCHER = textwrap.dedent("""
             return con if read_only else Connection(con)
 
         warehouse.Warehouse._open = writable_open
-        commit = warehouse.Writer.commit
+        commit = writer.Writer.commit
 
         def marked_commit(self):
             mark("commit-start")
             commit(self)
             mark("commit-end")
 
-        warehouse.Writer.commit = marked_commit
+        writer.Writer.commit = marked_commit
 
         if kill.get("at", "").startswith("call:"):
             # "call:MODULE:NAME": kill before or after the nth call of a function or method.
@@ -549,14 +553,14 @@ REPLACING_KILLS = [
     ("collect", COMMIT, "old"),
     ("train-model", COMMIT, "old"),
     # Half way through the deletes and inserts.
-    ("shared-feature-fit", {"at": "call:featurestore.warehouse:_delete_where", "nth": 3}, "old"),
-    ("train-model", {"at": "call:featurestore.warehouse:Writer._write_rows", "nth": 2,
+    ("shared-feature-fit", {"at": "call:featurestore.writer:_delete_where", "nth": 3}, "old"),
+    ("train-model", {"at": "call:featurestore.writer:Writer._write_rows", "nth": 2,
                      "when": "after"}, "old"),
     # The sweep's partition files were moved into the data folder, one was registered.
     ("feature-trajectory-sweep", {"at": "sql:CALL ducklake_add_data_files", "nth": 2}, "old"),
     # COMMIT returned; the job did not get to clean up.
     ("shared-feature-fit", {**COMMIT, "when": "after"}, "new"),
-    ("collect", {"at": "call:featurestore.warehouse:Writer.commit", "when": "after"}, "new"),
+    ("collect", {"at": "call:featurestore.writer:Writer.commit", "when": "after"}, "new"),
 ]
 
 

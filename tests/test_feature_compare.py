@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.feature_compare import compare_features
-from featurestore.warehouse import Warehouse, utc_now
+from featurestore.warehouse import Warehouse
+from featurestore.writer import utc_now
 from tests.conftest import snapshot
 
 BASIS = "shared"

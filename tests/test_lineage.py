@@ -25,8 +25,10 @@ from featurestore.ingest.feature_lineage import feature_lineage
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.model import ModelConfig, Transformer
 from featurestore.run_inputs import token_set
+from featurestore.schema import package_version
 from featurestore.tasks import TaskConfig
-from featurestore.warehouse import Warehouse, connect, package_version, utc_now
+from featurestore.warehouse import Warehouse, connect
+from featurestore.writer import utc_now
 from tests.conftest import snapshot
 
 RUN = "hand"

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from featurestore.cli import cli
 from featurestore.errors import SchemaVersionError
 from featurestore.migrate import migrate_warehouse
-from featurestore.warehouse import Warehouse, connect, table_specs
+from featurestore.schema import table_specs
+from featurestore.warehouse import Warehouse, connect
 
 from .conftest import query
 

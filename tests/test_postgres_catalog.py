@@ -20,7 +20,8 @@ import duckdb
 import pytest
 
 from featurestore.lake import load_extensions
-from featurestore.warehouse import COMMIT_TOKENS, Warehouse, connect, init_warehouse
+from featurestore.warehouse import Warehouse, connect, init_warehouse
+from featurestore.writer import COMMIT_TOKENS
 
 from .postgres_server import PostgresServer, PostgresUnavailable, locate_binaries, postgres_server
 

@@ -270,17 +270,17 @@ def test_bad_model_sources_fail_clearly_and_write_nothing(warehouse_copy, tmp_pa
 
 KILLED_AFTER_COMMIT = """
 import json, os, signal, sys
-from featurestore import warehouse
+from featurestore import writer
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
 
-discard = warehouse.Writer.discard
+discard = writer.Writer.discard
 
 def die_once_committed(self):  # the commit stands; the job dies before its cleanup
     if self.committed:
         os.kill(os.getpid(), signal.SIGKILL)
     discard(self)
 
-warehouse.Writer.discard = die_once_committed
+writer.Writer.discard = die_once_committed
 train_crosscoder_job(warehouse=sys.argv[1], **json.loads(sys.argv[2]))
 """
 

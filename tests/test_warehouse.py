@@ -28,14 +28,9 @@ from featurestore.errors import (
     SchemaVersionError,
 )
 from featurestore.lake import load_extensions
-from featurestore.warehouse import (
-    Warehouse,
-    connect,
-    describe_table,
-    spec,
-    table_specs,
-    write_partition_file,
-)
+from featurestore.schema import spec, table_specs
+from featurestore.warehouse import Warehouse, connect, describe_table
+from featurestore.writer import write_partition_file
 
 from .conftest import query, snapshot
 
@@ -355,7 +350,7 @@ def test_partition_files_are_sorted_by_every_key_column_whatever_order_rows_come
 
 
 def test_each_job_is_one_snapshot_with_its_job_and_command_line(tmp_path, monkeypatch):
-    monkeypatch.setattr("featurestore.warehouse.COMMAND_LINE", ["sql", "--as-of", "1"])
+    monkeypatch.setattr("featurestore.writer.COMMAND_LINE", ["sql", "--as-of", "1"])
     wh = Warehouse(tmp_path / "wh")
     with wh.writer("first") as writer:
         writer.put("runs", [run_row("a")])

@@ -12,7 +12,8 @@ from featurestore.activations import TokenColumns, write_activation_set
 from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.train_crosscoder import train_crosscoder_job
-from featurestore.warehouse import Warehouse, connect, table_specs
+from featurestore.schema import table_specs
+from featurestore.warehouse import Warehouse, connect
 
 from .conftest import query
 
