@@ -471,7 +471,7 @@ def write_partition_file(table: TableSpec, values: dict, rows: pa.Table, path: P
     metadata = {PARTITION_KEY_METADATA: partition_key(table, values).encode()}
     rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **metadata})
     # Dictionary pages only for the partition columns, which hold one value: for the sorted
-    # numeric columns plain pages under zstd are smaller and a fifth faster to write.
+    # numeric columns plain pages under zstd are smaller and faster to write.
     pq.write_table(rows, path, compression="zstd", row_group_size=ROW_GROUP,
                    use_dictionary=list(table.partition_by))
     _fsync_file(path)
