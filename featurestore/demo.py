@@ -7,7 +7,7 @@ contexts), fits a shared feature basis per stage on the
 demo run's checkpoints (sweep, births, first-vs-last compare), patches the features of
 demo-l2 that changed most into the last checkpoint's model, maps them to the heads and neurons
 that write them (and demo-fn's features to demo-l2's), exports graphs, plots, the artifact layout
-and a milestone report per basis and the model-diff report of the crosscoder, and summarises
+and a feature-dynamics report per basis and the model-diff report of the crosscoder, and summarises
 the warehouse.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from featurestore.birth_rules import births_rule_where
+from featurestore.birth_rules import default_births_rule
 from featurestore.ingest.birth_analysis import analyze_births
 from featurestore.ingest.collect import collect
 from featurestore.ingest.crosscoder_sweep import crosscoder_sweep
@@ -27,7 +27,8 @@ from featurestore.ingest.train_crosscoder import train_crosscoder_job
 from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS, finetune, train_model
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.queries.artifacts import DEFAULT_OUT, export_artifacts
-from featurestore.queries.report import write_report
+from featurestore.queries.report import used_parameters, write_report
+from featurestore.schema import load_query
 from featurestore.text_table import format_table
 from featurestore.warehouse import connect
 
@@ -42,66 +43,23 @@ SHARED_BASES = {"layer_2_post_mlp": "demo-l2", "final_norm": "demo-fn"}
 SHARED_FIT_STEPS = 800
 PATCH_BASIS, PATCH_FEATURES, PATCH_TOKENS = "demo-l2", 5, 1024
 
+# The summary's tables: title -> its query, sql/demo/<name>.sql.
 SUMMARY_QUERIES = {
-    "runs": "SELECT run, kind, parent_run, parent_step, n_checkpoints, last_step, "
-            "round(final_heldout_loss, 3) AS heldout_loss, "
-            "round(final_heldout_accuracy, 3) AS heldout_acc, n_activation_sets "
-            "FROM run_summary ORDER BY run",
-    "accuracy by split at the last checkpoint": (
-        "SELECT run, split, round(accuracy, 3) AS accuracy FROM checkpoint_metrics "
-        "WHERE (run, step) IN (SELECT (run, max(step)) FROM checkpoints GROUP BY run) "
-        "AND split NOT IN ('train', 'heldout') ORDER BY run, split"),
-    "model diff (demo-diff: base vs fine-tuned at layer_2_post_mlp)": (
-        "SELECT class, n_features, round(mean_decoder_cosine, 3) AS mean_cosine, "
-        "round(mean_frequency, 4) AS mean_frequency FROM model_diff_summary "
-        f"WHERE basis = '{DIFF_BASIS}' ORDER BY class"),
-    "top exclusive features (most frequent)": (
-        "SELECT feature_id, class, round(relative_decoder_norm, 3) AS rel_norm, "
-        "round(frequency, 4) AS frequency, round(nu_error[1], 3) AS nu_error_base "
-        f"FROM model_diff WHERE basis = '{DIFF_BASIS}' AND class LIKE '%-exclusive' "
-        "ORDER BY frequency DESC LIMIT 8"),
-    "shared bases: fit quality per checkpoint (first, middle, last)": (
-        "SELECT basis, step, round(explained_variance, 3) AS explained_variance, "
-        "round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction FROM checkpoint_summary "
-        "QUALIFY row_number() OVER (PARTITION BY basis ORDER BY step) "
-        "IN (1, (count(*) OVER (PARTITION BY basis) + 1) // 2, "
-        "count(*) OVER (PARTITION BY basis)) ORDER BY basis, step"),
-    # The demo's own rule (analyze_births with feature-birth-analyze's defaults), not every rule
-    # stored: births of several rules would be summed.
+    "runs": "runs",
+    "accuracy by split at the last checkpoint": "last_checkpoint_accuracy",
+    "model diff (demo-diff: base vs fine-tuned at layer_2_post_mlp)": "model_diff_classes",
+    "top exclusive features (most frequent)": "top_exclusive_features",
+    "shared bases: fit quality per checkpoint (first, middle, last)": "fit_quality",
     "births per basis under the demo's rule (feature-birth-analyze's defaults) against the "
-    "shuffled-order null; censored: born in the last K-1 checkpoints, present to the last": (
-        "SELECT basis, metric || ' >= ' || threshold || CASE WHEN presence = 'relative' "
-        "THEN ' x peak' ELSE '' END || ', K = ' || persistence AS rule, "
-        "sum(births) AS births, sum(censored_births) AS censored, "
-        "any_value(n_present_at_init) AS present_at_init, "
-        "round(any_value(birth_rate), 4) AS birth_rate, "
-        "round(any_value(null_false_birth_rate), 4) AS null_false_birth_rate "
-        f"FROM birth_summary WHERE {births_rule_where()} "
-        "GROUP BY basis, metric, presence, threshold, persistence, stable_eps, stable_cos "
-        "ORDER BY basis, rule"),
-    "top born features under that rule (most active at the last checkpoint)": (
-        "SELECT b.basis, b.feature_id, b.birth_step, b.birth_censored AS censored, "
-        "b.stabilization_step, round(t.activation_rate, 3) AS final_rate, "
-        "map_keys(t.split_activation_rates)[list_position(map_values(t.split_activation_rates), "
-        "list_max(map_values(t.split_activation_rates)))] AS top_split "
-        "FROM births b JOIN trajectories t USING (basis, feature_id) "
-        f"WHERE {births_rule_where(alias='b')} AND b.birth_step IS NOT NULL "
-        "AND t.step = (SELECT max(step) FROM trajectories "
-        "WHERE basis = b.basis) ORDER BY t.activation_rate DESC LIMIT 8"),
-    "patching demo-l2's most changed features into the last checkpoint (largest loss changes)": (
-        "SELECT feature_set, split, round(clean, 3) AS clean_loss, round(delta, 3) AS delta, "
-        "round(recon_rel_error, 3) AS recon_error, round(spliced_loss_delta, 3) AS spliced_delta "
-        "FROM patches WHERE basis = 'demo-l2' AND metric = 'loss' "
-        "ORDER BY abs(delta) DESC LIMIT 8"),
-    "which heads and neurons write them (direct feature attribution, strongest first)": (
-        "SELECT dst_id AS feature, src_type, src_id, round(weight, 4) AS weight "
-        "FROM lineage_edges WHERE basis = 'demo-l2' AND method = 'dfa' AND rank = 1 "
-        "AND src_type IN ('attention_head', 'mlp_neuron') ORDER BY feature, src_type"),
-    "activation sets": "SELECT run, stage, count(*) AS sets, min(step) AS first_step, "
-                       "max(step) AS last_step, any_value(n_tokens) AS tokens, "
-                       "any_value(d_model) AS d_model, "
-                       "round(avg(norm_scale), 4) AS mean_norm_scale "
-                       "FROM activation_sets GROUP BY run, stage ORDER BY run, stage",
+    "shuffled-order null; censored: born in the last K-1 checkpoints, present to the last":
+        "births",
+    "top born features under that rule (most active at the last checkpoint)":
+        "top_born_features",
+    "patching demo-l2's most changed features into the last checkpoint (largest loss changes)":
+        "patch_effects",
+    "which heads and neurons write them (direct feature attribution, strongest first)":
+        "lineage_sources",
+    "activation sets": "activation_sets",
 }
 
 
@@ -163,7 +121,7 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
     log(f"      lineage at step {last}: {lineage.edges} edges, {lineage.seconds:.1f}s")
     feature_lineage(SHARED_BASES["final_norm"], steps=str(last), upstream=PATCH_BASIS,
                     warehouse=warehouse, progress=progress)
-    log("[8/8] exporting graphs, plots, the artifact layout and the milestone reports")
+    log("[8/8] exporting graphs, plots, the artifact layout and the feature-dynamics reports")
     for name in SHARED_BASES.values():
         artifacts = export_artifacts(name, out=artifacts_out, warehouse=warehouse)
         report = write_report(name, warehouse=warehouse)
@@ -175,10 +133,14 @@ def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_ST
 
 
 def summary(warehouse: str | None = None) -> str:
+    # The births tables count the demo's own rule (analyze_births ran with feature-birth-analyze's
+    # defaults), not every rule stored: births of several rules would be summed.
+    params = {"diff_basis": DIFF_BASIS, "patch_basis": PATCH_BASIS, **default_births_rule()}
     with connect(warehouse) as con:
         parts = []
-        for title, query in SUMMARY_QUERIES.items():
-            cursor = con.execute(query)
+        for title, name in SUMMARY_QUERIES.items():
+            sql = load_query(f"demo/{name}")
+            cursor = con.execute(sql, used_parameters(sql, params))
             header = [d[0] for d in cursor.description]
             rows = [["" if v is None else str(v) for v in row] for row in cursor.fetchall()]
             parts.append(f"{title}\n{format_table(header, rows)}")

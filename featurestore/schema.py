@@ -69,6 +69,16 @@ def sql_text(kind: str) -> list[tuple[str, str]]:
 
 
 @cache
+def load_query(name: str) -> str:
+    """The text of sql/<name>.sql, e.g. load_query("report/fit_quality"): one query, its leading
+    comment saying what it returns, its parameters written $name (DuckDB's named parameters)."""
+    file = resources.files("featurestore.sql").joinpath(*f"{name}.sql".split("/"))
+    if not file.is_file():
+        raise NotFoundError(f"no query file sql/{name}.sql")
+    return file.read_text()
+
+
+@cache
 def table_specs() -> dict[str, TableSpec]:
     """Parse the table DDL by running it in a scratch DuckDB, so SQL stays the one definition."""
     with duckdb.connect(":memory:") as scratch:

@@ -12,6 +12,8 @@ together: the spread between permutations (birth_summary.null_births_sd) is larg
 --permutations steady the mean. The null is weak for small K: a feature present at half of the
 checkpoints has K = 2 of them adjacent in most shuffles.
 
+The job's queries are the files of sql/birth_analysis/.
+
 Default thresholds, when --threshold is not given:
     activation_rate   0.01: active on at least 1% of tokens.
     energy            0.1 / number of features: a tenth of an even share of the reconstruction.
@@ -46,6 +48,7 @@ from featurestore.errors import FeaturestoreError, NotFoundError
 from featurestore.ingest.shared_feature_fit import MATCH_COSINE
 from featurestore.registry import get_basis
 from featurestore.results import Result
+from featurestore.schema import load_query
 from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import Warehouse
 
@@ -139,14 +142,10 @@ def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | 
                       "persistence": persistence, "stable_eps": stable_eps,
                       "stable_cos": stable_cos}
             # Real order (ordering 0) and every permutation in one call of the one rule.
-            con.execute(
-                "CREATE TEMP TABLE all_births AS SELECT * FROM feature_births($basis, $metric, "
-                "$threshold, $persistence, $stable_eps, $stable_cos, presence := $presence, "
-                "permutations := $orders)",
-                {**params, "orders": orders})
-            births = con.sql(_BIRTHS_SQL, params=params).to_arrow_table()
+            con.execute(load_query("birth_analysis/all_births"), {**params, "orders": orders})
+            births = con.sql(load_query("birth_analysis/births"), params=params).to_arrow_table()
             agreement, matched = _seed_agreement(con, params)
-            summary = con.sql(_SUMMARY_SQL, params={
+            summary = con.sql(load_query("birth_analysis/summary"), params={
                 **params, "permutations": permutations, "seed": seed,
                 "agreement": agreement, "matched": matched}).to_arrow_table()
         writer.put("births", births, replace_where=params)
@@ -179,79 +178,6 @@ def analyze_births(basis: str, metric: str = DEFAULT_METRIC, threshold: float | 
     )
 
 
-# The real order's rows, with the parameters that key them.
-_BIRTHS_SQL = """
-SELECT $basis AS basis, feature_id, $metric AS metric, $presence AS presence,
-       $threshold AS threshold, $persistence AS persistence, $stable_eps AS stable_eps,
-       $stable_cos AS stable_cos, feature_threshold, first_present_step, birth_step,
-       birth_censored,
-       stabilization_step, death_step, death_censored, drift, present_at_init
-FROM all_births
-WHERE ordering = 0
-ORDER BY feature_id
-"""
-
-# One row per pair of consecutive checkpoints: births in (window_start, window_end] in the real
-# order and in each permutation. Every (window, ordering) pair is counted, zeros included, so the
-# null's mean and spread are over all permutations. No birth can fall on the first checkpoint (a
-# feature present there is present_at_init), so the windows cover every birth.
-# The null counts births only among the features that could be born in the real order (those not
-# present at the first checkpoint): a shuffle moves some other checkpoint first, which would turn
-# features present from the start into spurious "births" and inflate the null.
-_SUMMARY_SQL = """
-WITH candidates AS (
-    SELECT feature_id FROM all_births WHERE ordering = 0 AND NOT present_at_init
-),
-windows AS (
-    SELECT * FROM (
-        SELECT lag(step) OVER (ORDER BY step) AS window_start, step AS window_end
-        FROM (SELECT DISTINCT step FROM trajectories WHERE basis = $basis)
-    )
-    WHERE window_start IS NOT NULL
-),
-counts AS (
-    SELECT w.window_start, w.window_end, o.ordering, count(b.feature_id) AS births,
-           count(b.feature_id) FILTER (WHERE b.birth_censored) AS censored
-    FROM windows AS w
-    CROSS JOIN (SELECT DISTINCT ordering FROM all_births) AS o
-    LEFT JOIN all_births AS b ON b.ordering = o.ordering AND b.birth_step = w.window_end
-        AND (b.ordering = 0 OR b.feature_id IN (SELECT feature_id FROM candidates))
-    GROUP BY ALL
-),
-per_window AS (
-    SELECT window_start, window_end,
-           sum(births) FILTER (WHERE ordering = 0)::INTEGER AS births,
-           sum(censored) FILTER (WHERE ordering = 0)::INTEGER AS censored_births,
-           avg(births) FILTER (WHERE ordering > 0) AS null_births_mean,
-           avg(censored) FILTER (WHERE ordering > 0) AS null_censored_births_mean,
-           -- in a fixed order: a float aggregate split between threads can differ in the last
-           -- digit from run to run
-           stddev_samp(births ORDER BY ordering) FILTER (WHERE ordering > 0) AS null_births_sd
-    FROM counts
-    GROUP BY ALL
-),
-totals AS (
-    SELECT count(*) FILTER (WHERE ordering = 0)::INTEGER AS n_features,
-           count_if(present_at_init AND ordering = 0)::INTEGER AS n_present_at_init,
-           count(birth_step) FILTER (WHERE ordering = 0) AS real_births,
-           count(birth_step) FILTER (WHERE ordering > 0 AND feature_id IN (
-               SELECT feature_id FROM candidates)) / $permutations AS null_births
-    FROM all_births
-)
-SELECT $basis AS basis, $metric AS metric, $presence AS presence, $threshold AS threshold,
-       $persistence AS persistence, $stable_eps AS stable_eps, $stable_cos AS stable_cos,
-       window_start, window_end, births, censored_births, null_births_mean,
-       null_censored_births_mean, null_births_sd,
-       n_features, n_present_at_init,
-       real_births / n_features AS birth_rate,
-       null_births / n_features AS null_false_birth_rate,
-       $permutations AS permutations, $seed AS seed,
-       $agreement::DOUBLE AS seed_births_agreement, $matched::INTEGER AS seed_matched_features
-FROM per_window, totals
-ORDER BY window_end
-"""
-
-
 def _seed_agreement(con: duckdb.DuckDBPyConnection, params: dict
                     ) -> tuple[float | None, int | None]:
     """(agreement, matched pairs) of births across the basis's seeds, or (None, None) for a
@@ -262,51 +188,16 @@ def _seed_agreement(con: duckdb.DuckDBPyConnection, params: dict
     MATCH_COSINE). A pair agrees when both are present at init, both are never born, or both are
     born within one checkpoint of each other.
     """
-    seeds = [s for (s,) in con.execute(
-        "SELECT DISTINCT seed FROM seed_trajectories WHERE basis = $basis ORDER BY seed",
-        {"basis": params["basis"]}).fetchall()]
+    seeds = [s for (s,) in con.execute(load_query("birth_analysis/seeds"),
+                                       {"basis": params["basis"]}).fetchall()]
     if not seeds:
         return None, None
     agree = pairs = 0
     for other in seeds:
-        ((one, both),) = con.execute(_SEED_AGREEMENT_SQL, {
+        ((one, both),) = con.execute(load_query("birth_analysis/seed_agreement"), {
             **params, "other": other, "cosine": MATCH_COSINE}).fetchall()
         agree, pairs = agree + (one or 0), pairs + both
     return (agree / pairs if pairs else None), pairs
-
-
-# A birth's place in the checkpoint order (not its step) is what "within one checkpoint" counts.
-_SEED_AGREEMENT_SQL = """
-WITH positions AS (
-    SELECT step, (row_number() OVER (ORDER BY step) - 1) AS position
-    FROM (SELECT DISTINCT step FROM trajectories WHERE basis = $basis)
-),
-theirs AS (
-    SELECT b.*, p.position AS birth_position
-    FROM feature_births($basis, $metric, $threshold, $persistence, $stable_eps, $stable_cos,
-                        presence := $presence, other_seed := $other) AS b
-    LEFT JOIN positions AS p ON p.step = b.birth_step
-),
-ours AS (
-    SELECT a.*, p.position AS birth_position
-    FROM all_births AS a LEFT JOIN positions AS p ON p.step = a.birth_step
-    WHERE a.ordering = 0
-),
-pairs AS (
-    SELECT DISTINCT feature_id, matched_feature_id FROM seed_trajectories
-    WHERE basis = $basis AND seed = $other AND match_cosine >= $cosine
-)
-SELECT count_if(
-           (o.present_at_init AND t.present_at_init)
-           OR (NOT o.present_at_init AND NOT t.present_at_init
-               AND o.birth_step IS NULL AND t.birth_step IS NULL)
-           OR (NOT o.present_at_init AND NOT t.present_at_init
-               AND abs(o.birth_position - t.birth_position) <= 1)),
-       count(*)
-FROM pairs
-JOIN theirs AS t ON t.feature_id = pairs.feature_id
-JOIN ours AS o ON o.feature_id = pairs.matched_feature_id
-"""
 
 
 def _check_parameters(metric: str, presence: str, threshold: float | None, persistence: int,
@@ -359,9 +250,7 @@ def _check_trajectories(con: duckdb.DuckDBPyConnection, basis: str, metric: str,
     """(features, checkpoints) of the basis's trajectories, after checking the rule can run."""
     get_basis(con, basis)  # any basis with trajectories: checked next
     n_rows, n_features, n_checkpoints, missing_decoder = con.execute(
-        "SELECT count(*), count(DISTINCT feature_id), count(DISTINCT step), "
-        "count_if(decoder_norm IS NULL) FROM trajectories WHERE basis = ?", [basis]
-    ).fetchone()
+        load_query("birth_analysis/trajectory_counts"), {"basis": basis}).fetchone()
     if n_rows == 0:
         raise NotFoundError(
             f"--basis {basis!r} has no trajectories: run `featurestore feature-trajectory-sweep` "

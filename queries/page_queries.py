@@ -21,6 +21,7 @@ from importlib import resources
 import duckdb
 
 from featurestore.errors import FeaturestoreError
+from featurestore.schema import load_query
 
 PARAMETER = re.compile(r"\$([A-Za-z_]\w*)")
 
@@ -89,10 +90,7 @@ def sql_literal(value) -> str:
 @cache
 def page_query(name: str) -> PageQuery:
     """The query of sql/pages/<name>.sql."""
-    file = resources.files("featurestore.sql").joinpath("pages", f"{name}.sql")
-    if not file.is_file():
-        raise FeaturestoreError(f"no page query sql/pages/{name}.sql")
-    return PageQuery(name, file.read_text())
+    return PageQuery(name, load_query(f"pages/{name}"))
 
 
 def page_query_names() -> list[str]:

@@ -1,7 +1,7 @@
-"""`featurestore report`: the milestone questions for one basis, in one document.
+"""`featurestore report`: the feature-dynamics questions for one basis, in one document.
 
-Each section is a question, the SQL that answers it, the answer as a table, and a plot where one
-helps:
+Each section is a question, the SQL that answers it (a file of sql/report/), the answer as a
+table, and a plot where one helps:
 
     Fit quality           how well the basis explains each checkpoint (checkpoint_summary)
     Births                which features are born when, against the shuffled-order null;
@@ -40,12 +40,14 @@ import html
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import dropwhile
 from pathlib import Path
 
 from featurestore.errors import FeaturestoreError
 from featurestore.queries.exports import write_atomic
 from featurestore.registry import get_basis
 from featurestore.results import Result
+from featurestore.schema import load_query
 from featurestore.warehouse import Warehouse
 
 ROW_LIMIT = 15  # rows shown per table; the SQL above it gives them all
@@ -57,38 +59,28 @@ CONTEXTS = 3  # contexts shown per highlighted feature
 class Section:
     title: str
     question: str
-    sql: str
+    query: str  # the query file answering it: sql/<query>.sql
     missing: str  # what to run when the query returns nothing
     plots: tuple[str, ...] = ()
     note: str = ""  # how to read the answer, shown under the question
     row_limit: int = ROW_LIMIT
 
+    @property
+    def sql(self) -> str:
+        """The query the report runs and shows: its file without the leading comment, which
+        says what the question above it already says."""
+        lines = load_query(self.query).splitlines()
+        return "\n".join(dropwhile(lambda line: line.startswith("--"), lines)).strip()
+
 
 SECTIONS = (
     Section(
-        "Fit quality", "How well does the basis explain each checkpoint?",
-        "SELECT step, round(explained_variance, 4) AS explained_variance,\n"
-        "       round(relative_reconstruction_error, 4) AS relative_error,\n"
-        "       round(l0, 1) AS l0, round(dead_fraction, 3) AS dead_fraction\n"
-        "FROM checkpoint_summary WHERE basis = $basis ORDER BY step",
+        "Fit quality", "How well does the basis explain each checkpoint?", "report/fit_quality",
         "featurestore feature-trajectory-sweep --basis {basis}",
         ("checkpoint_summary",)),
     Section(
         "Births", "Which features are born when, and how many would a shuffled order give?",
-        "SELECT s.window_start, s.window_end, s.births, s.censored_births,\n"
-        "       round(s.null_births_mean, 2) AS null_births_mean,\n"
-        "       round(s.null_births_sd, 2) AS null_births_sd,\n"
-        "       round(s.null_censored_births_mean, 2) AS null_censored_births_mean,\n"
-        "       list(b.feature_id ORDER BY b.feature_id)\n"
-        "           FILTER (WHERE b.feature_id IS NOT NULL)[1:8] AS first_born_features,\n"
-        "       s.metric, s.presence, s.threshold, s.persistence\n"
-        "FROM birth_summary s LEFT JOIN births b\n"
-        "  ON b.basis = s.basis AND b.metric = s.metric AND b.presence = s.presence\n"
-        " AND b.threshold = s.threshold AND b.persistence = s.persistence\n"
-        " AND b.stable_eps = s.stable_eps AND b.stable_cos = s.stable_cos\n"
-        " AND b.birth_step = s.window_end\n"
-        "WHERE s.basis = $basis GROUP BY ALL\n"
-        "ORDER BY s.metric, s.presence, s.threshold, s.persistence, s.window_end",
+        "report/births",
         "featurestore feature-birth-analyze --basis {basis}",
         ("birth_timeline", "activation_heatmap", "feature_trajectories"),
         note="A birth needs the feature present at K = persistence checkpoints in a row. Births "
@@ -100,12 +92,7 @@ SECTIONS = (
     Section(
         "Births across seeds",
         "Do fits of the basis with other seeds find the same births?",
-        "SELECT metric, presence, threshold, persistence,\n"
-        "       round(any_value(seed_births_agreement), 3) AS seed_births_agreement,\n"
-        "       any_value(seed_matched_features) AS seed_matched_features\n"
-        "FROM birth_summary\n"
-        "WHERE basis = $basis AND seed_births_agreement IS NOT NULL\n"
-        "GROUP BY ALL ORDER BY metric, presence, threshold, persistence",
+        "report/births_across_seeds",
         "featurestore shared-feature-fit ... --seeds 3, then featurestore "
         "feature-birth-analyze --basis {basis} (births are compared across seeds only for a "
         "basis fitted with several)",
@@ -113,48 +100,21 @@ SECTIONS = (
              "birth agrees within one checkpoint under the same rule; seed_matched_features: "
              "the matched pairs it is a share of, summed over the other seeds."),
     Section(
-        "Stability", "How stable is the basis across seeds?",
-        "SELECT name, kind, arch, d_hidden, k,\n"
-        "       stability AS share_matched_at_cosine_0_9\n"
-        "FROM bases WHERE name = $basis AND stability IS NOT NULL",
+        "Stability", "How stable is the basis across seeds?", "report/stability",
         "featurestore shared-feature-fit ... --seeds 3 (stability is measured by refitting "
         "with other seeds)"),
     Section(
         "Causal importance",
         "Which features matter at which checkpoints, beyond the reconstruction error?",
-        "SELECT target_step, source_step, mode, feature_set, split,\n"
-        "       round(clean, 4) AS clean_loss, round(delta, 4) AS loss_delta,\n"
-        "       round(spliced_loss_delta, 4) AS spliced_loss_delta,\n"
-        "       round(recon_rel_error, 3) AS recon_rel_error,\n"
-        "       abs(delta) > abs(spliced_loss_delta) AS beyond_reconstruction\n"
-        "FROM patches WHERE basis = $basis AND metric = 'loss'\n"
-        "ORDER BY abs(delta) DESC",
+        "report/causal_importance",
         "featurestore feature-patch --basis {basis} --source STEP --target STEP",
         ("patch_effects",)),
     Section(
-        "Lineage", "Which components build the causally important features?",
-        "SELECT step, dst_id AS feature, method, src_type, src_id, round(weight, 4) AS weight\n"
-        "FROM lineage_edges\n"
-        "WHERE basis = $basis AND rank = 1 AND dst_type = 'feature'\n"
-        "ORDER BY step, feature, method, src_type",
+        "Lineage", "Which components build the causally important features?", "report/lineage",
         "featurestore feature-lineage --basis {basis}"),
     Section(
         "Top examples", "On which tokens do the highlighted features fire at the last checkpoint?",
-        "WITH last AS (\n"
-        "    SELECT max(step) AS step FROM feature_examples WHERE basis = $basis),\n"
-        "patched AS (\n"
-        "    SELECT feature_ids[1] AS feature_id, max(abs(delta)) AS effect FROM patches\n"
-        "    WHERE basis = $basis AND metric = 'loss' AND len(feature_ids) = 1 GROUP BY ALL),\n"
-        "highlighted AS (\n"
-        "    SELECT t.feature_id FROM trajectories t LEFT JOIN patched p USING (feature_id)\n"
-        "    WHERE t.basis = $basis AND t.step = (SELECT step FROM last)\n"
-        f"    ORDER BY p.effect DESC NULLS LAST, t.energy DESC, t.feature_id LIMIT {HIGHLIGHTED})\n"
-        "SELECT e.feature_id, e.step, e.rank, round(e.value, 3) AS value, e.split,\n"
-        "       example_context(e.context_text, e.context_token_ids, e.position,\n"
-        "                       e.context_start) AS context\n"
-        "FROM feature_examples e JOIN highlighted USING (feature_id)\n"
-        f"WHERE e.basis = $basis AND e.step = (SELECT step FROM last) AND e.rank <= {CONTEXTS}\n"
-        "ORDER BY e.feature_id, e.rank",
+        "report/top_examples",
         "featurestore feature-trajectory-sweep --basis {basis}",
         note=f"The {HIGHLIGHTED} highlighted features: those whose own patch moved the loss "
              "most, then those with the largest energy at the last checkpoint. The activating "
@@ -168,21 +128,10 @@ SECTIONS = (
 # The model-diff report of a two-source train-crosscoder basis (base vs fine-tuned): which latents
 # each model has alone, what they do in each model, and on which tokens they fire.
 MOST_EXCLUSIVE = 5  # latents leaning furthest toward each source, shown with stats and contexts
-MOST_EXCLUSIVE_SQL = (
-    "    SELECT d.feature_id, d.class, d.relative_decoder_norm,\n"
-    "           CASE WHEN d.relative_decoder_norm < 0.5 THEN b.sources[1].label\n"
-    "                ELSE b.sources[2].label END AS toward\n"
-    "    FROM model_diff d JOIN bases b ON b.name = d.basis\n"
-    "    WHERE d.basis = $basis AND d.class <> 'dead'\n"
-    "    QUALIFY row_number() OVER (PARTITION BY toward ORDER BY\n"
-    "        abs(d.relative_decoder_norm - 0.5) DESC, d.frequency DESC, d.feature_id)\n"
-    f"        <= {MOST_EXCLUSIVE}")
 MODEL_DIFF_SECTIONS = (
     Section(
         "Latent classes", "Which latents does each model have alone, and which do they share?",
-        "SELECT class, n_features, round(mean_decoder_cosine, 3) AS mean_decoder_cosine,\n"
-        "       round(mean_frequency, 4) AS mean_frequency\n"
-        "FROM model_diff_summary WHERE basis = $basis ORDER BY class",
+        "report/latent_classes",
         "featurestore train-crosscoder --name {basis} ... (the basis has no features rows)",
         ("relative_norm_histogram",),
         note="Classes by relative decoder norm ||d_B|| / (||d_A|| + ||d_B||): exclusive to the "
@@ -191,15 +140,7 @@ MODEL_DIFF_SECTIONS = (
     Section(
         "Most exclusive latents in each source",
         "What do the latents that lean furthest toward one model do in each model?",
-        f"WITH most AS (\n{MOST_EXCLUSIVE_SQL})\n"
-        "SELECT m.toward, m.class, m.feature_id,\n"
-        "       round(m.relative_decoder_norm, 3) AS relative_norm,\n"
-        "       s.source, round(s.activation_rate, 4) AS activation_rate,\n"
-        "       round(s.mean_active_activation, 3) AS mean_active_activation,\n"
-        "       round(s.energy, 4) AS energy, round(s.mean_encoder_input, 3) AS encoder_input\n"
-        "FROM most m JOIN crosscoder_latent_stats s USING (feature_id)\n"
-        "WHERE s.basis = $basis\n"
-        "ORDER BY m.toward, abs(m.relative_decoder_norm - 0.5) DESC, m.feature_id, s.source_index",
+        "report/most_exclusive_latents",
         "featurestore crosscoder-sweep --basis {basis}",
         note=f"The {MOST_EXCLUSIVE} live latents whose relative decoder norm lies furthest from "
              "0.5 on each side, exclusive or not (class says which). The code "
@@ -211,14 +152,7 @@ MODEL_DIFF_SECTIONS = (
     Section(
         "Contexts of the most exclusive latents",
         "On which tokens do the latents that lean furthest toward one model fire?",
-        f"WITH most AS (\n{MOST_EXCLUSIVE_SQL})\n"
-        "SELECT m.toward, m.class, e.feature_id, e.rank, round(e.value, 3) AS value,\n"
-        "       e.source_values, e.source_inputs, e.split,\n"
-        "       example_context(e.context_text, e.context_token_ids, e.position,\n"
-        "                       e.context_start) AS context\n"
-        "FROM most m JOIN crosscoder_examples e USING (feature_id)\n"
-        f"WHERE e.basis = $basis AND e.rank <= {CONTEXTS}\n"
-        "ORDER BY m.toward, abs(m.relative_decoder_norm - 0.5) DESC, e.feature_id, e.rank",
+        "report/most_exclusive_contexts",
         "featurestore crosscoder-sweep --basis {basis}",
         note="source_values: what the latent writes into each source at that token (value x "
              "decoder norm); source_inputs: each source's term of its pre-activation. The "
@@ -227,13 +161,13 @@ MODEL_DIFF_SECTIONS = (
         row_limit=2 * MOST_EXCLUSIVE * CONTEXTS),
     Section(
         "Training", "How well does the crosscoder reconstruct each source?",
-        "SELECT metric, round(value, 4) AS value, step, tokens FROM training_metrics\n"
-        "WHERE basis = $basis\n"
-        "QUALIFY step = max(step) OVER (PARTITION BY metric)\n"
-        "ORDER BY metric",
+        "report/crosscoder_training",
         "featurestore train-crosscoder --name {basis} ...",
         ("training_curves",)),
 )
+# What the report's queries take besides $basis.
+QUERY_PARAMETERS = {"highlighted": HIGHLIGHTED, "contexts": CONTEXTS,
+                    "most_exclusive": MOST_EXCLUSIVE}
 
 
 @dataclass
@@ -263,7 +197,7 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
         row = get_basis(con, basis)
         run, stage, n_sources, sources = (row[c] for c in ("run", "stage", "n_sources",
                                                            "sources"))
-        if run is not None:  # a shared basis: the milestone questions of its stage
+        if run is not None:  # a shared basis: the feature-dynamics questions of its stage
             sections = SECTIONS
             title = f"Feature dynamics of {run} at {stage} (basis {basis})"
         elif n_sources == 2:  # a train-crosscoder model diff
@@ -275,12 +209,12 @@ def write_report(basis: str, out: str | os.PathLike | None = None,
                 f"--basis {basis} is a train-crosscoder basis with {n_sources} source(s): the "
                 "report covers shared bases (shared-feature-fit) and two-source crosscoders "
                 "(model diffs)")
-        answers = [(section, *run_section(con, section, {"basis": basis})) for section in sections]
+        params = {"basis": basis, **QUERY_PARAMETERS}
+        answers = [(section, *run_section(con, section, params)) for section in sections]
 
     directory = Path(out) if out else wh.root / "exports" / basis / "report"
     wanted = [name for section in sections for name in section.plots]
     plots = export_plots(basis, out=directory / "plots", warehouse=warehouse, plots=wanted)
-    params = {"basis": basis}
     markdown = markdown_document(title, params, answers, plots.written)
     page = html_document(title, params, answers, plots.written)
     paths = {name: write_atomic(directory / name, _text_writer(text))
@@ -294,17 +228,24 @@ def _text_writer(text: str):
     return lambda path: path.write_text(text)
 
 
-def run_section(con, section: Section, params: dict[str, str]) -> tuple[list[str], list[tuple]]:
+def run_section(con, section: Section, params: dict) -> tuple[list[str], list[tuple]]:
     """A section's (header, rows), its $name parameters bound from `params`."""
-    cursor = con.execute(section.sql, {k: v for k, v in params.items() if f"${k}" in section.sql})
+    sql = section.sql
+    cursor = con.execute(sql, used_parameters(sql, params))
     return [d[0] for d in cursor.description], cursor.fetchall()
 
 
-def _filled(text: str, params: dict[str, str], quoted: bool) -> str:
+def used_parameters(sql: str, params: dict) -> dict:
+    """The entries of `params` that `sql` names as $name: DuckDB refuses a parameter the query
+    does not use, and one dict serves several queries."""
+    return {k: v for k, v in params.items() if f"${k}" in sql}
+
+
+def _filled(text: str, params: dict, quoted: bool) -> str:
     """`text` with each $name (SQL, `quoted`) or {name} (prose) of `params` written out."""
     for name, value in params.items():
         text = (text.replace(f"${name}", repr(value)) if quoted
-                else text.replace(f"{{{name}}}", value))
+                else text.replace(f"{{{name}}}", str(value)))
     return text
 
 
@@ -316,7 +257,7 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_document(title: str, params: dict[str, str], answers, plots: dict) -> str:
+def markdown_document(title: str, params: dict, answers, plots: dict) -> str:
     """The report as Markdown: per section its question, SQL, answer table and plots (linked
     as plots/<name>.png)."""
     lines = [f"# {title}", ""]
@@ -343,7 +284,7 @@ def markdown_document(title: str, params: dict[str, str], answers, plots: dict) 
     return "\n".join(lines)
 
 
-def html_document(title: str, params: dict[str, str], answers, plots: dict) -> str:
+def html_document(title: str, params: dict, answers, plots: dict) -> str:
     """The report as one HTML file, plots inline, so it opens anywhere with no network."""
     body = [f"<h1>{html.escape(title)}</h1>"]
     for section, header, rows in answers:

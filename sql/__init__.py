@@ -1,1 +1,2 @@
-"""DDL, views and macros as .sql files, shipped as package data."""
+"""DDL, views, macros and the queries of the web app, the reports, the demo summary and the jobs
+as .sql files, shipped as package data."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from featurestore.birth_rules import births_rule_where, default_births_rule
+from featurestore.birth_rules import births_rule_sets, births_rule_where, default_births_rule
 from featurestore.cli import cli
 from featurestore.errors import NotFoundError
 from featurestore.ingest.birth_analysis import analyze_births
@@ -226,30 +227,35 @@ def test_the_report_shows_censored_births_and_seed_agreement(planted_root, tmp_p
     assert "| 0.75 | 12 |" in seeds
 
 
-def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
-    from featurestore.demo import SUMMARY_QUERIES
+def summary_table(text: str, title_start: str) -> list[dict]:
+    """The rows of one table of the demo summary's text, as {column: cell text}."""
+    (block,) = [b for b in text.split("\n\n") if b.startswith(title_start)]
+    _, header, rule, *rows, _ = block.split("\n")  # title, header, dashes, rows, row count
+    starts = [m.start() for m in re.finditer(r"-+", rule)]
+    ends = [*starts[1:], None]
+    return [{header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends)}
+            for row in rows]
 
-    (title,) = [t for t in SUMMARY_QUERIES if t.startswith("births per basis")]
+
+def test_demo_summary_counts_births_of_the_demo_rule_only(planted_root):
+    from featurestore.demo import summary
+
     con = connect(planted_root)
     try:
-        cursor = con.execute(SUMMARY_QUERIES[title])
-        header = [d[0] for d in cursor.description]
-        rows = [dict(zip(header, row)) for row in cursor.fetchall()]
-        (top,) = [q for t, q in SUMMARY_QUERIES.items() if t.startswith("top born features")]
-        born = con.execute(top).fetchall()
+        assert len(births_rule_sets(con, PLANTED, "birth_summary")) == 3
     finally:
         con.close()
+    text = summary(planted_root)
     # The K = 1 rule and the other presence's rule stored beside it (4 more births each) are
     # not summed in.
-    (row,) = rows
+    (row,) = summary_table(text, "births per basis")
     assert (row["basis"], row["births"], row["censored"], row["present_at_init"]) == (
-        PLANTED, 4, 2, 2)
-    from featurestore.birth_rules import default_births_rule
-
+        PLANTED, "4", "2", "2")
     assert row["rule"].startswith(f"{default_births_rule()['metric']} >= ")
     assert row["rule"].endswith("K = 4")
-    assert "censored" in title
-    assert len(born) == 4 and sum(1 for r in born if r[3]) == 2  # one row per born feature
+    assert "censored: born in the last K-1 checkpoints" in text
+    born = summary_table(text, "top born features")  # one row per born feature
+    assert len(born) == 4 and sum(r["censored"] == "True" for r in born) == 2
 
 
 def test_cli_exports_report_json(analysed_warehouse, tmp_path):
