@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError, NotFoundError
-from featurestore.warehouse import Warehouse, connect, records
+from featurestore.warehouse import Warehouse, connect, records, utc_now
 
 from .conftest import query
 
@@ -125,6 +125,56 @@ def test_per_source_statistics_equal_a_numpy_encode(root):
         inputs = (terms[s] * active).sum(axis=0)[fired] / active.sum(axis=0)[fired]
         np.testing.assert_allclose(got("mean_encoder_input")[fired].astype(float), inputs,
                                    rtol=1e-3, atol=1e-5)
+
+
+def documented_class(relative: float, dead: bool) -> str:
+    """A latent's model_diff class as warehouse/README.md states it: dead if it never fired,
+    else by its relative decoder norm ||d_B|| / (||d_A|| + ||d_B||), A-exclusive below 0.3,
+    B-exclusive above 0.7, shared between (the edges included)."""
+    if dead:
+        return "dead"
+    return "A-exclusive" if relative < 0.3 else "B-exclusive" if relative > 0.7 else "shared"
+
+
+def test_model_diff_classes_follow_the_documented_bands(root):
+    """Every latent's class, recomputed from the weights file and the stored sets alone."""
+    latents, _, norms = numpy_encode(root)
+    relative = norms[:, 1] / norms.sum(axis=1)
+    dead = ~(latents > 0).any(axis=0)
+    expected = [documented_class(r, d) for r, d in zip(relative, dead)]
+    # No live latent sits so close to a band edge that float rounding could decide its class.
+    assert np.abs(relative[~dead, None] - [0.3, 0.7]).min() > 1e-4
+    rows = records_at(root, "SELECT feature_id, class, relative_decoder_norm FROM model_diff "
+                            "WHERE basis = ? ORDER BY feature_id", [BASIS])
+    assert [r["feature_id"] for r in rows] == list(range(len(relative)))
+    assert [r["class"] for r in rows] == expected
+    np.testing.assert_allclose([r["relative_decoder_norm"] for r in rows], relative, rtol=1e-6)
+    # The planted sources give every class latents, so each case above is exercised.
+    assert set(expected) == {"A-exclusive", "B-exclusive", "shared", "dead"}
+
+
+def test_model_diff_classes_at_the_band_edges(tmp_path):
+    """The planted latents sit far from the edges (near 0, 0.5 and 1), so hand-made features
+    rows pin the edges themselves: just inside, on and just outside 0.3 and 0.7, and dead
+    latents whose norms would make them exclusive."""
+    live = [0.0, 0.3 - 1e-9, 0.3, 0.3 + 1e-9, 0.5, 0.7 - 1e-9, 0.7, 0.7 + 1e-9, 1.0]
+    cases = [(r, False) for r in live] + [(0.1, True), (0.9, True)]
+    with Warehouse(tmp_path / "warehouse").writer("test: hand-made latents") as writer:
+        writer.put("bases", [{
+            "name": "edges", "kind": "crosscoder", "arch": "vanilla", "n_sources": 2,
+            "d_model": 4, "d_hidden": len(cases), "k": None,
+            "sources": [{"label": label, "activation_set": label, "run": None, "step": None,
+                         "stage": None, "norm_scale": 1.0} for label in ("A", "B")],
+            "config": "{}", "trainer_config": "{}", "path": "bases/edges", "steps": 1,
+            "tokens": 1, "created_at": utc_now()}])
+        writer.put("features", [{
+            "basis": "edges", "feature_id": i, "designated_shared": False,
+            "decoder_norms": [1 - relative, relative], "relative_decoder_norm": relative,
+            "frequency": 0.0 if dead else 0.5, "max_activation": 0.0 if dead else 1.0,
+            "dead": dead} for i, (relative, dead) in enumerate(cases)])
+    rows = records_at(tmp_path / "warehouse", "SELECT class FROM model_diff WHERE basis = ? "
+                                              "ORDER BY feature_id", ["edges"])
+    assert [r["class"] for r in rows] == [documented_class(*case) for case in cases]
 
 
 def test_examples_are_each_latents_top_tokens(root):

@@ -42,10 +42,17 @@ def test_vanilla_pass_matches_the_einsum_definitions(n_shared):
     out = model(x)
     fast = gradients(model, total_loss(model, x, out, l1_coeff=0.7)[0])
 
-    decoder = model.decoder()
+    # The dictionary and its L1 weights as the crosscoder's docstring defines them, from the raw
+    # parameters: a latent's weight is the sum over sources of its decoder norms; the designated
+    # shared latents (the first n_shared) have one decoder vector for every source and pay
+    # shared_penalty times that sum.
+    n_sources = x.shape[1]
+    shared = model.W_dec_shared[:, None, :].expand(-1, n_sources, -1)
+    decoder = torch.cat([shared, model.W_dec])
+    weights = torch.cat([model.config.shared_penalty * n_sources * model.W_dec_shared.norm(dim=-1),
+                         model.W_dec.norm(dim=-1).sum(dim=1)])
     acts = torch.relu(torch.einsum("bsd,sdh->bh", x, model.W_enc) + model.b_enc)
     reconstruction = torch.einsum("bh,hsd->bsd", acts, decoder) + model.b_dec
-    weights = model.penalty_weights(decoder.norm(dim=-1))
     sparsity = (acts * weights).sum(dim=1).mean()
     torch.testing.assert_close(out.latents, acts)
     torch.testing.assert_close(out.reconstruction, reconstruction)

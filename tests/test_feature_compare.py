@@ -1,5 +1,6 @@
 """feature-compare: the diffs rows checked column by column against numpy, re-runs, validation
-and the command line, on a real warehouse filled with hand-made trajectories."""
+and the command line, on a real warehouse filled with hand-made trajectories; and the diffs of
+the tiny run's swept bases against numpy on their stored tables."""
 
 from __future__ import annotations
 
@@ -106,20 +107,34 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _expected(source: int, target: int) -> dict[int, dict]:
-    """The diffs rows of one pair, computed independently with numpy."""
-    traj = INPUTS["trajectories"]
-    features = range(N_FEATURES)
-    r_s = np.array([traj[f, source]["activation_rate"] for f in features])
-    r_t = np.array([traj[f, target]["activation_rate"] for f in features])
-    a = 1.0 / min(N_TOKENS[source], N_TOKENS[target])
+    """The diffs rows of one pair of the hand-made inputs."""
+    return _expected_rows(INPUTS["trajectories"], INPUTS["directions"], INPUTS["splits"],
+                          source, target)
+
+
+def _expected_rows(trajectories: dict, directions: dict, splits: dict, source: int,
+                   target: int) -> dict[int, dict]:
+    """The diffs rows of one pair, computed independently with numpy from the three tables'
+    values: trajectories {(feature_id, step): {n_tokens, activation_rate, mean_activation,
+    energy}}, directions {(feature_id, step): vector} and split rates {(feature_id, step,
+    split): activation_rate}."""
+    features = sorted(f for f, step in trajectories
+                      if step == source and (f, target) in trajectories)
+    at_source = [trajectories[f, source] for f in features]
+    at_target = [trajectories[f, target] for f in features]
+
+    def column(rows: list[dict], name: str) -> np.ndarray:
+        return np.array([row[name] for row in rows], dtype=np.float64)
+
+    r_s, r_t = column(at_source, "activation_rate"), column(at_target, "activation_rate")
+    # The pseudo-count: one token at the checkpoint that encoded fewer.
+    a = 1.0 / np.minimum(column(at_source, "n_tokens"), column(at_target, "n_tokens"))
     changes = {
         "activation_rate_change": r_t - r_s,
         "log_rate_ratio": np.log((r_t + a) / (r_s + a)),
-        "mean_activation_change": np.array([traj[f, target]["mean_activation"]
-                                            - traj[f, source]["mean_activation"]
-                                            for f in features]),
-        "energy_change": np.array([traj[f, target]["energy"] - traj[f, source]["energy"]
-                                   for f in features]),
+        "mean_activation_change": (column(at_target, "mean_activation")
+                                   - column(at_source, "mean_activation")),
+        "energy_change": column(at_target, "energy") - column(at_source, "energy"),
     }
     ranks = {
         "rank_by_rate_change": _ranks(changes["activation_rate_change"]),
@@ -127,34 +142,34 @@ def _expected(source: int, target: int) -> dict[int, dict]:
         "rank_by_mean_change": _ranks(changes["mean_activation_change"]),
         "rank_by_energy_change": _ranks(changes["energy_change"]),
     }
+    split_names = sorted({split for _, _, split in splits})
     rows = {}
-    for f in features:
-        u = INPUTS["directions"][f, source].astype(np.float64)
-        v = INPUTS["directions"][f, target].astype(np.float64)
+    for i, f in enumerate(features):
+        u = np.asarray(directions.get((f, source), []), dtype=np.float64)
+        v = np.asarray(directions.get((f, target), []), dtype=np.float64)
         undefined = not np.linalg.norm(u) or not np.linalg.norm(v)
-        splits = INPUTS["splits"]
         rows[f] = {
-            "source_activation_rate": r_s[f],
-            "target_activation_rate": r_t[f],
-            **{name: values[f] for name, values in changes.items()},
+            "source_activation_rate": r_s[i],
+            "target_activation_rate": r_t[i],
+            **{name: values[i] for name, values in changes.items()},
             "direction_cosine": None if undefined else
             float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v))),
             "split_rate_changes": {
                 split: splits[f, target, split] - splits[f, source, split]
-                for split in sorted(set(SPLITS[source]) & set(SPLITS[target]))
+                for split in split_names
                 if (f, source, split) in splits and (f, target, split) in splits
             },
-            **{name: int(values[f]) for name, values in ranks.items()},
+            **{name: int(values[i]) for name, values in ranks.items()},
         }
     return rows
 
 
-def _stored(root: Path, source: int, target: int) -> dict[int, dict]:
+def _stored(root: Path, source: int, target: int, basis: str = BASIS) -> dict[int, dict]:
     con = Warehouse(root).connect()
     try:
         rows = con.execute(
             "SELECT * FROM diffs WHERE basis = ? AND source_step = ? AND target_step = ?",
-            [BASIS, source, target]).fetchall()
+            [basis, source, target]).fetchall()
         names = [d[0] for d in con.description]
     finally:
         con.close()
@@ -217,6 +232,50 @@ def test_rerun_replaces_and_other_pairs_stay(root):
     assert counts == [(0, 400, N_FEATURES), (100, 400, N_FEATURES)]
     _assert_rows_match(_stored(root, 100, 400), _expected(100, 400))
     _assert_rows_match(_stored(root, 0, 400), _expected(0, 400))
+
+
+def _table_inputs(con, basis: str) -> tuple[dict, dict, dict]:
+    """_expected_rows' inputs, as the sweep stored them: the raw values, no SQL arithmetic."""
+    trajectories = {
+        (f, step): {"n_tokens": n, "activation_rate": rate, "mean_activation": mean,
+                    "energy": energy}
+        for f, step, n, rate, mean, energy in con.execute(
+            "SELECT feature_id, step, n_tokens, activation_rate, mean_activation, energy "
+            "FROM trajectories WHERE basis = ?", [basis]).fetchall()}
+    directions = {(f, step): direction for f, step, direction in con.execute(
+        "SELECT feature_id, step, direction FROM feature_directions WHERE basis = ?",
+        [basis]).fetchall()}
+    splits = {(f, step, split): rate for f, step, split, rate in con.execute(
+        "SELECT feature_id, step, split, activation_rate FROM split_profiles WHERE basis = ?",
+        [basis]).fetchall()}
+    return trajectories, directions, splits
+
+
+@pytest.mark.parametrize("basis", ["tiny-l2", "tiny-fn"])
+def test_diffs_of_swept_bases_match_numpy_on_their_tables(analysed_warehouse, basis):
+    """The tiny run's real bases, compared first vs last by the session fixture: sweep output
+    with features silent at a checkpoint, tied changes and every split of the demo task."""
+    con = Warehouse(analysed_warehouse).connect()
+    try:
+        (source, target), = con.execute("SELECT DISTINCT source_step, target_step FROM diffs "
+                                        "WHERE basis = ?", [basis]).fetchall()
+        (n_features,), = con.execute("SELECT d_hidden FROM bases WHERE name = ?",
+                                     [basis]).fetchall()
+        inputs = _table_inputs(con, basis)
+    finally:
+        con.close()
+    expected = _expected_rows(*inputs, source, target)
+    stored = _stored(analysed_warehouse, source, target, basis)
+    _assert_rows_match(stored, expected)
+    # Every feature has a row, and the cases the hand-made inputs were built for occur in real
+    # sweep output too: features silent at a checkpoint (no cosine), tied rate changes (ranked
+    # by feature_id) and several splits.
+    assert len(stored) == n_features
+    cosines = [row["direction_cosine"] for row in expected.values()]
+    assert 0 < cosines.count(None) < n_features / 2
+    rate_changes = [row["activation_rate_change"] for row in expected.values()]
+    assert len(set(rate_changes)) < len(rate_changes)
+    assert min(len(row["split_rate_changes"]) for row in expected.values()) > 1
 
 
 @pytest.mark.parametrize(("basis", "source", "target", "message"), [

@@ -102,7 +102,24 @@ class Reference:
         targets = self.tokens[:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
         correct = ((logits.argmax(-1) == targets) & self.graded).sum().item()
-        return {"loss": loss, "accuracy": correct / self.graded.sum().item(), "logits": logits}
+        # The correct token's logit minus the largest other one, at the graded positions.
+        scores = logits.numpy()
+        answer = np.take_along_axis(scores, targets.numpy()[..., None], axis=-1)[..., 0]
+        rivals = scores.copy()
+        np.put_along_axis(rivals, targets.numpy()[..., None], -np.inf, axis=-1)
+        margin = answer - rivals.max(axis=-1)
+        return {"loss": loss, "accuracy": correct / self.graded.sum().item(),
+                "logit_diff": margin[self.graded.numpy()].mean(), "logits": logits}
+
+
+def kl_divergence(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(clean || patched) of the next-token distributions, in numpy."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(clean_logits.numpy()), log_softmax(patched_logits.numpy())
+    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
 
 
 def stored(root, mode: str, feature_set: str) -> dict[str, tuple]:
@@ -143,6 +160,47 @@ def test_zero_matches_an_independent_computation(patched_root):
         # Patching something real must move the output, or the check above proves nothing.
         assert rows["kl_divergence"][1] > 1e-4
     assert set(rows) == {"loss", "accuracy", "kl_divergence", "logit_diff"}
+
+
+def test_patch_between_checkpoints_matches_an_independent_computation(patched_root, tmp_path):
+    """The default mode across two checkpoints: the source model's own activations are encoded
+    with the source's norm scale and patched into the target model at the target's scale."""
+    root = tmp_path / "warehouse"
+    shutil.copytree(patched_root, root)  # the null-patch test counts this module's patch rows
+    first, last = steps_of(root)[0], steps_of(root)[-1]
+    n_tokens = N_SEQUENCES * 16
+    source, target = Reference(root, first, n_tokens), Reference(root, last, n_tokens)
+    # Different norm scales, so a source encoded at the target's scale would show.
+    assert torch.equal(source.tokens, target.tokens) and source.scale != target.scale
+    x = target.site()
+    f_target, _ = target.codes(x)
+    f_source, _ = source.codes(source.site())
+    # The two features whose activations differ most between the checkpoints on these tokens:
+    # patching them must move the output.
+    moved = np.abs(f_source - f_target).sum(axis=(0, 1))
+    features = sorted(np.argsort(-moved)[:2].tolist())
+    feature_patch("tiny-l2", first, last, features=",".join(map(str, features)), mode="patch",
+                  tokens=n_tokens, splits=SPLIT, warehouse=root, progress=False)
+
+    clean = target.metrics(x)
+    decoder = target.decoder()
+    for feature_set in [[features[0]], [features[1]], features]:
+        change = f_source[..., feature_set] - f_target[..., feature_set]
+        patched = target.metrics(x + change @ decoder[feature_set] / target.scale)
+        rows = stored(root, "patch", ",".join(map(str, feature_set)))
+        assert set(rows) == {"loss", "accuracy", "kl_divergence", "logit_diff"}
+        # Both sides run the same float32 model, so they agree to about 1e-8; the tolerances
+        # are far below the deltas (1e-3 and up), so a wrong patch cannot pass.
+        for metric in ("loss", "accuracy", "logit_diff"):
+            assert rows[metric][0] == pytest.approx(clean[metric], rel=1e-5), metric
+            assert rows[metric][1] == pytest.approx(patched[metric], rel=1e-5), metric
+            assert rows[metric][2] == pytest.approx(patched[metric] - clean[metric],
+                                                    abs=1e-5), metric
+        kl = kl_divergence(clean["logits"], patched["logits"])
+        clean_kl, patched_kl, kl_delta = rows["kl_divergence"][:3]
+        assert clean_kl == 0 and patched_kl == kl_delta == pytest.approx(kl, rel=1e-5)
+        # Patching something real must move the output, or the checks above prove nothing.
+        assert kl > 1e-4
 
 
 @pytest.mark.parametrize("mode, scale", [("patch", None), ("scale", 1.0)])
