@@ -172,10 +172,17 @@ def build_views(con: duckdb.DuckDBPyConnection, snapshot: int | None) -> None:
         con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
         for c in table.columns:
             con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
-    for _, text in sql_text("macros"):
-        con.execute(text)
+    # Views call macros, so macros come first; a table macro that reads a view (DuckDB binds it
+    # when it is created) says so on a `-- depends_on:` line and comes after the views.
+    macros = sql_text("macros")
+    for _, text in macros:
+        if not _declared(text, "depends_on"):
+            con.execute(text)
     for _, text in views_in_order():
         con.execute(text)
+    for _, text in macros:
+        if _declared(text, "depends_on"):
+            con.execute(text)
 
 
 def views_in_order() -> list[tuple[str, str]]:

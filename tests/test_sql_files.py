@@ -86,6 +86,8 @@ CASES = {
     "macros/feature_compare": Case(checks=(
         "SELECT * FROM feature_compare($basis, $source, $target)",)),
     "macros/model_diff_class": Case(checks=("SELECT model_diff_class(0.1, 'a', 'b', 0.3, 0.7)",)),
+    "macros/most_exclusive_latents": Case(
+        checks=("SELECT * FROM most_exclusive_latents($basis, 2)",), params=CROSSCODER),
     "macros/stage_layer": Case(checks=("SELECT stage_layer('layer_2_post_mlp')",)),
     "pages/bases": Case(),
     "pages/basis": Case(),
