@@ -21,7 +21,8 @@ from safetensors.numpy import load_file
 
 from featurestore.cli import cli
 from featurestore.errors import FeaturestoreError, NotFoundError
-from featurestore.warehouse import Warehouse, connect, records, utc_now
+from featurestore.warehouse import Warehouse, connect, records
+from featurestore.writer import utc_now
 
 from .conftest import query
 
