@@ -85,27 +85,6 @@ def shown_births_rule(con: duckdb.DuckDBPyConnection, basis: str,
     return {k: sets[0][k] for k in (*BIRTH_RULE_COLUMNS, "default")} if sets else None
 
 
-def births_rule_where(rule: dict | None = None, alias: str = "") -> str:
-    """A SQL condition (literals inlined) selecting the rows of one birth-rule parameter set in
-    births or birth_summary: `rule` (default: `default_births_rule()`); a None value is not
-    filtered on. `alias` qualifies the columns (e.g. "b")."""
-    rule = default_births_rule() if rule is None else rule
-    prefix = f"{alias}." if alias else ""
-    terms = []
-    for column in BIRTH_RULE_COLUMNS:
-        value = rule.get(column)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            literal = "'" + value.replace("'", "''") + "'"
-        elif isinstance(value, float):
-            literal = f"{value!r}::DOUBLE"
-        else:
-            literal = str(int(value))
-        terms.append(f"{prefix}{column} = {literal}")
-    return " AND ".join(terms) or "true"
-
-
 def same_value(a, b) -> bool:
     """Equal, floats up to rounding (thresholds read back from Parquet)."""
     if isinstance(b, float):

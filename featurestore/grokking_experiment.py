@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from featurestore.birth_rules import births_rule_where
+from featurestore.birth_rules import default_births_rule
 from featurestore.grokking import (
     BASIS_FIT_STEPS,
     BASIS_K_DIVISOR,
@@ -34,6 +34,7 @@ from featurestore.ingest.grokking_run import train_grokking_run
 from featurestore.ingest.shared_feature_fit import shared_feature_fit
 from featurestore.ingest.trajectory_sweep import feature_trajectory_sweep
 from featurestore.results import Result
+from featurestore.schema import load_query
 from featurestore.text_table import format_cell, format_table
 from featurestore.warehouse import connect
 
@@ -179,11 +180,7 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
              ) -> GrokkingExperimentResult:
     """The experiment's answer, read back from the warehouse's views."""
     with connect(warehouse) as con:
-        phases = con.execute(
-            "SELECT key_frequencies, memorised_step, jump_step, grokked_step, "
-            "(SELECT count(*) FROM progress_measures WHERE run = $run), "
-            "(SELECT arg_max(train_accuracy, step) FROM progress_measures WHERE run = $run), "
-            "final_test_accuracy FROM grokking_phases WHERE run = $run", {"run": run}).fetchone()
+        phases = con.execute(load_query("grokking_experiment/phases"), {"run": run}).fetchone()
         keys, memorised, jump, grokked, checkpoints, train_acc, test_acc = phases
         result = GrokkingExperimentResult(
             run=run, p=config.p, train_fraction=config.train_fraction, steps=config.steps,
@@ -194,17 +191,15 @@ def findings(run: str, config: GrokkingConfig, warehouse: str | None = None
             name = basis_name(run, stage)
             kinds = {}
             for follows, features, born, before, median in con.execute(
-                    "SELECT follows, count(*), count(birth_step), "
-                    "count(*) FILTER (WHERE born_before_jump), median(birth_step) "
-                    f"FROM frequency_births WHERE basis = ? AND {births_rule_where()} "
-                    "GROUP BY follows ORDER BY follows", [name]).fetchall():
+                    load_query("grokking_experiment/feature_kinds"),
+                    {"basis": name, **default_births_rule()}).fetchall():
                 # Without a jump (test accuracy never reached half) nothing is before it.
                 before = None if jump is None else before
                 kinds[follows] = FeatureKind(
                     features, born, before,
                     before / born if born and before is not None else None, median)
-            shares = con.execute("SELECT key_frequency_share FROM answer_feature_frequencies "
-                                 "WHERE basis = ?", [name]).fetchall()
+            shares = con.execute(load_query("grokking_experiment/answer_share"),
+                                 {"basis": name}).fetchall()
             result.bases.append(BasisFindings(name, stage, kinds,
                                               shares[0][0] if shares else None))
         return result

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from featurestore.errors import FeaturestoreError
 from featurestore.lake import LAKE
 from featurestore.results import Result
-from featurestore.schema import _rollback, _sql_string, table_specs
+from featurestore.schema import rollback, sql_string, table_specs
 from featurestore.warehouse import LEGACY_CATALOG, Warehouse
 from featurestore.writer import PARTITION_KEY_METADATA, commit_info, ensure_schema
 
@@ -61,7 +61,7 @@ def migrate_warehouse(warehouse: Warehouse | str | None = None,
             paths = live.get(table.name, [])
             if table.name == "schema_version" or not paths:
                 continue
-            files = ", ".join(_sql_string(str(wh.path(p))) for p in paths)
+            files = ", ".join(sql_string(str(wh.path(p))) for p in paths)
             present = {name for (name,) in con.execute(
                 f"SELECT name FROM parquet_schema([{files}])").fetchall()}
             select = ", ".join(_column_expression(c, c.name in present) for c in table.columns)
@@ -72,7 +72,7 @@ def migrate_warehouse(warehouse: Warehouse | str | None = None,
             copied[table.name] = int(inserted)
         con.execute("COMMIT")
     except duckdb.Error as error:
-        _rollback(con)
+        rollback(con)
         raise FeaturestoreError(f"catalog migrate: the conversion of {wh.root} failed and the "
                                 f"schema-2 warehouse is unchanged: {error}") from None
     finally:
@@ -97,7 +97,7 @@ def _legacy_files(wh: Warehouse) -> dict[str, list[str]]:
     file of each table and of each partition, as the files alone tell."""
     con = duckdb.connect(":memory:")
     try:
-        con.execute(f"ATTACH {_sql_string(str(wh.legacy_catalog))} AS old (READ_ONLY)")
+        con.execute(f"ATTACH {sql_string(str(wh.legacy_catalog))} AS old (READ_ONLY)")
     except duckdb.Error:
         con.close()
         return _newest_files(wh)

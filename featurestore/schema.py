@@ -164,14 +164,14 @@ def build_views(con: duckdb.DuckDBPyConnection, snapshot: int | None) -> None:
             con.execute(_table_view_sql(table, snapshot, {c.name for c in table.columns}))
         con.execute("COMMIT")
     except duckdb.Error:  # written by an older featurestore, or an older snapshot: per table
-        _rollback(con)
+        rollback(con)
         for table in table_specs().values():
             present = _columns_at(con, table.name, snapshot) if snapshot is not None else None
             con.execute(_table_view_sql(table, snapshot, present))
     for table in table_specs().values():
-        con.execute(f"COMMENT ON VIEW {table.name} IS {_sql_string(table.comment)}")
+        con.execute(f"COMMENT ON VIEW {table.name} IS {sql_string(table.comment)}")
         for c in table.columns:
-            con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {_sql_string(c.comment)}")
+            con.execute(f"COMMENT ON COLUMN {table.name}.{c.name} IS {sql_string(c.comment)}")
     # Views call macros, so macros come first; a table macro that reads a view (DuckDB binds it
     # when it is created) says so on a `-- depends_on:` line and comes after the views.
     macros = sql_text("macros")
@@ -219,10 +219,14 @@ def _table_view_sql(table: TableSpec, snapshot: int | None, present: set[str] | 
             f"FROM {LAKE}.{table.name} AT (VERSION => {int(snapshot)})")
 
 
-def _sql_string(value: str) -> str:
+def sql_string(value: str) -> str:
+    """`value` as a SQL string literal, for the statements DuckDB takes no parameters in
+    (COMMENT ON, ATTACH, SET)."""
     return "'" + value.replace("'", "''") + "'"
 
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the connection's transaction, if a failed statement left one open."""
     try:
         con.execute("ROLLBACK")
     except duckdb.Error:

@@ -64,10 +64,10 @@ from featurestore.lake import (
 from featurestore.results import Result
 from featurestore.schema import (
     SCHEMA_VERSION,
-    _sql_string,
     build_views,
     check_schema_version,
     spec,
+    sql_string,
     table_specs,
 )
 from featurestore.scratch import TRAINING_FOLDER, newest_mtime, sweep
@@ -78,7 +78,7 @@ from featurestore.writer import (
     COMMIT_TOKENS,
     COMMIT_WAIT_SECONDS,
     Writer,
-    _is_race,
+    is_commit_race,
 )
 
 BACKUP_SUFFIX = ".backup"
@@ -204,14 +204,14 @@ class Warehouse:
         con = lake_connection(self.catalog.kind)
         try:
             # Relative artefact paths in the tables resolve against the root.
-            con.execute(f"SET file_search_path = {_sql_string(str(self.root))}")
+            con.execute(f"SET file_search_path = {sql_string(str(self.root))}")
             attach = attach_sql(self.catalog, self.data_path, read_only=read_only, create=create)
             for attempt in range(COMMIT_ATTEMPTS):  # a catalog being created or recovered
                 try:
                     con.execute(attach)
                     break
                 except duckdb.Error as error:
-                    if not _is_race(error) or attempt + 1 == COMMIT_ATTEMPTS:
+                    if not is_commit_race(error) or attempt + 1 == COMMIT_ATTEMPTS:
                         raise
                     time.sleep(random.uniform(*COMMIT_WAIT_SECONDS) / 4)
         except duckdb.Error as error:

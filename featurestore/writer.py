@@ -35,12 +35,12 @@ from featurestore.lake import DATA_FOLDER, LAKE, LAKE_OPTIONS
 from featurestore.schema import (
     SCHEMA_VERSION,
     TableSpec,
-    _rollback,
-    _sql_string,
     package_version,
     partition_folder,
     partition_key,
+    rollback,
     spec,
+    sql_string,
     table_specs,
 )
 from featurestore.scratch import Claim, remove_tree
@@ -114,7 +114,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
                 con.execute(f"ALTER TABLE {LAKE}.{table.name} ADD COLUMN {column.name} "
                             f"{column.type}{default}")
                 con.execute(f"COMMENT ON COLUMN {LAKE}.{table.name}.{column.name} IS "
-                            f"{_sql_string(column.comment)}")
+                            f"{sql_string(column.comment)}")
     if first:
         con.execute(f"INSERT INTO {LAKE}.schema_version VALUES (?, ?, ?)",
                     [SCHEMA_VERSION, package_version(), utc_now()])
@@ -137,10 +137,10 @@ def _create_lake_table(con: duckdb.DuckDBPyConnection, table: TableSpec) -> None
         f"{c.name} {c.type}{'' if c.nullable else ' NOT NULL'}"
         + (f" DEFAULT {c.default}" if c.default else "") for c in table.columns)
     con.execute(f"CREATE TABLE {LAKE}.{table.name} ({columns})")
-    con.execute(f"COMMENT ON TABLE {LAKE}.{table.name} IS {_sql_string(table.comment)}")
+    con.execute(f"COMMENT ON TABLE {LAKE}.{table.name} IS {sql_string(table.comment)}")
     for c in table.columns:
         con.execute(f"COMMENT ON COLUMN {LAKE}.{table.name}.{c.name} IS "
-                    f"{_sql_string(c.comment)}")
+                    f"{sql_string(c.comment)}")
     if table.partition_by:
         con.execute(f"ALTER TABLE {LAKE}.{table.name} SET PARTITIONED BY "
                     f"({', '.join(table.partition_by)})")
@@ -149,7 +149,8 @@ def _create_lake_table(con: duckdb.DuckDBPyConnection, table: TableSpec) -> None
         con.execute(f"ALTER TABLE {LAKE}.{table.name} SET SORTED BY ({', '.join(order)})")
 
 
-def _is_race(error: BaseException) -> bool:
+def is_commit_race(error: BaseException) -> bool:
+    """Whether a commit failed because another writer committed first (worth a retry)."""
     text = str(error).lower()
     return any(message in text for message in _RACE_MESSAGES)
 
@@ -303,13 +304,13 @@ class Writer:
                 self._after_commit(con, extra)
                 break
             except duckdb.Error as error:
-                _rollback(con)
+                rollback(con)
                 if self._drop_damaged_files(str(error)):
                     continue  # the job replaces rows of that table: run the commit again
-                if _is_race(error) and attempt + 1 < COMMIT_ATTEMPTS:
+                if is_commit_race(error) and attempt + 1 < COMMIT_ATTEMPTS:
                     time.sleep(random.uniform(low, min(high, low * 1.5 ** attempt)))
                     continue
-                if _is_race(error):
+                if is_commit_race(error):
                     raise WarehouseBusyError(
                         f"{self.job}: could not commit after {COMMIT_ATTEMPTS} tries, other jobs "
                         f"kept committing to {wh.catalog.describe()} first ({error}). Run it "

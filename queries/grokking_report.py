@@ -40,7 +40,7 @@ import altair as alt
 from featurestore.birth_rules import default_births_rule
 from featurestore.errors import NotFoundError
 from featurestore.queries.exports import json_records, write_atomic
-from featurestore.queries.plots import HEIGHT, WIDTH, _inline, save_plot
+from featurestore.queries.plots import HEIGHT, WIDTH, inline_data, save_plot
 from featurestore.queries.report import (
     Section,
     html_document,
@@ -139,7 +139,7 @@ def write_grokking_report(run: str, out: str | os.PathLike | None = None,
 def _phase_rules(con, run: str) -> alt.Chart:
     """Vertical rules at the run's memorisation, jump and grokking steps."""
     rows = json_records(con, load_query("grokking_report/plot_phase_steps"), {"run": run})
-    return alt.Chart(_inline(rows)).mark_rule(strokeDash=[4, 3], color="#555").encode(
+    return alt.Chart(inline_data(rows)).mark_rule(strokeDash=[4, 3], color="#555").encode(
         x="step_plus_1:Q", tooltip=["phase:N", "step_plus_1:Q"])
 
 
@@ -151,7 +151,7 @@ def phases_chart(con, run: str) -> alt.HConcatChart:
     """Accuracy, loss (train, test, restricted, excluded) and the key frequencies' share of the
     embedding over training, with the phase boundaries."""
     rows = json_records(con, load_query("grokking_report/plot_progress_measures"), {"run": run})
-    data = alt.Chart(_inline(rows))
+    data = alt.Chart(inline_data(rows))
     rules = _phase_rules(con, run)
     size = {"width": WIDTH * 2 // 3, "height": HEIGHT * 2 // 3}
 
@@ -180,7 +180,7 @@ def births_chart(con, run: str) -> alt.HConcatChart:
     rules = _phase_rules(con, run)
     panels = []
     for basis in sorted({r["basis"] for r in rows}):
-        points = alt.Chart(_inline([r for r in rows if r["basis"] == basis])).mark_circle(
+        points = alt.Chart(inline_data([r for r in rows if r["basis"] == basis])).mark_circle(
             opacity=0.8).encode(x=_step_axis(), y=alt.Y("features:Q", title="features born"),
                                 size=alt.Size("features:Q", legend=None), color=colour,
                                 tooltip=["step_plus_1:Q", "follows:N", "features:Q"])
@@ -195,7 +195,7 @@ def feature_trajectories(con, run: str) -> alt.LayerChart:
     answer up, the phases marked."""
     rows = json_records(con, load_query("grokking_report/plot_feature_trajectories"),
                         {"run": run, "top_features": TOP_FEATURES, **default_births_rule()})
-    lines = alt.Chart(_inline(rows)).mark_line().encode(
+    lines = alt.Chart(inline_data(rows)).mark_line().encode(
         x=_step_axis(), y=alt.Y("energy:Q", title="energy (share of reconstructed variance)"),
         color=alt.Color("feature:N", scale=alt.Scale(scheme="tableau20")))
     return alt.layer(lines, _phase_rules(con, run)).properties(

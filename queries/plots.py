@@ -71,7 +71,7 @@ def feature_trajectories(con: duckdb.DuckDBPyConnection, basis: str,
         WHERE basis = ? AND feature_id IN (SELECT feature_id FROM top)
         ORDER BY feature_id, step""", [basis, top, basis])
     _require(rows, _missing(info, "trajectories", "feature-trajectory-sweep"))
-    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
+    chart, context = _with_top_context(alt.Chart(inline_data(rows)), con, basis)
     return (
         chart
         .transform_calculate(step_plus_1="datum.step + 1")
@@ -129,7 +129,7 @@ def activation_heatmap(con: duckdb.DuckDBPyConnection, basis: str) -> alt.Chart:
              + (f"; {censored} censored (present from birth to the last checkpoint, fewer than "
                 f"K = {params['persistence']} observed)" if censored else "")
              if params else "no births stored (feature-birth-analyze), so in feature order")
-    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
+    chart, context = _with_top_context(alt.Chart(inline_data(rows)), con, basis)
     return (
         chart
         .mark_rect()
@@ -210,7 +210,7 @@ def birth_timeline(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChart
     null_mean = base.mark_rule(color="black", strokeDash=[4, 3]).encode(y="null_births_mean:Q")
     first = rows[0]
     censored = sum(r["censored_births"] for r in rows)
-    return alt.layer(bars, null_band, null_mean, data=_inline(rows)).properties(
+    return alt.layer(bars, null_band, null_mean, data=inline_data(rows)).properties(
         title=alt.Title(
             f"{basis}: feature births per checkpoint window",
             subtitle=[f"{_describe_parameters(params)}; {first['n_features']} features, "
@@ -250,11 +250,11 @@ def compare_scatter(con: duckdb.DuckDBPyConnection, basis: str) -> alt.LayerChar
         return channel(field_name, title=title, axis=alt.Axis(values=ticks, format="~g"),
                        scale=alt.Scale(type="symlog", constant=one_token, domain=[0, 1]))
 
-    diagonal = alt.Chart(_inline([{"rate": 0.0}, {"rate": 1.0}])).mark_line(
+    diagonal = alt.Chart(inline_data([{"rate": 0.0}, {"rate": 1.0}])).mark_line(
         color="grey", strokeDash=[4, 4]
     ).encode(x=rate_axis(alt.X, "rate:Q", f"activation rate at step {source}"),
              y=rate_axis(alt.Y, "rate:Q", f"activation rate at step {target}"))
-    chart, context = _with_top_context(alt.Chart(_inline(rows)), con, basis)
+    chart, context = _with_top_context(alt.Chart(inline_data(rows)), con, basis)
     points = chart.mark_circle(size=40, opacity=0.8).encode(
         x=rate_axis(alt.X, "source_activation_rate:Q", f"activation rate at step {source}"),
         y=rate_axis(alt.Y, "target_activation_rate:Q", f"activation rate at step {target}"),
@@ -310,7 +310,7 @@ def patch_effects(con: duckdb.DuckDBPyConnection, basis: str) -> alt.FacetChart:
                  alt.Tooltip("recon_rel_error:Q", format=".3f"),
                  alt.Tooltip("error_norm_share:Q", format=".3f"), "n_tokens:Q"])
     return (
-        alt.layer(recon, effect, data=_inline(rows))
+        alt.layer(recon, effect, data=inline_data(rows))
         .properties(width=_clamp(len({r["feature_set"] for r in rows}) * 90, 200, 700),
                     height=HEIGHT)
         .facet(column=alt.Column("mode:N", title="mode"))
@@ -342,16 +342,16 @@ def relative_norm_histogram(con: duckdb.DuckDBPyConnection, basis: str) -> alt.L
              (EXCLUSIVE_HIGH, 1.0, f"{second}-exclusive")]
     band_rows = [{"start": lo, "end": hi, "class": f"{name} ({counts.get(name, 0)})"}
                  for lo, hi, name in bands]
-    band = alt.Chart(_inline(band_rows)).mark_rect(opacity=0.18).encode(
+    band = alt.Chart(inline_data(band_rows)).mark_rect(opacity=0.18).encode(
         x=alt.X("start:Q", title=f"relative decoder norm (0 = {first} only, 1 = {second} only)",
                 scale=alt.Scale(domain=[0, 1])),
         x2="end:Q",
         color=alt.Color("class:N", title="class (latents)", sort=[r["class"] for r in band_rows],
                         scale=alt.Scale(range=["#e45756", "#bab0ac", "#4c78a8"])),
         tooltip=["class:N"])
-    edges = alt.Chart(_inline([{"x": EXCLUSIVE_LOW}, {"x": EXCLUSIVE_HIGH}])).mark_rule(
+    edges = alt.Chart(inline_data([{"x": EXCLUSIVE_LOW}, {"x": EXCLUSIVE_HIGH}])).mark_rule(
         strokeDash=[4, 3], color="black").encode(x="x:Q")
-    bars = alt.Chart(_inline(rows)).mark_bar(color="#333333", stroke="white").encode(
+    bars = alt.Chart(inline_data(rows)).mark_bar(color="#333333", stroke="white").encode(
         x="bin_start:Q", x2="bin_end:Q",
         y=alt.Y("n_features:Q", title="live latents"), y2=alt.datum(0),
         tooltip=[alt.Tooltip("bin_start:Q", format=".2f"), alt.Tooltip("bin_end:Q", format=".2f"),
@@ -387,7 +387,7 @@ def training_curves(con: duckdb.DuckDBPyConnection, basis: str) -> alt.VConcatCh
 
     return alt.vconcat(panel("loss", "loss (normalised units)"),
                        panel("explained variance", "explained variance"),
-                       data=_inline(rows)).resolve_scale(color="independent").properties(
+                       data=inline_data(rows)).resolve_scale(color="independent").properties(
         title=alt.Title(f"{basis}: training curves"))
 
 
@@ -414,7 +414,7 @@ def checkpoint_summary(con: duckdb.DuckDBPyConnection, basis: str) -> alt.HConca
 
     return alt.hconcat(panel("explained_variance", "explained variance"),
                        panel("l0", "L0 (active features per token)"),
-                       data=_inline(rows)).properties(
+                       data=inline_data(rows)).properties(
         title=alt.Title(f"{basis}: fit of the basis at each checkpoint"))
 
 
@@ -529,7 +529,7 @@ def run_metrics(con: duckdb.DuckDBPyConnection, run: str) -> alt.HConcatChart:
         ).properties(width=WIDTH * 3 // 4, height=HEIGHT)
 
     return alt.hconcat(panel("loss", "loss"), panel("accuracy", "accuracy"),
-                       data=_inline(rows)).properties(
+                       data=inline_data(rows)).properties(
         title=alt.Title(f"{run}: loss and accuracy per split over training"))
 
 
@@ -661,7 +661,7 @@ def _with_top_context(chart: alt.Chart, con: duckdb.DuckDBPyConnection, basis: s
         ORDER BY feature_id""", [basis, basis])
     if not rows:
         return chart, []
-    lookup = alt.LookupData(data=_inline(rows), key="feature_id",
+    lookup = alt.LookupData(data=inline_data(rows), key="feature_id",
                             fields=["top_token", "top_context"])
     return chart.transform_lookup(lookup="feature_id", from_=lookup), [
         alt.Tooltip("top_token:N", title="top token (last checkpoint)"),
@@ -701,7 +701,7 @@ def _log_step_axis(column: str) -> alt.X:
                  title="training step + 1 (log scale; 1 = initialisation)")
 
 
-def _inline(rows: list[dict]) -> alt.InlineData:
+def inline_data(rows: list[dict]) -> alt.InlineData:
     # altair's debug mode validates every row against the schema as the object is built, which
     # for a heatmap of thousands of cells is most of an export's time. The rows are plain JSON
     # values from json_records, and the whole spec is still validated once, in _spec's to_dict.

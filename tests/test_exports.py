@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from featurestore.birth_rules import births_rule_sets, births_rule_where, default_births_rule
+from featurestore.birth_rules import BIRTH_RULE_COLUMNS, births_rule_sets, default_births_rule
 from featurestore.cli import cli
 from featurestore.errors import NotFoundError
 from featurestore.ingest.birth_analysis import analyze_births
@@ -185,8 +185,10 @@ def planted_root(tmp_path_factory):
                    warehouse=root)
     con = connect(root)
     try:
-        rows = con.sql(f"SELECT * FROM birth_summary WHERE basis = '{PLANTED}' AND "
-                       f"{births_rule_where()}").to_arrow_table().to_pylist()
+        rows = con.execute(
+            "SELECT * FROM birth_summary WHERE basis = ? AND "
+            + " AND ".join(f"{c} = ?" for c in BIRTH_RULE_COLUMNS),
+            [PLANTED, *(default[c] for c in BIRTH_RULE_COLUMNS)]).arrow().read_all().to_pylist()
     finally:
         con.close()
     assert len(rows) == len(PLANTED_STEPS) - 1
