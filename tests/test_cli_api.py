@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import textwrap
 
 import click
@@ -90,3 +91,41 @@ def test_the_check_sees_a_default_that_drifted():
     assert function.__name__ == "compare_features"
     (option,) = drifted.params
     assert cli_default(option) != inspect.signature(function).parameters["top"].default
+
+
+def named_default(command: str, option: str) -> float:
+    """The number a help text gives as an option's default ("... [default: 1e-3].")."""
+    found = next(c for n, c in commands() if n == command)
+    (param,) = [p for p in found.params if p.name == option]
+    match = re.search(r"\[default: ([0-9][0-9.e+-]*)", param.help)
+    assert match, f"{command} --{option}: its help names no numeric default"
+    return float(match.group(1))
+
+
+def test_defaults_named_in_help_are_the_configs():
+    # Options whose API default is None (filled in from a config, or depending on other options)
+    # name the config's value in their help: the help must follow the config.
+    from featurestore.crosscoder import CrossCoderConfig
+    from featurestore.crosscoder_training import TrainerConfig
+    from featurestore.ingest.collect import DEFAULT_TOKENS
+    from featurestore.model import ModelConfig
+    from featurestore.training import TrainConfig
+
+    trainer = TrainerConfig()
+    expected = {
+        ("train-model", "steps"): TrainConfig().steps,
+        ("train-model", "d_model"): ModelConfig.d_model,
+        ("collect", "tokens"): DEFAULT_TOKENS,
+        ("train-crosscoder", "steps"): trainer.steps,
+        ("train-crosscoder", "lr"): trainer.lr,
+        ("shared-feature-fit", "lr"): trainer.lr,
+    }
+    for command in ("train-crosscoder", "shared-feature-fit"):
+        expected |= {
+            (command, "l1_coeff"): trainer.l1_coeff,
+            (command, "l0_coeff"): trainer.l0_coeff,
+            (command, "norm_loss_fraction"): trainer.norm_loss_fraction,
+            (command, "jumprelu_bandwidth"): CrossCoderConfig.jumprelu_bandwidth,
+        }
+    for (command, option), value in expected.items():
+        assert named_default(command, option) == pytest.approx(value), (command, option)
