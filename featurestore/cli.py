@@ -25,9 +25,11 @@ from featurestore.dictionary_kinds import (
 )
 from featurestore.errors import FeaturestoreError
 from featurestore.grokking import BASIS_FIT_STEPS, DENSE_EVERY, GrokkingConfig
+from featurestore.ingest.collect import DEFAULT_TOKENS
 from featurestore.ingest.feature_compare import DEFAULT_RANK_BY, RANK_BY
-from featurestore.ingest.feature_patch import MODES
+from featurestore.ingest.feature_patch import DEFAULT_FEATURES, MODES
 from featurestore.ingest.shared_feature_fit import DEFAULT_WEIGHTING, WEIGHTINGS
+from featurestore.ingest.train_model import DEFAULT_FINETUNE_STEPS
 from featurestore.lake import CATALOG_ENV
 from featurestore.queries.artifacts import DEFAULT_OUT
 from featurestore.ranges import MAX_INT64
@@ -272,7 +274,7 @@ def train_model_command(ctx, run, steps, seed, d_model, as_json, quiet):
 @click.option("--run", required=True, help="Name of the fine-tuned run.")
 @click.option("--from", "from_checkpoint", required=True, metavar="RUN[@STEP]",
               help="Checkpoint to start from; STEP defaults to the run's last (LAST).")
-@click.option("--steps", type=cli_types.COUNT, default=500, show_default=True)
+@click.option("--steps", type=cli_types.COUNT, default=DEFAULT_FINETUNE_STEPS, show_default=True)
 @click.option("--seed", type=cli_types.SEED, default=0, show_default=True)
 @json_option
 @quiet_option
@@ -848,6 +850,7 @@ def crosscoder_sweep_command(ctx, basis, as_json, quiet):
     result = crosscoder_sweep(basis, warehouse=_warehouse(ctx), progress=not quiet)
     _emit(result, as_json)
 
+
 @cli.command("feature-birth-analyze")
 @click.option("--basis", required=True, help="Shared basis whose trajectories to read.")
 @click.option("--metric", type=click.Choice(METRICS), default=DEFAULT_METRIC, show_default=True,
@@ -946,7 +949,7 @@ def feature_compare_command(ctx, basis, source, target, top, rank_by, as_json):
               help="Checkpoint whose feature activations are patched in (--mode patch).")
 @click.option("--target", type=cli_types.STEP, required=True,
               help="Checkpoint whose model runs and is patched.")
-@click.option("--features", default="top:5", show_default=True, metavar="ID,...|top:N",
+@click.option("--features", default=DEFAULT_FEATURES, show_default=True, metavar="ID,...|top:N",
               help="Feature ids, or the top N of the pair's diffs ranking (run feature-compare "
                    "first).")
 @click.option("--rank-by", type=click.Choice(tuple(RANK_BY)), default=DEFAULT_RANK_BY,
@@ -1044,11 +1047,12 @@ def feature_lineage_command(ctx, basis, steps, features, top_k, min_weight, upst
 
 @cli.command("demo")
 @click.option("--steps", type=cli_types.COUNT, help="Training steps of the base run.")
-@click.option("--finetune-steps", type=cli_types.COUNT, default=500, show_default=True)
-@click.option("--tokens", type=cli_types.COUNT, default=32_768, show_default=True,
+@click.option("--finetune-steps", type=cli_types.COUNT, default=DEFAULT_FINETUNE_STEPS,
+              show_default=True)
+@click.option("--tokens", type=cli_types.COUNT, default=DEFAULT_TOKENS, show_default=True,
               help="Tokens collected per checkpoint.")
 @click.option("--artifacts", "artifacts_out", type=click.Path(file_okay=False),
-              default="artifacts", show_default=True, help="Root of the artifact layout.")
+              default=DEFAULT_OUT, show_default=True, help="Root of the artifact layout.")
 @quiet_option
 @click.pass_context
 def demo_command(ctx, steps, finetune_steps, tokens, artifacts_out, quiet):

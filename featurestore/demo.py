@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from featurestore.birth_rules import default_births_rule
 from featurestore.ingest.birth_analysis import analyze_births
-from featurestore.ingest.collect import collect
+from featurestore.ingest.collect import DEFAULT_TOKENS, collect
 from featurestore.ingest.crosscoder_sweep import crosscoder_sweep
 from featurestore.ingest.feature_compare import compare_features
 from featurestore.ingest.feature_lineage import feature_lineage
@@ -64,7 +64,7 @@ SUMMARY_QUERIES = {
 
 
 def run_demo(steps: int | None = None, finetune_steps: int = DEFAULT_FINETUNE_STEPS,
-             tokens: int = 32_768, warehouse: str | None = None,
+             tokens: int = DEFAULT_TOKENS, warehouse: str | None = None,
              artifacts_out: str = DEFAULT_OUT, progress: bool = True,
              log: Callable[[str], None] = print) -> str:
     """Run the whole pipeline; returns the text summary."""

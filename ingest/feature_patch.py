@@ -127,15 +127,15 @@ def feature_patch(basis: str, source: int, target: int, features: str = DEFAULT_
     from tqdm import tqdm
 
     rows, per_split = [], {}
-    per_batch = {split: batch_sequences(t.shape[1]) for split, t in patch_tokens.tokens.items()}
-    total_batches = sum(-(-len(t) // per_batch[s]) for s, t in patch_tokens.tokens.items())
+    per_batch = batch_sequences(next(iter(patch_tokens.tokens.values())).shape[1])  # one n_ctx
+    total_batches = sum(-(-len(t) // per_batch) for t in patch_tokens.tokens.values())
     bar = tqdm(total=total_batches, desc=f"feature-patch {basis}", unit="batch",
                disable=None if progress else True)
     for split, split_tokens in patch_tokens.tokens.items():
         sums = _SplitSums(len(feature_sets))
-        for start in range(0, len(split_tokens), per_batch[split]):
-            batch = split_tokens[start:start + per_batch[split]]
-            graded = patch_tokens.graded[split][start:start + per_batch[split]]
+        for start in range(0, len(split_tokens), per_batch):
+            batch = split_tokens[start:start + per_batch]
+            graded = patch_tokens.graded[split][start:start + per_batch]
             x, clean_logits = target_reader.run_with(batch, shared.stage)
             check_finite(x, f"{target_name} at {shared.stage}")
             check_finite(clean_logits, f"{target_name}: its output logits")
@@ -289,7 +289,6 @@ def _check_options(mode: str, scale: float | None, tokens: int, seed: int) -> No
 def _choose_features(con, basis: str, source: int, target: int, features: str, rank_by: str,
                      n_features: int) -> list[int]:
     """Explicit ids, or the top N of the pair's `diffs` ranking."""
-
     choice = parse_features(features, basis, n_features)
     if choice.ids is not None:
         return choice.ids
